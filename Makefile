@@ -1,0 +1,34 @@
+# One command per job; each installs what it needs into .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 first: on a CPU machine it resolves to the local CPU wheel; an unpinned torch would
+# pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 tests
+
+lint: install
+	$(BIN)/ruff check trl_gspo scripts tests
+
+bench: install
+	$(BIN)/python scripts/benchmark.py
+
+clean:
+	rm -rf $(VENV) runs .cache
