@@ -1,0 +1,21 @@
+"""trl_gspo: Group Sequence Policy Optimization (arXiv 2507.18071) for Hugging Face TRL.
+
+- `trl_gspo.objective`: the GSPO / GSPO-token loss as pure tensor functions.
+- `trl_gspo.config.GSPOConfig`: GRPOConfig with the paper's defaults, validated at construction.
+- `trl_gspo.trainer.GSPOTrainer`: GRPOTrainer with the GSPO objective (a drop-in replacement).
+"""
+
+from .config import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning
+from .objective import compute_policy_objective, sequence_log_ratio
+from .trainer import GSPOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GSPOClipRangeWarning",
+    "GSPOConfig",
+    "GSPOOnPolicyWarning",
+    "GSPOTrainer",
+    "compute_policy_objective",
+    "sequence_log_ratio",
+]

@@ -1,0 +1,221 @@
+"""GSPOConfig: GRPOConfig with the GSPO paper's defaults, validated at construction."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+
+from trl import GRPOConfig
+
+IMPORTANCE_SAMPLING_LEVELS = ("sequence", "sequence_token", "token")
+SEQUENCE_LEVELS = ("sequence", "sequence_token")
+PAPER_EPSILON_LOW = 3e-4
+PAPER_EPSILON_HIGH = 4e-4
+PAPER_MINIBATCHES_PER_ROLLOUT = 4
+# Above this a sequence-level clip range looks like a token-level (GRPO) one: the sequence ratio is a geometric
+# mean over hundreds of tokens and moves far less than a token ratio, so such a clip never fires.
+GRPO_LIKE_EPSILON = 0.05
+
+# loss_type values and why they cannot aggregate a sequence-level ratio.
+_LENGTH_WEIGHTED_LOSSES = ("dapo", "bnpo", "dr_grpo")
+_OTHER_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo")
+
+
+class GSPOOnPolicyWarning(UserWarning):
+    """The configuration makes pi_old == pi_theta at every step: the ratio is 1 and GSPO equals GRPO."""
+
+
+class GSPOClipRangeWarning(UserWarning):
+    """A sequence-level clip range of GRPO's magnitude, which the sequence ratio never reaches."""
+
+
+@dataclass
+class GSPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`GSPOTrainer`]: every [`~trl.GRPOConfig`] field, with the GSPO paper's defaults.
+
+    Defaults that differ from `GRPOConfig`, and why:
+
+    - `importance_sampling_level="sequence"` (GRPOConfig: `"token"`): GSPO's length-normalised sequence ratio.
+      `"sequence_token"` is GSPO-token (per-token advantages allowed), `"token"` plain GRPO for A/B runs.
+    - `epsilon=3e-4`, `epsilon_high=4e-4` (GRPOConfig: 0.2 and 0.2): the paper's sequence clip range. The
+      sequence ratio is a geometric mean over the tokens and moves orders of magnitude less than a token ratio.
+    - `beta=0.0` (same as GRPOConfig, kept explicit): the paper trains without a KL term.
+    - `loss_type="grpo"` (GRPOConfig: `"dapo"`): the only aggregation that is GSPO's: one weight per sequence,
+      mean over sequences. Token-sum losses ("dapo", "bnpo", "dr_grpo") weight sequences by their length and
+      are refused under a sequence-level ratio.
+    - `steps_per_generation = 4 * gradient_accumulation_steps` when neither it nor `generation_batch_size` is
+      set (GRPOConfig: `gradient_accumulation_steps`): the paper splits each rollout batch into 4 minibatches,
+      i.e. 4 optimizer steps per generation. On-policy (1 step per rollout) the ratio is exactly 1, clipping
+      never fires, and GSPO reduces to GRPO.
+
+    Parameters added by GSPO:
+
+        log_ratio_bound (`float`, defaults to `10.0`):
+            Clamp of the (length-normalised) log-ratio before `exp`, so it cannot overflow.
+        vllm_importance_sampling_length_normalized (`bool`, defaults to `True`):
+            With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
+            mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
+            all tokens, which collapses long sequences.
+
+    Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
+    `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
+    `"sequence"` (use `"sequence_token"`), and a `"token_*"` vLLM importance-sampling mode with plain
+    `"sequence"`. Everything else GRPOConfig offers works as in GRPOTrainer.
+    """
+
+    importance_sampling_level: str = field(
+        default="sequence",
+        metadata={
+            "help": "'sequence' (GSPO, default), 'sequence_token' (GSPO-token, per-token advantages allowed) or "
+            "'token' (plain GRPO, for A/B comparisons).",
+        },
+    )
+    epsilon: float = field(
+        default=PAPER_EPSILON_LOW, metadata={"help": "Lower clip range eps_low (paper: 3e-4 for GSPO)."}
+    )
+    epsilon_high: float | None = field(
+        default=PAPER_EPSILON_HIGH, metadata={"help": "Upper clip range eps_high (paper: 4e-4 for GSPO)."}
+    )
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient; the paper uses none (0.0)."})
+    loss_type: str = field(
+        default="grpo",
+        metadata={"help": "Aggregation. Under a sequence-level ratio only 'grpo' (mean over sequences) is GSPO."},
+    )
+    log_ratio_bound: float = field(
+        default=10.0, metadata={"help": "Clamp of the log importance ratio before exp, so it cannot overflow."}
+    )
+    vllm_importance_sampling_length_normalized: bool = field(
+        default=True,
+        metadata={
+            "help": "With vLLM and a 'sequence_*' vllm_importance_sampling_mode, use the geometric mean of the token "
+            "ratios (GSPO's form) instead of their product."
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_gspo_fields()
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
+        super().__post_init__()
+        self._warn_on_suspicious_setup()
+
+    @property
+    def is_sequence_level(self) -> bool:
+        return self.importance_sampling_level in SEQUENCE_LEVELS
+
+    @property
+    def is_on_policy(self) -> bool:
+        """True when every optimizer step sees data from the current policy (TRL then skips pi_old)."""
+        generate_every = self.steps_per_generation * self.num_iterations
+        return self.gradient_accumulation_steps % generate_every == 0
+
+    def _validate_gspo_fields(self):
+        level = self.importance_sampling_level
+        if level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"GSPOConfig.importance_sampling_level={level!r} is not supported; expected one of "
+                f"{IMPORTANCE_SAMPLING_LEVELS}: 'sequence' (GSPO), 'sequence_token' (GSPO-token), 'token' (GRPO)."
+            )
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"GSPOConfig.epsilon={self.epsilon} must lie in (0, 1) (paper: {PAPER_EPSILON_LOW}).")
+        if self.beta < 0:
+            raise ValueError(f"GSPOConfig.beta={self.beta} must be >= 0 (0 disables the KL term).")
+        if self.num_iterations < 1:
+            raise ValueError(f"GSPOConfig.num_iterations={self.num_iterations} must be >= 1.")
+        if not self.log_ratio_bound > 0:
+            raise ValueError(f"GSPOConfig.log_ratio_bound={self.log_ratio_bound} must be > 0.")
+        if level not in SEQUENCE_LEVELS:
+            return  # plain GRPO: TRL's own loss and checks apply
+
+        if self.epsilon_high is not None and not 0 < self.epsilon_high < 1:
+            raise ValueError(
+                f"GSPOConfig.epsilon_high={self.epsilon_high} must lie in (0, 1) with importance_sampling_level="
+                f"{level!r} (paper: {PAPER_EPSILON_HIGH})."
+            )
+        if self.loss_type in _LENGTH_WEIGHTED_LOSSES:
+            raise ValueError(
+                f"GSPOConfig.loss_type={self.loss_type!r} sums token losses, which weights each sequence by its "
+                f"length; with importance_sampling_level={level!r} that is no longer GSPO. Use loss_type='grpo' "
+                "(one weight per sequence, mean over sequences)."
+            )
+        if self.loss_type in _OTHER_OBJECTIVES:
+            raise ValueError(
+                f"GSPOConfig.loss_type={self.loss_type!r} is a different objective from GSPO's clipped sequence "
+                "ratio. Use loss_type='grpo' here, or TRL's GRPOTrainer for that loss."
+            )
+        if self.loss_type != "grpo":
+            raise ValueError(
+                f"GSPOConfig.loss_type={self.loss_type!r} is unknown; with importance_sampling_level={level!r} "
+                "the only allowed value is 'grpo'."
+            )
+        if self.delta is not None:
+            raise ValueError(
+                f"GSPOConfig.delta={self.delta} (two-sided token clipping) is not defined for a sequence-level "
+                "ratio; leave it None."
+            )
+        if self.use_adaptive_entropy:
+            raise ValueError(
+                "GSPOConfig.use_adaptive_entropy=True is not supported by GSPOTrainer; use a fixed entropy_coef, or "
+                "importance_sampling_level='token' (TRL's GRPO loss)."
+            )
+        if level == "sequence" and self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                f"GSPOConfig.top_entropy_quantile={self.top_entropy_quantile} masks tokens out of the policy "
+                "gradient, but GSPO ('sequence') has one term per sequence. Use importance_sampling_level="
+                "'sequence_token', which applies the mask per token, or top_entropy_quantile=1.0."
+            )
+        if (
+            level == "sequence"
+            and self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and self.vllm_importance_sampling_mode.startswith("token")
+        ):
+            raise ValueError(
+                f"GSPOConfig.vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} weights tokens, "
+                "but GSPO ('sequence') has one term per sequence. Use 'sequence_mask' or 'sequence_truncate'."
+            )
+
+    def _warn_on_suspicious_setup(self):
+        if not self.is_sequence_level:
+            return
+        if self.is_on_policy:
+            warnings.warn(
+                f"GSPOConfig: gradient_accumulation_steps={self.gradient_accumulation_steps}, steps_per_generation="
+                f"{self.steps_per_generation}, num_iterations={self.num_iterations} make every optimizer step "
+                "on-policy: the sequence ratio is exactly 1, clipping never fires and GSPO equals GRPO. To go "
+                "off-policy set steps_per_generation to a multiple > 1 of gradient_accumulation_steps (the paper "
+                "uses 4), or num_iterations > 1.",
+                GSPOOnPolicyWarning,
+                stacklevel=3,
+            )
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if max(self.epsilon, eps_high) >= GRPO_LIKE_EPSILON:
+            warnings.warn(
+                f"GSPOConfig: epsilon={self.epsilon}, epsilon_high={eps_high} look like a GRPO (token-level) clip "
+                f"range. The sequence ratio rarely leaves [1 - 0.05, 1 + 0.05], so this clip will almost never "
+                f"fire; the paper uses {PAPER_EPSILON_LOW} / {PAPER_EPSILON_HIGH}.",
+                GSPOClipRangeWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig) -> GSPOConfig:
+        """A GSPOConfig that keeps every field the user changed in `args` and takes GSPO's defaults elsewhere.
+
+        A field counts as changed when it differs from a fresh `GRPOConfig` with the same output_dir. The
+        batch-shape fields TRL derives (steps_per_generation, generation_batch_size) are carried only when the
+        user chose them.
+        """
+        reference = GRPOConfig(output_dir=args.output_dir)
+        derived = {"steps_per_generation", "generation_batch_size"}
+        changed = {}
+        for f in fields(GRPOConfig):
+            if not f.init or f.name in derived:
+                continue
+            value = getattr(args, f.name)
+            if value != getattr(reference, f.name):
+                changed[f.name] = value
+        if args.steps_per_generation != args.gradient_accumulation_steps:
+            changed["steps_per_generation"] = args.steps_per_generation
+        return cls(**changed)

@@ -1,0 +1,240 @@
+"""The GSPO objective as pure tensor functions (Zheng et al., arXiv 2507.18071).
+
+Tensors in, a loss and its statistics out: no trainer, no process group, no model. `GSPOTrainer` calls
+`compute_policy_objective`; the tests compare every function here with a float64 loop written straight
+from the paper's formulas.
+
+Notation (shapes): B sequences (completions) in the micro-batch, T completion positions (padded).
+`mask` (B, T) is 1 on the completion tokens that count (padding and tool-output tokens are 0).
+
+    s_i   = exp( (1/|y_i|) * sum_t mask_it * (logp_it - old_logp_it) )          sequence ratio
+    J     = (1/B) * sum_i min( s_i * A_i, clip(s_i, 1 - eps_low, 1 + eps_high) * A_i )
+    GSPO-token: s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)], advantages A_it, and the min(...) is averaged
+                over the tokens of a sequence, then over sequences.
+
+Every sequence counts once, whatever its length: that is what makes it GSPO (summing token losses over
+a batch would weight sequences by length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# exp(10) ~ 2.2e4: far outside any clip band, small enough that exp never overflows in float32 (verl and
+# SkyRL clamp at the same value). Beyond it the ratio carries no gradient.
+DEFAULT_LOG_RATIO_BOUND = 10.0
+
+
+@dataclass
+class ObjectiveOutput:
+    """What `compute_policy_objective` returns.
+
+    Attributes:
+        loss: () the objective to minimise, mean over the B sequences (policy term + beta * KL term).
+        seq_log_ratio: (B,) detached, clamped length-normalised log-ratio log s_i (0 for empty rows).
+        lengths: (B,) number of unmasked completion tokens |y_i|.
+        low_clipped: (B, T) bool, token sits in a sequence whose ratio is below 1 - eps_low with a negative
+            advantage, i.e. the lower clip is active (False on masked tokens).
+        high_clipped: (B, T) bool, likewise above 1 + eps_high with a positive advantage.
+        per_token_kl: (B, T) detached k3 estimate of KL(pi_theta || pi_ref), or None when beta == 0.
+    """
+
+    loss: torch.Tensor
+    seq_log_ratio: torch.Tensor
+    lengths: torch.Tensor
+    low_clipped: torch.Tensor
+    high_clipped: torch.Tensor
+    per_token_kl: torch.Tensor | None
+
+
+def masked_token_diff(logps: torch.Tensor, other_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 `logps - other_logps` on masked tokens, exactly 0 elsewhere.
+
+    `torch.where`, not a product with the mask: padding may hold -inf or NaN (vLLM marks tokens it could not
+    score with NaN) and NaN * 0 is NaN.
+    """
+    diff = logps.float() - other_logps.float()
+    return torch.where(mask.bool(), diff, torch.zeros_like(diff))
+
+
+def sequence_log_ratio(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    log_ratio_bound: float = DEFAULT_LOG_RATIO_BOUND,
+) -> torch.Tensor:
+    """Length-normalised sequence log-ratio log s_i, in float32.
+
+    Args:
+        per_token_logps: (B, T) log pi_theta(y_it | x, y_i<t), differentiable.
+        old_per_token_logps: (B, T) the same under the rollout policy pi_old.
+        mask: (B, T) 1 for tokens that count.
+        log_ratio_bound: the result is clamped to [-bound, bound] so exp cannot overflow.
+
+    Returns:
+        (B,) (1/|y_i|) * sum_t mask_it * (logp_it - old_logp_it); 0 for rows with no unmasked token.
+    """
+    lengths = mask.sum(-1).float()
+    summed = masked_token_diff(per_token_logps, old_per_token_logps, mask).sum(-1)
+    return (summed / lengths.clamp(min=1.0)).clamp(-log_ratio_bound, log_ratio_bound)
+
+
+def k3_kl(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
+    """(B, T) k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    delta = ref_per_token_logps.float() - per_token_logps.float()
+    return torch.exp(delta) - delta - 1
+
+
+def length_normalized_is_weight(
+    old_per_token_logps: torch.Tensor,
+    sampling_per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+    log_ratio_bound: float = DEFAULT_LOG_RATIO_BOUND,
+) -> torch.Tensor:
+    """Sequence importance weight between the inference engine (vLLM) and the trainer, GSPO's geometric mean.
+
+    w_i = exp( (1/|y_i|) * sum_t (old_logp_it - sampling_logp_it) ). TRL's "sequence_*" modes use the product
+    over tokens (exp of the sum), which collapses or explodes on long completions; this is the length-
+    normalised form the GSPO paper argues for. Tokens the engine could not score (NaN) count as agreeing.
+
+    Args:
+        old_per_token_logps: (B, T) trainer log-probs of the rollout policy.
+        sampling_per_token_logps: (B, T) log-probs reported by the inference engine.
+        mask: (B, T) 1 for tokens that count.
+        mode: "sequence_truncate" (clamp w into [clip_min, clip_max]) or "sequence_mask" (w = 0 outside).
+        clip_min, clip_max: bounds, either may be None (no bound on that side).
+
+    Returns:
+        (B,) detached weights.
+    """
+    diff = torch.nan_to_num(masked_token_diff(old_per_token_logps, sampling_per_token_logps, mask), nan=0.0)
+    lengths = mask.sum(-1).float().clamp(min=1.0)
+    weight = torch.exp((diff.sum(-1) / lengths).clamp(-log_ratio_bound, log_ratio_bound)).detach()
+    if mode == "sequence_truncate":
+        return weight.clamp(min=clip_min, max=clip_max)
+    if mode == "sequence_mask":
+        low = -float("inf") if clip_min is None else clip_min
+        high = float("inf") if clip_max is None else clip_max
+        return weight.masked_fill((weight < low) | (weight > high), 0.0)
+    raise ValueError(f"length_normalized_is_weight: mode must be 'sequence_truncate' or 'sequence_mask', got {mode!r}")
+
+
+def _clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high):
+    """-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A), elementwise (PPO's pessimistic bound)."""
+    clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    return -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+
+
+def compute_policy_objective(
+    level: str,
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    *,
+    sequence_weights: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    ref_per_token_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_importance_correction: bool = True,
+    log_ratio_bound: float = DEFAULT_LOG_RATIO_BOUND,
+) -> ObjectiveOutput:
+    """The GSPO ("sequence") or GSPO-token ("sequence_token") loss for one micro-batch.
+
+    Args:
+        level: "sequence" (GSPO: one clipped ratio and one weight per sequence) or "sequence_token"
+            (GSPO-token: same ratio value, each token may carry its own advantage).
+        per_token_logps: (B, T) log pi_theta of the completion tokens, differentiable.
+        old_per_token_logps: (B, T) log pi_old (rollout policy), no gradient needed.
+        advantages: (B,) one per sequence, or (B, T) per token ("sequence_token" only).
+        mask: (B, T) 1 on the tokens that count (completion minus padding and tool output).
+        epsilon_low, epsilon_high: clip band [1 - eps_low, 1 + eps_high] (paper: 3e-4, 4e-4).
+        sequence_weights: (B,) optional detached per-sequence multipliers of the policy term (off-policy
+            sequence mask, inference-engine importance weights).
+        token_weights: (B, T) optional detached per-token multipliers of the policy term (entropy mask,
+            per-token engine weights); "sequence_token" only, since a sequence-level loss has no token terms.
+        ref_per_token_logps: (B, T) log pi_ref, required when beta > 0.
+        beta: KL coefficient. The per-token k3 KL is averaged over each sequence's tokens, then over sequences.
+        kl_importance_correction: multiply each token's KL by its own ratio pi_theta / pi_old (DeepSeek-V3.2's
+            unbiased estimator); per token, never the sequence ratio (TRL issue 6586).
+        log_ratio_bound: clamp of the log-ratios so exp cannot overflow.
+
+    Returns:
+        ObjectiveOutput. Rows with no unmasked token contribute exactly 0 to the loss and its gradient; the
+        loss is divided by B (not by the number of non-empty rows) so that a sequence's weight does not depend
+        on how many others in its micro-batch were masked out.
+    """
+    if level not in ("sequence", "sequence_token"):
+        raise ValueError(f"compute_policy_objective: level must be 'sequence' or 'sequence_token', got {level!r}")
+    batch_size = per_token_logps.size(0)
+    mask = mask.float()
+    lengths = mask.sum(-1)
+    non_empty = lengths > 0
+    seq_log_ratio = sequence_log_ratio(per_token_logps, old_per_token_logps, mask, log_ratio_bound)
+
+    if level == "sequence":
+        if advantages.dim() != 1:
+            raise ValueError(
+                f"GSPO ('sequence') takes one advantage per sequence, shape (B,); got {tuple(advantages.shape)}. "
+                "Per-token advantages need importance_sampling_level='sequence_token' (GSPO-token)."
+            )
+        if token_weights is not None:
+            raise ValueError("GSPO ('sequence') has no per-token terms to weight; token_weights need 'sequence_token'.")
+        adv = advantages.float()
+        per_sequence_loss = _clipped_surrogate(torch.exp(seq_log_ratio), adv, epsilon_low, epsilon_high)
+        clip_advantages = adv.unsqueeze(1)  # (B, 1), broadcast over tokens for the token-level statistics
+    else:
+        adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(1)
+        # Cancel first: (logp - sg[logp]) is exactly 0 in value and carries d logp; adding sg[log s_i] after
+        # keeps the eps-sized signal that sg[s] * p / sg[p] would round away in bf16. Beyond the log-ratio
+        # bound the ratio carries no gradient, as in the sequence form.
+        in_bound = (seq_log_ratio.abs() < log_ratio_bound).float().unsqueeze(1)
+        token_log_ratio = (per_token_logps.float() - per_token_logps.float().detach()) * in_bound
+        token_ratio = torch.exp(token_log_ratio + seq_log_ratio.detach().unsqueeze(1))
+        per_token_loss = _clipped_surrogate(token_ratio, adv, epsilon_low, epsilon_high)
+        weights = mask if token_weights is None else mask * token_weights.float()
+        per_sequence_loss = (per_token_loss * weights).sum(-1) / lengths.clamp(min=1.0)
+        clip_advantages = adv
+
+    if sequence_weights is not None:
+        per_sequence_loss = per_sequence_loss * sequence_weights.float()
+    per_sequence_loss = torch.where(non_empty, per_sequence_loss, torch.zeros_like(per_sequence_loss))
+
+    per_token_kl = None
+    if beta != 0.0:
+        if ref_per_token_logps is None:
+            raise ValueError("compute_policy_objective: beta != 0 needs ref_per_token_logps.")
+        kl = k3_kl(per_token_logps, ref_per_token_logps)
+        per_token_kl = kl.detach()
+        if kl_importance_correction:
+            token_log_ratio = masked_token_diff(per_token_logps, old_per_token_logps, mask)
+            kl = kl * torch.exp(token_log_ratio.clamp(-log_ratio_bound, log_ratio_bound))
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+        per_sequence_loss = per_sequence_loss + beta * kl.sum(-1) / lengths.clamp(min=1.0)
+
+    with torch.no_grad():
+        ratio = torch.exp(seq_log_ratio).unsqueeze(1)
+        valid = mask.bool()
+        low_clipped = (ratio < 1 - epsilon_low) & (clip_advantages < 0) & valid
+        high_clipped = (ratio > 1 + epsilon_high) & (clip_advantages > 0) & valid
+
+    return ObjectiveOutput(
+        loss=per_sequence_loss.sum() / batch_size,
+        seq_log_ratio=seq_log_ratio.detach(),
+        lengths=lengths,
+        low_clipped=low_clipped,
+        high_clipped=high_clipped,
+        per_token_kl=per_token_kl,
+    )
+
+
+# The importance-sampling levels this package implements, by the names GSPOConfig accepts. "token" (GRPO) is
+# TRL's own loss, left to GRPOTrainer.
+POLICY_OBJECTIVES = {"sequence": "GSPO", "sequence_token": "GSPO-token"}

@@ -1,0 +1,295 @@
+"""GSPOTrainer: TRL's GRPOTrainer with GSPO's sequence-level importance ratio and clipping.
+
+The trainer overrides one method, `_compute_loss`. Generation, rewards, advantages, batching, pi_old and
+reference log-probs, vLLM, PEFT, DeepSpeed/FSDP and checkpointing are GRPOTrainer's, untouched. With
+`importance_sampling_level="token"` the override hands the micro-batch to GRPOTrainer's own loss (plain GRPO).
+
+What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
+masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
+normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
+router aux loss, and gradient-accumulation scaling. What it refuses is refused by GSPOConfig at construction.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+import torch
+from transformers.utils import logging
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
+
+from .config import GSPOConfig
+from .objective import compute_policy_objective, length_normalized_is_weight
+
+logger = logging.get_logger(__name__)
+
+# The private GRPOTrainer API this module relies on: name -> parameters it must accept. trl is pinned to the
+# minor version these were read from; `check_trl_private_api` fails loudly if an upgrade moved them.
+TRL_PRIVATE_API = {
+    "_compute_loss": ("model", "inputs"),
+    "_get_per_token_logps_and_entropies": (
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "compute_entropy",
+        "compute_aux_loss",
+    ),
+    "get_high_entropy_mask": ("entropies", "mask", "threshold"),
+    "get_off_policy_mask": (
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ),
+}
+
+# Batch keys GRPOTrainer forwards to the model for vision-language inputs; passed through unchanged.
+_MODEL_INPUT_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
+    """Raise RuntimeError naming every private GRPOTrainer method GSPOTrainer needs that is missing or changed."""
+    problems = []
+    for name, params in TRL_PRIVATE_API.items():
+        method = getattr(trainer_cls, name, None)
+        if method is None:
+            problems.append(f"{trainer_cls.__name__}.{name} is gone")
+            continue
+        signature = inspect.signature(method).parameters
+        missing = [p for p in params if p not in signature]
+        if missing:
+            problems.append(f"{trainer_cls.__name__}.{name} no longer takes {missing}")
+    if problems:
+        import trl
+
+        raise RuntimeError(
+            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer methods; with trl "
+            f"{trl.__version__}: " + "; ".join(problems) + ". Install trl>=1.16,<1.17."
+        )
+
+
+class GSPOTrainer(GRPOTrainer):
+    """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.
+
+    Takes exactly GRPOTrainer's arguments and is a drop-in replacement for it. `args` may be a GSPOConfig, a
+    GRPOConfig (upgraded with GSPOConfig.from_grpo_config: the fields you set are kept, the rest take GSPO's
+    defaults) or None (GSPOConfig defaults). Overrides `_compute_loss` only; see the module docstring.
+    """
+
+    _tag_names = ["trl", "gspo", "trl-gspo"]
+    _name = "GSPO"
+    _paper = {
+        "title": "Group Sequence Policy Optimization",
+        "id": "2507.18071",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{zheng2025group,
+                title        = {{Group Sequence Policy Optimization}},
+                author       = {Chujie Zheng and Shixuan Liu and Mingze Li and Xiong-Hui Chen and Bowen Yu and Chang Gao and Kai Dang and Yuqiong Liu and Rui Men and An Yang and Jingren Zhou and Junyang Lin},
+                year         = 2025,
+                eprint       = {arXiv:2507.18071},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *posargs, **kwargs):
+        check_trl_private_api()
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = GSPOConfig(f"{str(model_name).split('/')[-1]}-GSPO")
+        elif not isinstance(args, GSPOConfig):
+            args = GSPOConfig.from_grpo_config(args)
+            logger.warning(
+                "GSPOTrainer got a GRPOConfig: the fields you set are kept, the rest take GSPO's defaults "
+                f"(importance_sampling_level={args.importance_sampling_level!r}, epsilon={args.epsilon}, "
+                f"epsilon_high={args.epsilon_high}, loss_type={args.loss_type!r}, steps_per_generation="
+                f"{args.steps_per_generation}). Pass a GSPOConfig to silence this."
+            )
+        super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+
+    def _compute_loss(self, model, inputs):
+        """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.
+
+        Reads top to bottom: log-probs of the current policy -> pi_old -> per-sequence and per-token weights ->
+        the pure objective -> entropy bonus and MoE aux loss -> metrics.
+        """
+        if self.importance_sampling_level == "token":
+            return super()._compute_loss(model, inputs)
+        args: GSPOConfig = self.args
+        mode = "train" if self.model.training else "eval"
+        # TRL turns off HF's loss scaling for accumulation (loss_is_scaled_for_ga): the loss must be divided here.
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+
+        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _MODEL_INPUT_KEYS},
+        )
+
+        # 2. pi_old: TRL leaves it out when the step is on-policy, where it equals the detached current log-probs
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        if old_per_token_logps is None:
+            old_per_token_logps = per_token_logps.detach()
+        advantages = inputs["advantages"]
+
+        # 3. weights on the policy term: (B,) per sequence, (B, T) per token (GSPO-token only, config-checked)
+        sequence_weights, token_weights = [], []
+        if self.off_policy_mask_threshold is not None:
+            keep = self.get_off_policy_mask(
+                advantages=advantages if advantages.dim() == 2 else advantages.unsqueeze(1),
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
+            if keep.size(1) == 1:
+                sequence_weights.append(keep.squeeze(1))
+            else:  # per-token advantages (GSPO-token) give a per-token keep mask
+                token_weights.append(keep)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            sequence_mode = self.vllm_importance_sampling_mode.startswith("sequence")
+            if sequence_mode and args.vllm_importance_sampling_length_normalized:
+                sequence_weights.append(
+                    length_normalized_is_weight(
+                        old_per_token_logps,
+                        inputs["sampling_per_token_logps"],
+                        mask,
+                        self.vllm_importance_sampling_mode,
+                        self.vllm_importance_sampling_clip_min,
+                        self.vllm_importance_sampling_clip_max,
+                        args.log_ratio_bound,
+                    )
+                )
+            elif sequence_mode:
+                sequence_weights.append(inputs["importance_sampling_ratio"].squeeze(1))
+            else:
+                token_weights.append(inputs["importance_sampling_ratio"])
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            token_weights.append(entropy_mask.float())
+
+        # 4. the objective (pure function, trl_gspo/objective.py)
+        out = compute_policy_objective(
+            self.importance_sampling_level,
+            per_token_logps,
+            old_per_token_logps,
+            advantages,
+            mask,
+            self.epsilon_low,
+            self.epsilon_high,
+            sequence_weights=_product(sequence_weights),
+            token_weights=_product(token_weights),
+            ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            beta=self.beta,
+            kl_importance_correction=args.use_bias_correction_kl,
+            log_ratio_bound=args.log_ratio_bound,
+        )
+        loss = out.loss / accumulation
+
+        # 5. terms GRPOTrainer adds after its policy loss: fixed entropy bonus, MoE load-balancing loss
+        if self._entropy_bonus_enabled:
+            bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+            mean_entropy = (entropies * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
+            loss = loss - self.entropy_coef * mean_entropy / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._log_objective_metrics(mode, out, entropies, mask)
+        return loss
+
+    def _log_objective_metrics(self, mode, out, entropies, mask):
+        """Append this micro-batch's statistics; TRL averages them over the logging interval.
+
+        Sequence fractions use TRL's names, the paper's token-weighted fraction and the ratio's spread are
+        namespaced `gspo/`:
+          clip_ratio/{low,high,region}_mean   fraction of sequences whose clip is active (low: ratio below
+                                              1 - eps_low with A < 0; high: above 1 + eps_high with A > 0)
+          clip_ratio/low_min, high_max        extremes over sequences of the per-sequence clipped fraction
+          gspo/clipped_token_fraction         fraction of completion tokens under an active clip (the paper's count)
+          gspo/seq_ratio/{mean,std,min,max}   the sequence importance ratio s_i over non-empty sequences
+          kl, entropy                         token means, as in GRPOTrainer
+        """
+        metrics = self._metrics[mode]
+        mask = mask.float()
+        lengths = out.lengths
+        non_empty = (lengths > 0).float()
+        per_seq_low = out.low_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+        per_seq_high = out.high_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+        clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
+        totals = torch.stack(
+            [
+                per_seq_low.sum(),
+                per_seq_high.sum(),
+                (per_seq_low + per_seq_high).sum(),
+                non_empty.sum(),
+                clipped_tokens,
+                mask.sum(),
+                (entropies * mask).sum(),
+                torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum(),
+            ]
+        )
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        sequences, tokens = totals[3].clamp(min=1.0), totals[5].clamp(min=1.0)
+        metrics["clip_ratio/low_mean"].append((totals[0] / sequences).item())
+        metrics["clip_ratio/high_mean"].append((totals[1] / sequences).item())
+        metrics["clip_ratio/region_mean"].append((totals[2] / sequences).item())
+        metrics["gspo/clipped_token_fraction"].append((totals[4] / tokens).item())
+        metrics["entropy"].append((totals[6] / tokens).item())
+        if out.per_token_kl is not None:
+            metrics["kl"].append((totals[7] / tokens).item())
+
+        nan = torch.full_like(per_seq_low, float("nan"))
+        keep = lengths > 0
+        gathered = self.accelerator.gather(
+            torch.stack(
+                [
+                    torch.where(keep, per_seq_low, nan),
+                    torch.where(keep, per_seq_high, nan),
+                    torch.where(keep, torch.exp(out.seq_log_ratio), nan),
+                ]
+            )
+            .t()
+            .contiguous()
+        )
+        metrics["clip_ratio/low_min"].append(nanmin(gathered[:, 0]).item())
+        metrics["clip_ratio/high_max"].append(nanmax(gathered[:, 1]).item())
+        ratios = gathered[:, 2][~torch.isnan(gathered[:, 2])]
+        if ratios.numel() > 0:
+            metrics["gspo/seq_ratio/mean"].append(ratios.mean().item())
+            metrics["gspo/seq_ratio/std"].append(ratios.std(unbiased=False).item())
+            metrics["gspo/seq_ratio/min"].append(ratios.min().item())
+            metrics["gspo/seq_ratio/max"].append(ratios.max().item())
+
+
+def _product(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """Elementwise product of a list of weight tensors, None for an empty list."""
+    if not weights:
+        return None
+    result = weights[0]
+    for weight in weights[1:]:
+        result = result * weight
+    return result
