@@ -63,6 +63,8 @@ def test_completion_text(completion, expected):
         ("She has 72 apples, so \\boxed{72}", "48 + 24 = <<48+24=72>>72 apples.\n#### 72", 1.0),
         ("\\boxed{48}", "48 + 24 = <<48+24=72>>72 apples.\n#### 72", 0.0),
         ("\\boxed{1000}", "#### 1,000", 1.0),
+        # Only the text after "####" is the gold answer, even when the worked solution boxes something earlier.
+        ("\\boxed{12}", "We get \\boxed{3} boxes of 4.\n#### 12", 1.0),
         ("<think>First 12, then 30 more.</think>\n<answer>42</answer>", "42", 1.0),
         ("<think>It is 42, surely.</think>\n<answer>12</answer>", "42", 0.0),
     ],

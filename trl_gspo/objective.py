@@ -186,7 +186,9 @@ def compute_policy_objective(
                 "Per-token advantages need importance_sampling_level='sequence_token' (GSPO-token)."
             )
         if token_weights is not None:
-            raise ValueError("GSPO ('sequence') has no per-token terms to weight; token_weights need 'sequence_token'.")
+            raise ValueError(
+                "GSPO ('sequence') has no per-token terms to weight; token_weights need 'sequence_token'."
+            )
         adv = advantages.float()
         per_sequence_loss = _clipped_surrogate(torch.exp(seq_log_ratio), adv, epsilon_low, epsilon_high)
         clip_advantages = adv.unsqueeze(1)  # (B, 1), broadcast over tokens for the token-level statistics
