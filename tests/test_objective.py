@@ -1,0 +1,294 @@
+"""The pure GSPO objective against a naive float64 loop written from the paper's formulas."""
+
+import math
+
+import pytest
+import torch
+
+from trl_gspo.objective import (
+    DEFAULT_LOG_RATIO_BOUND,
+    compute_policy_objective,
+    k3_kl,
+    length_normalized_is_weight,
+    sequence_log_ratio,
+)
+
+EPS_LOW, EPS_HIGH = 3e-4, 4e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: one Python loop per sequence and token, float64, straight from arXiv 2507.18071 (eqs. 5-7, 10-11).
+# ---------------------------------------------------------------------------------------------------------------
+def reference_objective(
+    level,
+    logp,
+    old,
+    adv,
+    mask,
+    eps_low,
+    eps_high,
+    seq_weights=None,
+    tok_weights=None,
+    ref=None,
+    beta=0.0,
+    kl_correction=True,
+    bound=DEFAULT_LOG_RATIO_BOUND,
+):
+    """Loss = -(1/B) sum_i [ J_i ] + beta * (1/B) sum_i mean_t KL_it, computed element by element in float64."""
+    B, T = logp.shape
+    total = logp.new_zeros((), dtype=torch.float64)
+    for i in range(B):
+        tokens = [t for t in range(T) if mask[i, t] > 0]
+        n = len(tokens)
+        if n == 0:
+            continue
+        log_s = sum(logp[i, t] - old[i, t] for t in tokens) / n
+        log_s = torch.clamp(log_s, -bound, bound)
+        if level == "sequence":
+            s = torch.exp(log_s)
+            a = adv[i]
+            term = torch.minimum(s * a, torch.clamp(s, 1 - eps_low, 1 + eps_high) * a)
+        else:
+            term = 0.0
+            for t in tokens:
+                # s_it = sg[s_i] * pi_it / sg[pi_it]
+                s_t = torch.exp(log_s.detach()) * torch.exp(logp[i, t]) / torch.exp(logp[i, t].detach())
+                if abs(log_s.item()) >= bound:
+                    s_t = s_t.detach()
+                a = adv[i, t] if adv.dim() == 2 else adv[i]
+                w = 1.0 if tok_weights is None else tok_weights[i, t]
+                term = term + w * torch.minimum(s_t * a, torch.clamp(s_t, 1 - eps_low, 1 + eps_high) * a)
+            term = term / n
+        if seq_weights is not None:
+            term = term * seq_weights[i]
+        total = total - term
+        if beta:
+            kl = 0.0
+            for t in tokens:
+                d = ref[i, t] - logp[i, t]
+                k = torch.exp(d) - d - 1
+                if kl_correction:
+                    k = k * torch.exp(torch.clamp(logp[i, t] - old[i, t], -bound, bound))
+                kl = kl + k
+            total = total + beta * kl / n
+    return total / B
+
+
+def make_batch(B=5, T=7, scale=1e-3, seed=0, ragged=True, empty_row=True):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 - 0.1
+    logp = old + scale * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.float64)
+    if ragged:
+        for i in range(B):
+            mask[i, T - (i % T) :] = 0  # row i keeps T - i tokens (row 0 keeps all)
+    if empty_row:
+        mask[-1] = 0
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    return logp, old, adv, mask
+
+
+def ours_and_reference(level, logp, old, adv, mask, **kwargs):
+    ref_kwargs = {
+        k: v for k, v in kwargs.items() if k not in ("sequence_weights", "token_weights", "ref_per_token_logps")
+    }
+    ref_kwargs.update(
+        seq_weights=kwargs.get("sequence_weights"),
+        tok_weights=kwargs.get("token_weights"),
+        ref=kwargs.get("ref_per_token_logps"),
+    )
+    if "kl_importance_correction" in ref_kwargs:
+        ref_kwargs["kl_correction"] = ref_kwargs.pop("kl_importance_correction")
+    x = logp.clone().float().requires_grad_(True)
+    out = compute_policy_objective(level, x, old.float(), adv.float(), mask.float(), EPS_LOW, EPS_HIGH, **kwargs)
+    out.loss.backward()
+    x64 = logp.clone().requires_grad_(True)
+    expected = reference_objective(level, x64, old, adv, mask, EPS_LOW, EPS_HIGH, **ref_kwargs)
+    expected.backward()
+    return out, x.grad, expected, x64.grad
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-7):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+@pytest.mark.parametrize("scale", [1e-5, 3e-3], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("adv_sign", ["positive", "negative", "mixed"])
+def test_matches_float64_reference(level, scale, adv_sign):
+    logp, old, adv, mask = make_batch(scale=scale, seed=hash((level, scale, adv_sign)) % 1000)
+    adv = {"positive": adv.abs() + 0.1, "negative": -adv.abs() - 0.1, "mixed": adv}[adv_sign]
+    out, grad, expected, expected_grad = ours_and_reference(level, logp, old, adv, mask)
+    assert_close(out.loss, expected)
+    assert_close(grad, expected_grad)
+    clipped = (out.low_clipped | out.high_clipped).any().item()
+    assert clipped == (scale > 1e-4), "the two regimes must really differ in whether the clip fires"
+    if scale > 1e-4:  # a clipped sequence gets no policy gradient
+        rows = (out.low_clipped | out.high_clipped).any(-1)
+        assert grad[rows].abs().max().item() == 0.0
+
+
+def test_gspo_token_with_sequence_advantages_equals_gspo():
+    logp, old, adv, mask = make_batch(scale=2e-3, seed=3)
+    seq_out, seq_grad, _, _ = ours_and_reference("sequence", logp, old, adv, mask)
+    per_token_adv = adv.unsqueeze(1).expand_as(logp).contiguous()
+    tok_out, tok_grad, _, _ = ours_and_reference("sequence_token", logp, old, per_token_adv, mask)
+    assert_close(tok_out.loss, seq_out.loss)
+    assert_close(tok_grad, seq_grad)
+    assert torch.equal(tok_out.low_clipped, seq_out.low_clipped)
+
+
+def test_gspo_token_per_token_advantages():
+    logp, old, _, mask = make_batch(scale=5e-4, seed=4)
+    adv = torch.randn(logp.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    out, grad, expected, expected_grad = ours_and_reference("sequence_token", logp, old, adv, mask)
+    assert_close(out.loss, expected)
+    assert_close(grad, expected_grad)
+    # tokens of one sequence now pull in different directions: not a multiple of the sequence gradient
+    row = grad[0] / mask[0].sum()
+    assert (row > 0).any() and (row < 0).any()
+
+
+def test_each_sequence_counts_once_whatever_its_length():
+    """Two sequences with the same ratio and opposite advantages cancel, however many tokens each has."""
+    T = 8
+    old = torch.full((2, T), -1.0, dtype=torch.float64)
+    logp = old + 1e-5
+    mask = torch.zeros(2, T, dtype=torch.float64)
+    mask[0, :2] = 1
+    mask[1, :] = 1
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    out = compute_policy_objective("sequence", logp.float(), old.float(), adv.float(), mask, EPS_LOW, EPS_HIGH)
+    assert abs(out.loss.item()) < 1e-7  # a token-sum aggregation would give the long one 4x the weight
+
+
+def test_empty_rows_contribute_nothing_and_no_nan():
+    logp, old, adv, mask = make_batch(seed=5)
+    mask[:] = 0
+    mask[0, :3] = 1
+    old[1:, :] = float("-inf")  # padding garbage must not leak through the mask
+    old[2:, :] = float("nan")
+    for level in ("sequence", "sequence_token"):
+        x = logp.clone().float().requires_grad_(True)
+        out = compute_policy_objective(level, x, old.float(), adv.float(), mask.float(), EPS_LOW, EPS_HIGH)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+        assert x.grad[1:].abs().max().item() == 0.0
+        assert x.grad[0].abs().max().item() > 0.0
+        # only row 0 counts, but the loss is still normalised by B
+        single = compute_policy_objective(level, x[:1], old[:1].float(), adv[:1].float(), mask[:1], EPS_LOW, EPS_HIGH)
+        assert math.isclose(out.loss.item() * x.size(0), single.loss.item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_extreme_log_ratios_are_clamped(level):
+    logp, old, adv, mask = make_batch(seed=6, empty_row=False)
+    logp[0] = old[0] + 80.0  # exp(80) overflows float32
+    logp[1] = old[1] - 80.0
+    out, grad, expected, expected_grad = ours_and_reference(level, logp, old, adv, mask)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert out.seq_log_ratio[0].item() == DEFAULT_LOG_RATIO_BOUND
+    assert out.seq_log_ratio[1].item() == -DEFAULT_LOG_RATIO_BOUND
+    assert_close(out.loss, expected)
+    assert_close(grad, expected_grad)
+    assert grad[:2].abs().max().item() == 0.0  # beyond the bound the ratio carries no gradient
+
+
+def test_sequence_and_token_weights_match_reference():
+    logp, old, adv, mask = make_batch(scale=1e-5, seed=7)
+    seq_w = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0], dtype=torch.float64)
+    out, grad, expected, expected_grad = ours_and_reference("sequence", logp, old, adv, mask, sequence_weights=seq_w)
+    assert_close(out.loss, expected)
+    assert_close(grad, expected_grad)
+    assert grad[1].abs().max().item() == 0.0
+    tok_w = (torch.rand(logp.shape, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    out, grad, expected, expected_grad = ours_and_reference(
+        "sequence_token", logp, old, adv, mask, token_weights=tok_w
+    )
+    assert_close(out.loss, expected)
+    assert_close(grad, expected_grad)
+    assert grad[tok_w == 0].abs().max().item() == 0.0
+
+
+def test_token_weights_refused_for_plain_gspo():
+    logp, old, adv, mask = make_batch()
+    with pytest.raises(ValueError, match="sequence_token"):
+        compute_policy_objective("sequence", logp, old, adv, mask, EPS_LOW, EPS_HIGH, token_weights=mask)
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        compute_policy_objective("sequence", logp, old, mask, mask, EPS_LOW, EPS_HIGH)
+    with pytest.raises(ValueError, match="level"):
+        compute_policy_objective("token", logp, old, adv, mask, EPS_LOW, EPS_HIGH)
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+@pytest.mark.parametrize("correction", [True, False])
+def test_kl_term_matches_reference(level, correction):
+    logp, old, adv, mask = make_batch(scale=5e-2, seed=8)
+    ref = logp + 0.1 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out, grad, expected, expected_grad = ours_and_reference(
+        level, logp, old, adv, mask, ref_per_token_logps=ref.float(), beta=0.04, kl_importance_correction=correction
+    )
+    assert_close(out.loss, expected)
+    assert_close(grad, expected_grad)
+    assert (out.per_token_kl >= 0).all()
+
+
+def test_kl_correction_uses_token_ratio_not_sequence_ratio():
+    """TRL issue 6586: weighting each token's KL by the sequence ratio is a different (biased) estimator."""
+    logp, old, adv, mask = make_batch(scale=0.3, seed=10, ragged=False, empty_row=False)
+    ref = logp - 0.2
+    out = compute_policy_objective(
+        "sequence",
+        logp.float(),
+        old.float(),
+        adv.float() * 0,
+        mask,
+        EPS_LOW,
+        EPS_HIGH,
+        ref_per_token_logps=ref.float(),
+        beta=1.0,
+    )
+    kl = k3_kl(logp, ref)
+    token_weighted = (kl * torch.exp(logp - old)).mean(-1).mean()
+    sequence_weighted = (kl * torch.exp(sequence_log_ratio(logp, old, mask)).unsqueeze(1)).mean(-1).mean()
+    assert math.isclose(out.loss.item(), token_weighted.item(), rel_tol=1e-5)
+    assert not math.isclose(out.loss.item(), sequence_weighted.item(), rel_tol=1e-3)
+
+
+def test_sequence_log_ratio_is_length_normalised_float32():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 0.0]], dtype=torch.bfloat16)
+    old = torch.tensor([[-1.5, -2.0, -3.5, -9.0]], dtype=torch.bfloat16)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    value = sequence_log_ratio(logp, old, mask)
+    assert value.dtype == torch.float32
+    assert math.isclose(value.item(), (0.5 + 0.0 + 0.5) / 3, rel_tol=1e-6)
+
+
+def test_gspo_token_value_survives_bf16_inputs():
+    """Cancel-first: the eps-sized sequence signal is not rounded away when log-probs arrive in bf16."""
+    logp, old, adv, mask = make_batch(scale=1e-4, seed=11, ragged=False, empty_row=False)
+    logp_bf16 = logp.to(torch.bfloat16)
+    seq = compute_policy_objective("sequence", logp_bf16, old.float(), adv.float(), mask, EPS_LOW, EPS_HIGH)
+    tok = compute_policy_objective("sequence_token", logp_bf16, old.float(), adv.float(), mask, EPS_LOW, EPS_HIGH)
+    assert seq.loss.item() == pytest.approx(tok.loss.item(), rel=1e-6)
+    # the naive order, sg[s] * p / sg[p] evaluated in bf16, loses that signal entirely
+    s = torch.exp(seq.seq_log_ratio).to(torch.bfloat16).unsqueeze(1)
+    naive = s * torch.exp(logp_bf16) / torch.exp(logp_bf16)
+    assert not torch.allclose(naive.float(), torch.exp(seq.seq_log_ratio).unsqueeze(1).expand_as(naive), rtol=1e-5)
+
+
+def test_length_normalized_is_weight():
+    old = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, -2.0, -2.0], [-1.0, -1.0, -1.0, -1.0]])
+    sampling = torch.tensor([[-1.2, -0.8, -1.6, 0.0], [-2.0, float("nan"), -3.0, -2.0], [-9.0, -9.0, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    expected = torch.tensor(
+        [math.exp((0.2 - 0.2 + 0.6) / 3), math.exp((0.0 + 0.0 + 1.0 + 0.0) / 4), math.exp(min(8.0, 10.0))]
+    )
+    truncated = length_normalized_is_weight(old, sampling, mask, "sequence_truncate", None, 3.0)
+    assert_close(truncated, torch.minimum(expected, torch.tensor(3.0)))
+    masked = length_normalized_is_weight(old, sampling, mask, "sequence_mask", 1.25, 3.0)
+    assert_close(masked, torch.tensor([0.0, expected[1].item(), 0.0]))
+    # the product over tokens (TRL's sequence mode) would be exp(0.6) and exp(1.0): the mean differs
+    assert not math.isclose(truncated[0].item(), math.exp(0.6), rel_tol=1e-3)
+    with pytest.raises(ValueError, match="mode"):
+        length_normalized_is_weight(old, sampling, mask, "token_mask", None, 3.0)
