@@ -1,6 +1,7 @@
 """The pure GSPO objective against a naive float64 loop written from the paper's formulas."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -113,10 +114,10 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-7):
 
 
 @pytest.mark.parametrize("level", ["sequence", "sequence_token"])
-@pytest.mark.parametrize("scale", [1e-5, 3e-3], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("scale", [1e-5, 1e-2], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("adv_sign", ["positive", "negative", "mixed"])
 def test_matches_float64_reference(level, scale, adv_sign):
-    logp, old, adv, mask = make_batch(scale=scale, seed=hash((level, scale, adv_sign)) % 1000)
+    logp, old, adv, mask = make_batch(scale=scale, seed=zlib.crc32(f"{level}{scale}{adv_sign}".encode()))
     adv = {"positive": adv.abs() + 0.1, "negative": -adv.abs() - 0.1, "mixed": adv}[adv_sign]
     out, grad, expected, expected_grad = ours_and_reference(level, logp, old, adv, mask)
     assert_close(out.loss, expected)
