@@ -78,7 +78,9 @@ def reference_objective(
 def make_batch(B=5, T=7, scale=1e-3, seed=0, ragged=True, empty_row=True):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 - 0.1
-    logp = old + scale * torch.randn(B, T, generator=g, dtype=torch.float64)
+    # alternate the drift's sign by row so that both clip directions occur whenever scale exceeds eps
+    drift = torch.tensor([(-1.0) ** i for i in range(B)], dtype=torch.float64).unsqueeze(1)
+    logp = old + scale * (torch.randn(B, T, generator=g, dtype=torch.float64) + 2 * drift)
     mask = torch.ones(B, T, dtype=torch.float64)
     if ragged:
         for i in range(B):
@@ -140,7 +142,7 @@ def test_gspo_token_with_sequence_advantages_equals_gspo():
 
 
 def test_gspo_token_per_token_advantages():
-    logp, old, _, mask = make_batch(scale=5e-4, seed=4)
+    logp, old, _, mask = make_batch(scale=1e-5, seed=4)
     adv = torch.randn(logp.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     out, grad, expected, expected_grad = ours_and_reference("sequence_token", logp, old, adv, mask)
     assert_close(out.loss, expected)
@@ -164,7 +166,7 @@ def test_each_sequence_counts_once_whatever_its_length():
 
 
 def test_empty_rows_contribute_nothing_and_no_nan():
-    logp, old, adv, mask = make_batch(seed=5)
+    logp, old, adv, mask = make_batch(scale=1e-5, seed=5)
     mask[:] = 0
     mask[0, :3] = 1
     old[1:, :] = float("-inf")  # padding garbage must not leak through the mask
