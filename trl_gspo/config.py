@@ -207,9 +207,10 @@ class GSPOConfig(GRPOConfig):
         batch-shape fields TRL derives (steps_per_generation, generation_batch_size) are carried only when the
         user chose them.
         """
-        reference = GRPOConfig(output_dir=args.output_dir)
+        # use_cpu is carried into the reference: without it GRPOConfig's bf16 default fails on a CPU-only machine
+        reference = GRPOConfig(output_dir=args.output_dir, use_cpu=args.use_cpu)
         derived = {"steps_per_generation", "generation_batch_size"}
-        changed = {}
+        changed = {"use_cpu": args.use_cpu}
         for f in fields(GRPOConfig):
             if not f.init or f.name in derived:
                 continue

@@ -1,0 +1,159 @@
+"""GSPOConfig: the paper's defaults, refusals at construction, and warnings."""
+
+import warnings
+
+import pytest
+from trl import GRPOConfig
+
+from trl_gspo import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning
+
+
+def make(tmp_path, **kwargs):
+    kwargs.setdefault("per_device_train_batch_size", 8)
+    kwargs.setdefault("num_generations", 4)
+    return GSPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+
+def test_paper_defaults(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GSPOOnPolicyWarning)  # the defaults themselves must not warn
+        warnings.simplefilter("error", GSPOClipRangeWarning)
+        config = make(tmp_path)
+    assert config.importance_sampling_level == "sequence"
+    assert (config.epsilon, config.epsilon_high) == (3e-4, 4e-4)
+    assert config.beta == 0.0
+    assert config.loss_type == "grpo"
+    assert config.steps_per_generation == 4 * config.gradient_accumulation_steps
+    assert not config.is_on_policy
+    grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=8)
+    assert grpo.steps_per_generation == grpo.gradient_accumulation_steps  # TRL's default is on-policy
+
+
+def test_default_scales_with_gradient_accumulation(tmp_path):
+    config = make(tmp_path, gradient_accumulation_steps=2)
+    assert config.steps_per_generation == 8
+    assert config.generation_batch_size == 8 * 8
+    # an explicit generation batch is respected, not overridden
+    config = make(tmp_path, generation_batch_size=64)
+    assert config.steps_per_generation == 8
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token", "token"])
+def test_accepted_levels(tmp_path, level):
+    kwargs = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28} if level == "token" else {}
+    assert make(tmp_path, importance_sampling_level=level, **kwargs).importance_sampling_level == level
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, expected",
+    [
+        ({"importance_sampling_level": "seq"}, "importance_sampling_level='seq'", "sequence_token"),
+        ({"epsilon": 0.0}, "epsilon=0.0", "(0, 1)"),
+        ({"epsilon": 1.5}, "epsilon=1.5", "(0, 1)"),
+        ({"epsilon_high": 1.0}, "epsilon_high=1.0", "(0, 1)"),
+        ({"epsilon_high": -0.1}, "epsilon_high=-0.1", "(0, 1)"),
+        ({"loss_type": "dapo"}, "loss_type='dapo'", "weights each sequence by its"),
+        ({"loss_type": "bnpo"}, "loss_type='bnpo'", "weights each sequence by its"),
+        ({"loss_type": "dr_grpo"}, "loss_type='dr_grpo'", "weights each sequence by its"),
+        ({"loss_type": "cispo"}, "loss_type='cispo'", "different objective"),
+        ({"loss_type": "luspo"}, "loss_type='luspo'", "different objective"),
+        ({"loss_type": "mystery"}, "loss_type='mystery'", "only allowed value is 'grpo'"),
+        ({"beta": -0.1}, "beta=-0.1", ">= 0"),
+        ({"delta": 2.0}, "delta=2.0", "leave it None"),
+        ({"use_adaptive_entropy": True}, "use_adaptive_entropy=True", "fixed entropy_coef"),
+        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2", "sequence_token"),
+        ({"log_ratio_bound": 0.0}, "log_ratio_bound=0.0", "> 0"),
+        ({"num_iterations": 0}, "num_iterations=0", ">= 1"),
+    ],
+)
+def test_refused_at_construction(tmp_path, kwargs, field, expected):
+    with pytest.raises(ValueError) as info:
+        make(tmp_path, **kwargs)
+    message = str(info.value)
+    assert field in message and expected in message
+
+
+def test_token_level_vllm_weights_refused_for_plain_gspo(tmp_path):
+    # GRPOConfig itself does not import vLLM at construction, so the combination can be checked here
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode='token_mask'"):
+        make(tmp_path, use_vllm=True, vllm_importance_sampling_mode="token_mask")
+    config = make(
+        tmp_path, importance_sampling_level="sequence_token", use_vllm=True, vllm_importance_sampling_mode="token_mask"
+    )
+    assert config.use_vllm
+
+
+def test_features_allowed_where_defined(tmp_path):
+    assert make(tmp_path, importance_sampling_level="sequence_token", top_entropy_quantile=0.2).top_entropy_quantile
+    assert make(tmp_path, entropy_coef=0.01).entropy_coef == 0.01
+    assert make(tmp_path, off_policy_mask_threshold=0.5).off_policy_mask_threshold == 0.5
+    assert make(tmp_path, beta=0.04).beta == 0.04
+    # token level (plain GRPO) keeps every TRL loss
+    assert make(tmp_path, importance_sampling_level="token", loss_type="cispo", epsilon_high=5.0).loss_type == "cispo"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"steps_per_generation": 1},
+        {"gradient_accumulation_steps": 4, "steps_per_generation": 4},
+    ],
+)
+def test_on_policy_warns(tmp_path, kwargs):
+    with pytest.warns(GSPOOnPolicyWarning, match="GSPO equals GRPO") as record:
+        config = make(tmp_path, **kwargs)
+    assert config.is_on_policy
+    ours = [w for w in record if issubclass(w.category, GSPOOnPolicyWarning)]
+    assert len(ours) == 1 and "steps_per_generation" in str(ours[0].message)
+
+
+def test_num_iterations_makes_it_off_policy(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GSPOOnPolicyWarning)
+        config = make(tmp_path, steps_per_generation=1, num_iterations=2)
+    assert not config.is_on_policy
+
+
+def test_on_policy_warning_only_for_sequence_levels(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GSPOOnPolicyWarning)
+        make(tmp_path, importance_sampling_level="token", steps_per_generation=1)
+
+
+def test_grpo_like_clip_range_warns(tmp_path):
+    with pytest.warns(GSPOClipRangeWarning, match="GRPO"):
+        make(tmp_path, epsilon=0.2, epsilon_high=0.28)
+    with pytest.warns(GSPOClipRangeWarning):
+        make(tmp_path, epsilon=3e-4, epsilon_high=0.05)
+
+
+def test_docstring_lists_every_changed_default(tmp_path):
+    gspo, grpo = make(tmp_path), GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    changed = [
+        name
+        for name in ("importance_sampling_level", "epsilon", "epsilon_high", "loss_type", "steps_per_generation")
+        if getattr(gspo, name) != getattr(grpo, name)
+    ]
+    assert len(changed) == 5
+    for name in changed + ["beta"]:
+        assert f"`{name}" in GSPOConfig.__doc__
+
+
+def test_from_grpo_config_keeps_user_fields(tmp_path):
+    grpo = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        learning_rate=3e-6,
+        max_completion_length=64,
+    )
+    gspo = GSPOConfig.from_grpo_config(grpo)
+    assert isinstance(gspo, GSPOConfig)
+    assert (gspo.learning_rate, gspo.max_completion_length, gspo.num_generations) == (3e-6, 64, 4)
+    assert gspo.importance_sampling_level == "sequence" and gspo.epsilon == 3e-4 and gspo.loss_type == "grpo"
+    assert gspo.steps_per_generation == 4
+    # a choice the user made explicitly that GSPO cannot honour is refused, not silently replaced
+    with pytest.raises(ValueError, match="loss_type='bnpo'"):
+        GSPOConfig.from_grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bnpo"))
