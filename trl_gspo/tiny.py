@@ -61,7 +61,7 @@ def build_tiny_causal_lm(
 ):
     """A randomly initialised causal LM of `model_type` (see ARCHITECTURES) sized for a CPU.
 
-    MoE types get 4 experts, top-2, and return router logits so TRL adds the load-balancing loss.
+    MoE types get 4 experts, top-2, and a router aux-loss coefficient, so TRL adds the load-balancing loss.
     """
     if model_type not in ARCHITECTURES:
         raise ValueError(f"build_tiny_causal_lm: model_type={model_type!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -74,7 +74,9 @@ def build_tiny_causal_lm(
             value = intermediate_size
         extra[key] = value
     if model_type in ("qwen3_moe", "mixtral"):
-        extra.update(output_router_logits=True, router_aux_loss_coef=0.01)
+        # output_router_logits stays False (generation with a KV cache cannot build the aux loss); TRL asks for the
+        # router logits itself whenever router_aux_loss_coef != 0.
+        extra.update(router_aux_loss_coef=0.01)
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
