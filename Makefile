@@ -11,7 +11,6 @@ $(BIN)/python:
 # torch==2.13.0 first: on a CPU machine it resolves to the local CPU wheel; an unpinned torch would
 # pull several GB of CUDA packages.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
