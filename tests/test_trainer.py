@@ -338,6 +338,12 @@ def test_drop_in_replacement_for_grpo_trainer(make_model, tokenizer, tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_constructor_takes_grpo_trainers_arguments():
+    import inspect
+
+    assert inspect.signature(GSPOTrainer.__init__) == inspect.signature(GRPOTrainer.__init__)
+
+
 def test_args_none_builds_a_gspo_config(make_model, tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = make_model()

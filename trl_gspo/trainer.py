@@ -285,6 +285,10 @@ class GSPOTrainer(GRPOTrainer):
             metrics["gspo/seq_ratio/max"].append(ratios.max().item())
 
 
+# Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.
+GSPOTrainer.__init__.__signature__ = inspect.signature(GRPOTrainer.__init__)
+
+
 def _product(weights: list[torch.Tensor]) -> torch.Tensor | None:
     """Elementwise product of a list of weight tensors, None for an empty list."""
     if not weights:
