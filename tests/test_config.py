@@ -5,7 +5,7 @@ import warnings
 import pytest
 from trl import GRPOConfig
 
-from trl_gspo import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning
+from trl_gspo import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning, GSPOPrecisionWarning
 
 
 def make(tmp_path, **kwargs):
@@ -157,3 +157,14 @@ def test_from_grpo_config_keeps_user_fields(tmp_path):
     # a choice the user made explicitly that GSPO cannot honour is refused, not silently replaced
     with pytest.raises(ValueError, match="loss_type='bnpo'"):
         GSPOConfig.from_grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bnpo"))
+
+
+def test_half_precision_off_policy_warns(tmp_path):
+    with pytest.warns(GSPOPrecisionWarning, match="PRECISION.md"):
+        make(tmp_path, bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GSPOPrecisionWarning)
+        make(tmp_path, bf16=False)  # float32 log-probs
+        with pytest.warns(GSPOOnPolicyWarning):
+            make(tmp_path, bf16=True, steps_per_generation=1)  # on-policy: the ratio is exactly 1 anyway
+        make(tmp_path, bf16=True, importance_sampling_level="token", loss_type="dapo", epsilon=0.2)

@@ -5,7 +5,7 @@
 - `trl_gspo.trainer.GSPOTrainer`: GRPOTrainer with the GSPO objective (a drop-in replacement).
 """
 
-from .config import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning
+from .config import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning, GSPOPrecisionWarning
 from .objective import compute_policy_objective, sequence_log_ratio
 from .trainer import GSPOTrainer
 
@@ -15,6 +15,7 @@ __all__ = [
     "GSPOClipRangeWarning",
     "GSPOConfig",
     "GSPOOnPolicyWarning",
+    "GSPOPrecisionWarning",
     "GSPOTrainer",
     "compute_policy_objective",
     "sequence_log_ratio",

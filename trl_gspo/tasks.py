@@ -1,0 +1,403 @@
+"""Small verifiable tasks generated in code, and a supervised warm start, for the CPU demo.
+
+Every task is a string transformation with one exact answer, so a reward needs no model and no label
+noise: `exact_match` (trl_gspo.rewards) scores a completion 1.0 if it equals the answer.
+
+- ``sort_digits``: ``"sort 52819"`` -> ``"12589"`` (five digits, repeats allowed)
+- ``reverse``: ``"reverse bdzqa"`` -> ``"aqzdb"`` (five lowercase letters)
+- ``add``: ``"47+85="`` -> ``"132"`` (two 2-digit numbers)
+
+Rows are conversational, in TRL's format: ``{"prompt": [{"role": "user", "content": ...}], "answer": ...}``.
+``make_splits`` draws train/dev/test splits deterministically from a seed; no prompt appears in two splits.
+
+A randomly initialised model never produces a right answer, so a reward alone gives no signal (every
+completion of a group scores 0, every advantage is 0). ``warm_start`` therefore runs plain supervised steps
+until greedy dev accuracy reaches a modest target (0.3 by default), and ``prepare_model`` builds, warm-starts
+and caches that model once per settings, so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Bump when a task's prompt format or a split's drawing changes: it is part of the cache key.
+TASKS_FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = Path(".cache") / "trl_gspo"
+# The notes' measured model: Qwen2, hidden 128, intermediate 512, 2 layers, 4 heads, tied embeddings (~0.5M).
+DEFAULT_MODEL_KWARGS = {
+    "model_type": "qwen2",
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_layers": 2,
+    "num_heads": 4,
+    "tie_word_embeddings": True,
+}
+DEFAULT_SPLIT_SIZES = {"train": 4000, "dev": 256, "test": 512}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A generated task: ``sample`` draws operands, ``prompt`` formats them, ``solve`` computes the answer.
+
+    ``parse`` inverts ``prompt`` (used by ``check`` to recompute the answer from the prompt text alone).
+    """
+
+    name: str
+    description: str
+    sample: Callable[[random.Random], tuple]
+    prompt: Callable[[tuple], str]
+    parse: Callable[[str], tuple]
+    solve: Callable[[tuple], str]
+    max_answer_length: int
+
+    def row(self, operands: tuple) -> dict:
+        return {"prompt": [{"role": "user", "content": self.prompt(operands)}], "answer": self.solve(operands)}
+
+    def check(self, prompt: str | list[dict], completion: str) -> bool:
+        """True iff `completion` (stripped) is the exact answer to `prompt`, recomputed from the prompt text."""
+        return completion.strip() == self.solve(self.parse(prompt_text(prompt)))
+
+
+def _sort_parse(text: str) -> tuple:
+    head, digits = text.split(" ")
+    if head != "sort" or len(digits) != 5 or not digits.isdigit():
+        raise ValueError(f"not a sort_digits prompt: {text!r}")
+    return tuple(digits)
+
+
+def _reverse_parse(text: str) -> tuple:
+    head, letters = text.split(" ")
+    if head != "reverse" or len(letters) != 5 or not letters.isalpha():
+        raise ValueError(f"not a reverse prompt: {text!r}")
+    return tuple(letters)
+
+
+def _add_parse(text: str) -> tuple:
+    if not text.endswith("=") or text.count("+") != 1:
+        raise ValueError(f"not an add prompt: {text!r}")
+    a, b = text[:-1].split("+")
+    return int(a), int(b)
+
+
+TASKS: dict[str, Task] = {
+    "sort_digits": Task(
+        name="sort_digits",
+        description="sort 5 digits in ascending order",
+        sample=lambda rng: tuple(rng.choice(string.digits) for _ in range(5)),
+        prompt=lambda ops: "sort " + "".join(ops),
+        parse=_sort_parse,
+        solve=lambda ops: "".join(sorted(ops)),
+        max_answer_length=5,
+    ),
+    "reverse": Task(
+        name="reverse",
+        description="reverse 5 lowercase letters",
+        sample=lambda rng: tuple(rng.choice(string.ascii_lowercase) for _ in range(5)),
+        prompt=lambda ops: "reverse " + "".join(ops),
+        parse=_reverse_parse,
+        solve=lambda ops: "".join(reversed(ops)),
+        max_answer_length=5,
+    ),
+    "add": Task(
+        name="add",
+        description="add two 2-digit numbers",
+        sample=lambda rng: (rng.randint(10, 99), rng.randint(10, 99)),
+        prompt=lambda ops: f"{ops[0]}+{ops[1]}=",
+        parse=_add_parse,
+        solve=lambda ops: str(ops[0] + ops[1]),
+        max_answer_length=3,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """The user text of a row's prompt (a plain string, or the last message of a conversation)."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def make_splits(task: str | Task, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
+    """Draw ``sizes`` (default DEFAULT_SPLIT_SIZES) distinct problems with ``random.Random(seed)`` and deal them out.
+
+    The same (task, seed, sizes) always gives the same rows; a prompt never appears twice, so dev and test are
+    disjoint from train and from each other. Held-out splits are drawn first, so their content does not depend on
+    the train size.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    sizes = dict(DEFAULT_SPLIT_SIZES if sizes is None else sizes)
+    # Held-out splits first: the same seed gives the same test set whatever the train size.
+    order = sorted(sizes, key=lambda name: (name == "train", name))
+    rng = random.Random(f"{task.name}-{seed}")
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {}
+    for name in order:
+        rows = []
+        attempts = 0
+        while len(rows) < sizes[name]:
+            attempts += 1
+            if attempts > 100 * sum(sizes.values()) + 1000:
+                raise ValueError(f"task {task.name!r} has too few distinct problems for splits of sizes {sizes}")
+            operands = task.sample(rng)
+            text = task.prompt(operands)
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append(task.row(operands))
+        splits[name] = rows
+    return {name: splits[name] for name in sizes}
+
+
+def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    """Write one JSON object per line; create the parent folder. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_splits(splits: dict[str, list[dict]], folder: str | os.PathLike) -> dict[str, Path]:
+    """Write each split to ``folder/<split>.jsonl``; returns split name -> path."""
+    return {name: write_jsonl(rows, Path(folder) / f"{name}.jsonl") for name, rows in splits.items()}
+
+
+# --- evaluation and supervised warm start ----------------------------------------------------------------------------
+
+
+def _encode_prompts(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
+    texts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) for row in rows]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, rows: Sequence[dict], batch_size: int = 256, max_new_tokens: int = 8):
+    """Greedy completions (text, special tokens dropped) of each row's prompt under the chat template."""
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    device = next(model.parameters()).device
+    outputs = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            encoded = _encode_prompts(tokenizer, rows[start : start + batch_size])
+            width = max(len(ids) for ids in encoded)
+            # left padding, as for generation
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded])
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+            outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def greedy_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 256, max_new_tokens: int = 8) -> float:
+    """Fraction of rows whose greedy completion, stripped, equals the row's answer exactly."""
+    if not rows:
+        raise ValueError("greedy_accuracy: no rows to evaluate")
+    completions = greedy_completions(model, tokenizer, rows, batch_size, max_new_tokens)
+    correct = sum(c.strip() == str(row["answer"]).strip() for c, row in zip(completions, rows))
+    return correct / len(rows)
+
+
+class WarmStartError(RuntimeError):
+    """Supervised warm start did not reach the target dev accuracy within its step budget."""
+
+
+def _supervised_batch(tokenizer, rows: Sequence[dict]):
+    """input_ids, attention_mask, labels (-100 except on the answer tokens and the closing eos), right-padded."""
+    prompts = _encode_prompts(tokenizer, rows)
+    answers = [
+        tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for row in rows
+    ]
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    input_ids, attention_mask, labels = [], [], []
+    for p, a in zip(prompts, answers):
+        pad = width - len(p) - len(a)
+        input_ids.append(p + a + [tokenizer.pad_token_id] * pad)
+        attention_mask.append([1] * (len(p) + len(a)) + [0] * pad)
+        labels.append([-100] * len(p) + a + [-100] * pad)
+    return torch.tensor(input_ids), torch.tensor(attention_mask), torch.tensor(labels)
+
+
+def warm_start(
+    model,
+    tokenizer,
+    task_rows: Sequence[dict],
+    dev_rows: Sequence[dict],
+    target_accuracy: float = 0.3,
+    learning_rate: float = 1e-3,
+    batch_size: int = 64,
+    eval_every: int = 5,
+    max_steps: int = 2000,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Supervised steps on ``task_rows`` until greedy accuracy on ``dev_rows`` reaches ``target_accuracy``.
+
+    AdamW(learning_rate), batches of ``batch_size`` rows drawn without replacement (reshuffled each epoch), cross
+    entropy on the answer tokens and the eos that closes them (the prompt is masked out). Greedy dev accuracy is
+    checked every ``eval_every`` steps and training stops at the first check at or above the target: accuracy
+    jumps steeply, so a fixed step count would overshoot. Raises WarmStartError after ``max_steps``.
+
+    Returns ``{"steps", "dev_accuracy", "seconds", "history": [(step, dev_accuracy), ...]}``.
+    """
+    if not task_rows or not dev_rows:
+        raise ValueError("warm_start needs non-empty task_rows and dev_rows")
+    max_new_tokens = max(len(str(row["answer"])) for row in dev_rows) + 2
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    order: list[int] = []
+    history = []
+    model.train()
+    for step in range(1, max_steps + 1):
+        if len(order) < batch_size:
+            fresh = list(range(len(task_rows)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = [task_rows[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        input_ids, attention_mask, labels = _supervised_batch(tokenizer, batch)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0:
+            accuracy = greedy_accuracy(model, tokenizer, dev_rows, max_new_tokens=max_new_tokens)
+            history.append((step, accuracy))
+            if log is not None:
+                log(f"warm start step {step}: loss {loss.item():.3f}, dev greedy accuracy {accuracy:.3f}")
+            if accuracy >= target_accuracy:
+                model.eval()
+                return {
+                    "steps": step,
+                    "dev_accuracy": accuracy,
+                    "seconds": time.perf_counter() - start,
+                    "history": history,
+                }
+    best = max((acc for _, acc in history), default=float("nan"))
+    raise WarmStartError(
+        f"warm start did not reach dev greedy accuracy {target_accuracy} in {max_steps} supervised steps "
+        f"(best {best:.3f}, lr {learning_rate}, batch {batch_size}); raise max_steps, the learning rate or the model "
+        "size, or lower target_accuracy."
+    )
+
+
+def settings_hash(settings: dict) -> str:
+    """A short stable hash of JSON-serialisable settings (the cache key)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_model(
+    task: str,
+    seed: int = 0,
+    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+    split_sizes: dict[str, int] | None = None,
+    model_kwargs: dict | None = None,
+    target_accuracy: float = 0.3,
+    warm_start_kwargs: dict | None = None,
+    log: Callable[[str], None] | None = print,
+) -> tuple[Path, dict]:
+    """Build a tiny char-level model, warm-start it on ``task`` and save it under ``cache_dir``; reuse it if there.
+
+    The folder is ``cache_dir/<task>-<hash of every setting>``: model and tokenizer (``from_pretrained``-loadable)
+    and ``warm_start.json`` (settings and warm-start result), written last so a half-written folder is never
+    reused. Returns (folder, warm-start info with ``"cached": bool``).
+    """
+    from .tiny import build_char_tokenizer, build_tiny_causal_lm
+
+    task_obj = get_task(task)
+    split_sizes = dict(DEFAULT_SPLIT_SIZES if split_sizes is None else split_sizes)
+    model_kwargs = {**DEFAULT_MODEL_KWARGS, **(model_kwargs or {})}
+    warm_start_kwargs = dict(warm_start_kwargs or {})
+    settings = {
+        "task": task_obj.name,
+        "format_version": TASKS_FORMAT_VERSION,
+        "seed": seed,
+        "split_sizes": split_sizes,
+        "model": model_kwargs,
+        "target_accuracy": target_accuracy,
+        "warm_start": warm_start_kwargs,
+    }
+    folder = Path(cache_dir) / f"{task_obj.name}-{settings_hash(settings)}"
+    marker = folder / "warm_start.json"
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        info["cached"] = True
+        if log is not None:
+            log(f"reusing the warm-started model cached in {folder}")
+        return folder, info
+
+    splits = make_splits(task_obj, seed, split_sizes)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_causal_lm(tokenizer, seed=seed, **model_kwargs)
+    if log is not None:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"warm-starting a {n_params / 1e6:.2f}M-parameter model on {task_obj.name} (target dev accuracy {target_accuracy})"
+        )
+    result = warm_start(
+        model,
+        tokenizer,
+        splits["train"],
+        splits["dev"],
+        target_accuracy=target_accuracy,
+        seed=seed,
+        log=log,
+        **warm_start_kwargs,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        info = {"settings": settings, **{k: v for k, v in result.items()}}
+        (staging / "warm_start.json").write_text(json.dumps(info, indent=2))
+        if folder.exists():  # a stale, unmarked folder from an interrupted run
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    info["cached"] = False
+    if log is not None:
+        log(
+            f"warm start reached dev accuracy {result['dev_accuracy']:.3f} in {result['steps']} steps "
+            f"({result['seconds']:.1f} s); cached in {folder}"
+        )
+    return folder, info
