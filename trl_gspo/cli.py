@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,13 +113,14 @@ def load_prompt_dataset(script_args: GSPOScriptArguments, split: str) -> Dataset
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if script_args.system_prompt:
             messages = [{"role": "system", "content": script_args.system_prompt}, *messages]
-        shaped = {"prompt": messages}
+        shaped = {"_gspo_prompt": messages}
         if script_args.answer_column is not None:
-            shaped["answer"] = str(row[script_args.answer_column])
+            shaped["_gspo_answer"] = str(row[script_args.answer_column])
         return shaped
 
-    kept = {"prompt", "answer"} & {script_args.prompt_column, script_args.answer_column}
-    return dataset.map(to_prompt, remove_columns=[c for c in columns if c not in kept])
+    # New column names, then renamed: `map` keeps a same-named column's old type (a CSV's int answers would stay int)
+    dataset = dataset.map(to_prompt, remove_columns=columns).rename_column("_gspo_prompt", "prompt")
+    return dataset.rename_column("_gspo_answer", "answer") if script_args.answer_column is not None else dataset
 
 
 def build_reward_funcs(script_args: GSPOScriptArguments):
@@ -176,16 +176,23 @@ def resume_checkpoint(training_args: GSPOConfig, resume: bool) -> str | None:
 
 
 def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
-    """Write the final model next to its checkpoints only once complete: save to a temp folder, then move in."""
-    if not trainer.accelerator.is_main_process:
-        trainer.save_model(tempfile.mkdtemp())  # every rank takes part in gathering sharded weights
-        return
+    """Write the final model next to its checkpoints only once complete: save to a staging folder, then move in.
+
+    Every rank saves into the same staging folder (sharded weights need them all); the main rank moves it in.
+    """
+    accelerator = trainer.accelerator
     staging = Path(output_dir) / ".final-model-incomplete"
-    shutil.rmtree(staging, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:  # Trainer.save_model writes weights only from a full state dict under FSDP
+        accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
-    for item in staging.iterdir():
-        os.replace(item, Path(output_dir) / item.name)
-    staging.rmdir()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for item in staging.iterdir():
+            os.replace(item, Path(output_dir) / item.name)
+        staging.rmdir()
 
 
 def train(script_args, training_args, model_args, callbacks=None) -> GSPOTrainer:
@@ -218,7 +225,11 @@ def train(script_args, training_args, model_args, callbacks=None) -> GSPOTrainer
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(dataset_name=script_args.dataset_name)
+        local_data = Path(script_args.dataset_name).exists()
+        trainer.create_model_card(
+            model_name=Path(training_args.output_dir).name,
+            dataset_name=None if local_data else script_args.dataset_name,
+        )
     trainer.accelerator.print(f"GSPO training done; model and model card saved to {training_args.output_dir}")
     return trainer
 

@@ -193,12 +193,13 @@ class GSPOConfig(GRPOConfig):
                 GSPOOnPolicyWarning,
                 stacklevel=3,
             )
-        elif self.bf16 or self.fp16:
+        elif self.mixed_precision in ("bf16", "fp16"):  # set by bf16/fp16 or by the accelerate launch config
             warnings.warn(
-                f"GSPOConfig: bf16={self.bf16}, fp16={self.fp16} with an off-policy schedule. Measured on tiny models "
+                f"GSPOConfig: {self.mixed_precision} mixed precision with an off-policy schedule. Measured on tiny models "
                 "(docs/PRECISION.md), half-precision log-probs get the sequence log-ratio wrong by 1e-4 to 4e-3 after "
                 f"one optimizer step, more than the clip band (epsilon={self.epsilon}); float32 (bf16=False) brings "
-                "it under 5e-7 at 1.1-1.5x the forward cost on CPU. Keep bf16 where memory or speed forbids float32.",
+                "it under 5e-7 at 1.1-1.5x the forward cost on CPU (also pass --mixed_precision no to accelerate launch). "
+                "Keep bf16 where memory or speed forbids float32.",
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )

@@ -35,9 +35,11 @@ import torch
 # Bump when a task's prompt format or a split's drawing changes: it is part of the cache key.
 TASKS_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path(".cache") / "trl_gspo"
-# The notes' measured model: Qwen2, hidden 128, intermediate 512, 2 layers, 4 heads, tied embeddings (~0.5M).
+# The notes' measured shape (hidden 128, intermediate 512, 2 layers, 4 heads, tied embeddings, ~0.5M parameters) as
+# a Qwen3 model: transformers 5 loads the tokenizer of a saved *qwen2* folder as Qwen2Tokenizer (byte-level
+# pre-tokenizer), which silently drops spaces and newlines from the char tokenizer; a qwen3 folder loads it as saved.
 DEFAULT_MODEL_KWARGS = {
-    "model_type": "qwen2",
+    "model_type": "qwen3",
     "hidden_size": 128,
     "intermediate_size": 512,
     "num_layers": 2,

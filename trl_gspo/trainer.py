@@ -1,6 +1,7 @@
 """GSPOTrainer: TRL's GRPOTrainer with GSPO's sequence-level importance ratio and clipping.
 
-The trainer overrides one method, `_compute_loss`. Generation, rewards, advantages, batching, pi_old and
+The trainer overrides one method for the algorithm, `_compute_loss`, and two for checkpoints (the rollout buffer
+is saved, so a resume inside a rollout is exact). Generation, rewards, advantages, batching, pi_old and
 reference log-probs, vLLM, PEFT, DeepSpeed/FSDP and checkpointing are GRPOTrainer's, untouched. With
 `importance_sampling_level="token"` the override hands the micro-batch to GRPOTrainer's own loss (plain GRPO).
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from pathlib import Path
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
@@ -38,6 +41,8 @@ TRL_PRIVATE_API = {
         "compute_aux_loss",
     ),
     "get_high_entropy_mask": ("entropies", "mask", "threshold"),
+    "_save_checkpoint": ("model", "trial"),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
     "get_off_policy_mask": (
         "advantages",
         "per_token_logps",
@@ -46,6 +51,9 @@ TRL_PRIVATE_API = {
         "off_policy_threshold",
     ),
 }
+
+# Saved in each checkpoint folder, one per rank: the rollout the run is in the middle of.
+ROLLOUT_BUFFER_FILE = "gspo_rollout_buffer_rank{rank}.pt"
 
 # Batch keys GRPOTrainer forwards to the model for vision-language inputs; passed through unchanged.
 _MODEL_INPUT_KEYS = (
@@ -120,6 +128,30 @@ class GSPOTrainer(GRPOTrainer):
                 f"{args.steps_per_generation}). Pass a GSPOConfig to silence this."
             )
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly.
+
+        GRPOTrainer keeps one generation batch for steps_per_generation * num_iterations micro-steps and does not
+        checkpoint it: a run resumed mid-rollout would generate a new batch from a newer policy.
+        """
+        super()._save_checkpoint(model, trial)
+        if self._buffered_inputs is None:
+            return
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self._buffered_inputs, folder / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Restore the buffered rollout and the micro-step counter that indexes into it (see _save_checkpoint)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index)
+        if path.is_file():
+            # a file this trainer wrote; it may hold non-tensor fields, hence weights_only=False
+            self._buffered_inputs = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
 
     def _compute_loss(self, model, inputs):
         """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.
