@@ -157,6 +157,28 @@ def test_run_writes_final_model_and_gspo_model_card(uninterrupted, assets):
     assert max((final[k] - initial[k]).abs().max().item() for k in final) > 1e-4
 
 
+def test_lora_through_model_arguments(assets, tmp_path):
+    recipe = write_recipe(assets, tmp_path, max_steps=2, save_strategy="no")
+    overrides = [
+        "--use_peft",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+    ]
+    trainer = run(recipe, *overrides)
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()  # the adapter alone, not a merged model
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert trainer.state.global_step == 2
+
+
 # --- resume ----------------------------------------------------------------------------------------------------------
 
 
