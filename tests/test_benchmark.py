@@ -1,0 +1,189 @@
+"""scripts/benchmark.py: the quickest mode runs end to end, and its two objectives compute the same thing.
+
+No timing is asserted: the machine is shared and the numbers are only what they are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_gspo.objective import compute_policy_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("gspo_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_ratio(entry, where):
+    for key in ("median", "pair_min", "pair_max"):
+        assert _finite_positive(entry[key]), f"{where}.{key} = {entry[key]!r}"
+
+
+@pytest.mark.slow
+def test_quick_run_writes_expected_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| metric |" in proc.stdout  # the markdown table is printed
+    report = json.loads(out.read_text())
+
+    assert {"command", "machine", "settings", "configs", "not_available", "elapsed_s"} <= report.keys()
+    assert report["settings"]["epsilon"] == 3e-4 and report["settings"]["epsilon_high"] == 4e-4
+    assert report["settings"]["steps_per_generation"] == 4
+    assert report["not_available"]["rollout log-probs reused as pi_old"].startswith("not available yet")
+    (config,) = report["configs"]
+    assert {"objective", "in_process", "lockstep", "trials", "trainer_summary", "goals"} <= config.keys()
+
+    _check_ratio(config["objective"]["ratio"], "objective.ratio")
+    _check_ratio(config["in_process"]["micro_step"]["ratio"], "in_process.micro_step.ratio")
+    _check_ratio(config["in_process"]["loss_tail"]["ratio"], "in_process.loss_tail.ratio")
+    lockstep = config["lockstep"]
+    assert lockstep["runs"] == 2 and sorted(lockstep["first"]) == ["gspo", "trl"]
+    for key in ("wall_all", "wall_gen", "wall_train", "cpu_all"):
+        _check_ratio(lockstep[key]["ratio"], f"lockstep.{key}.ratio")
+    summary = config["trainer_summary"]
+    for metric in ("step_s_all", "step_s_gen", "step_s_train", "compute_loss_s", "peak_rss_mib", "tokens_per_s"):
+        _check_ratio(summary[metric]["ratio"], f"trainer_summary.{metric}.ratio")
+    assert {trial["trainer"] for trial in config["trials"]} == {"gspo", "trl"}
+    for trial in config["trials"]:
+        # EOS is suppressed: every completion reaches max_completion_length (16 in --quick)
+        assert trial["completion_mean_length"] == 16
+        assert _finite_positive(trial["peak_rss_mib"])
+    # both trainers trained the same model on the same data with the same objective
+    losses = config["in_process"]["micro_step"]["loss"]
+    assert losses["gspo"] == pytest.approx(losses["trl"], abs=1e-5)
+    assert config["in_process"]["loss_tail"]["max_abs_grad_diff"] < 1e-6
+    assert {"step_time_ratio", "peak_memory_ratio", "objective_ratio"} <= config["goals"].keys()
+    for goal in config["goals"].values():
+        assert _finite_positive(goal["value"]) and isinstance(goal["met"], bool)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(8, 32), (5, 17)])
+def test_trl_way_objective_matches_compute_policy_objective(seed, shape):
+    batch, length = shape
+    logps, old, advantages, mask = bench.make_objective_inputs(batch, length, seed=seed)
+    # push some sequences out of the clip band on both sides, so the clipped branch is exercised too
+    logps = (logps.detach() + 0.002 * torch.linspace(-1, 1, batch).unsqueeze(1)).requires_grad_(True)
+
+    trl_loss, trl_stats = bench.trl_way_sequence_objective(logps, old, advantages, mask, 3e-4, 4e-4)
+    (trl_grad,) = torch.autograd.grad(trl_loss, logps)
+    out = compute_policy_objective("sequence", logps, old, advantages, mask, 3e-4, 4e-4)
+    (gspo_grad,) = torch.autograd.grad(out.loss, logps)
+
+    torch.testing.assert_close(out.loss, trl_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gspo_grad, trl_grad, rtol=1e-5, atol=1e-8)
+    assert gspo_grad.abs().sum() > 0
+    # masked tokens and the all-masked row get no gradient on either side
+    assert torch.all(gspo_grad[mask == 0] == 0) and torch.all(trl_grad[mask == 0] == 0)
+
+    # the clip statistics agree per sequence (TRL counts the empty row; GSPO's per-token flags leave it out)
+    non_empty = mask.sum(-1) > 0
+    gspo_low = out.low_clipped.any(-1)
+    gspo_high = out.high_clipped.any(-1)
+    assert torch.equal(gspo_low, trl_stats["low_per_seq"].bool() & non_empty)
+    assert torch.equal(gspo_high, trl_stats["high_per_seq"].bool() & non_empty)
+    assert (gspo_low | gspo_high).any(), "inputs should trigger the clip on some sequence"
+
+
+def test_gspo_wrapper_is_compute_policy_objective():
+    logps, old, advantages, mask = bench.make_objective_inputs(4, 9, seed=3)
+    loss, out = bench.gspo_sequence_objective(logps, old, advantages, mask, 3e-4, 4e-4)
+    expected = compute_policy_objective("sequence", logps, old, advantages, mask, 3e-4, 4e-4)
+    assert torch.equal(loss, expected.loss)
+    assert torch.equal(out.low_clipped, expected.low_clipped)
+
+
+def test_alternating_order_and_ratio_summary():
+    assert bench.alternating_order(3) == ["gspo", "trl", "trl", "gspo", "gspo", "trl"]
+    trials = [
+        {"trainer": "gspo", "step_s_all": 1.0, "completion_mean_length": 8.0},
+        {"trainer": "trl", "step_s_all": 2.0, "completion_mean_length": 8.0},
+        {"trainer": "trl", "step_s_all": 4.0, "completion_mean_length": 8.0},
+        {"trainer": "gspo", "step_s_all": 2.0, "completion_mean_length": 8.0},
+    ]
+    summary = bench.summarize_trials(trials)
+    ratio = summary["step_s_all"]["ratio"]
+    assert ratio["median"] == pytest.approx(1.5 / 3.0)
+    assert (ratio["pair_min"], ratio["pair_max"]) == (0.5, 0.5)
+
+
+def test_baton_makes_two_threads_take_turns():
+    import threading
+
+    baton = bench._Baton(["a", "b"] * 3)
+    log = []
+
+    def worker(name, steps):
+        for _ in range(steps):
+            baton.acquire(name)
+            log.append(name)
+        baton.finish(name)
+
+    threads = [threading.Thread(target=worker, args=(name, 3)) for name in ("b", "a")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert log == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_pool_lockstep_pairs_steps_after_warmup():
+    steps = 8
+    run = {
+        "first": "gspo",
+        "step_s": {"gspo": [2.0] * steps, "trl": [1.0] * steps},
+        "step_cpu_s": {"gspo": [1.0] * steps, "trl": [1.0] * steps},
+    }
+    pooled = bench.pool_lockstep([run, {**run, "first": "trl"}])
+    assert pooled["wall_all"]["ratio"]["median"] == 2.0
+    assert pooled["wall_all"]["ratio"]["n"] == 2 * (steps - bench.STEPS_PER_GENERATION)
+    assert pooled["wall_gen"]["ratio"]["n"] == 2  # steps 4 of each run
+    assert pooled["cpu_train"]["ratio"]["median"] == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_proposed_fix_sketch_matches_compute_policy_objective(seed):
+    logps, old, advantages, mask = bench.make_objective_inputs(6, 21, seed=seed)
+    logps = (logps.detach() + 0.002 * torch.linspace(-1, 1, 6).unsqueeze(1)).requires_grad_(True)
+    loss, (seq_log_ratio, lengths, low, high) = bench.proposed_sequence_objective(
+        logps, old, advantages, mask, 3e-4, 4e-4
+    )
+    (grad,) = torch.autograd.grad(loss, logps)
+    out = compute_policy_objective("sequence", logps, old, advantages, mask, 3e-4, 4e-4)
+    (expected_grad,) = torch.autograd.grad(out.loss, logps)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(seq_log_ratio, out.seq_log_ratio)
+    assert torch.equal(low.squeeze(1), out.low_clipped.any(-1))
+    assert torch.equal(high.squeeze(1), out.high_clipped.any(-1))
+    # the token-weighted clipped fraction follows from per-sequence flags and lengths
+    clipped_tokens = ((low | high).squeeze(1).float() * lengths).sum()
+    assert clipped_tokens == (out.low_clipped | out.high_clipped).float().sum()
