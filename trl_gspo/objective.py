@@ -35,9 +35,9 @@ class ObjectiveOutput:
         loss: () the objective to minimise, mean over the B sequences (policy term + beta * KL term).
         seq_log_ratio: (B,) detached, clamped length-normalised log-ratio log s_i (0 for empty rows).
         lengths: (B,) number of unmasked completion tokens |y_i|.
-        low_clipped: (B, T) bool, token sits in a sequence whose ratio is below 1 - eps_low with a negative
-            advantage, i.e. the lower clip is active (False on masked tokens).
-        high_clipped: (B, T) bool, likewise above 1 + eps_high with a positive advantage.
+        low_clipped: the lower clip is active: ratio below 1 - eps_low with a negative advantage. (B, 1) bool for
+            GSPO (one flag per non-empty sequence), (B, T) for GSPO-token (per token, False on masked tokens).
+        high_clipped: likewise above 1 + eps_high with a positive advantage.
         per_token_kl: (B, T) detached k3 estimate of KL(pi_theta || pi_ref), or None when beta == 0.
     """
 
@@ -75,9 +75,13 @@ def sequence_log_ratio(
 
     Returns:
         (B,) (1/|y_i|) * sum_t mask_it * (logp_it - old_logp_it); 0 for rows with no unmasked token.
+
+    Padding must hold finite log-probs (the trainer's own forward writes 0 there): a product with the mask is
+    several times cheaper than `torch.where` on CPU. Engine log-probs, which may be NaN, go through
+    `masked_token_diff` instead.
     """
     lengths = mask.sum(-1).float()
-    summed = masked_token_diff(per_token_logps, old_per_token_logps, mask).sum(-1)
+    summed = ((per_token_logps.float() - old_per_token_logps.float()) * mask).sum(-1)
     return (summed / lengths.clamp(min=1.0)).clamp(-log_ratio_bound, log_ratio_bound)
 
 
@@ -223,7 +227,7 @@ def compute_policy_objective(
 
     with torch.no_grad():
         ratio = torch.exp(seq_log_ratio).unsqueeze(1)
-        valid = mask.bool()
+        valid = non_empty.unsqueeze(1) if level == "sequence" else mask.bool()
         low_clipped = (ratio < 1 - epsilon_low) & (clip_advantages < 0) & valid
         high_clipped = (ratio > 1 + epsilon_high) & (clip_advantages > 0) & valid
 

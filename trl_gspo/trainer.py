@@ -268,53 +268,59 @@ class GSPOTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         mask = mask.float()
         lengths = out.lengths
-        non_empty = (lengths > 0).float()
-        per_seq_low = out.low_clipped.float().sum(-1) / lengths.clamp(min=1.0)
-        per_seq_high = out.high_clipped.float().sum(-1) / lengths.clamp(min=1.0)
-        clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
+        if out.low_clipped.size(1) == 1:  # GSPO: one flag per sequence
+            per_seq_low = out.low_clipped.squeeze(1).float()
+            per_seq_high = out.high_clipped.squeeze(1).float()
+            clipped_tokens = ((per_seq_low + per_seq_high) * lengths).sum()
+        else:  # GSPO-token: per-token flags (the advantage sign may vary along a sequence)
+            per_seq_low = out.low_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+            per_seq_high = out.high_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+            clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
+        kl_sum = torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum()
         totals = torch.stack(
             [
                 per_seq_low.sum(),
                 per_seq_high.sum(),
-                (per_seq_low + per_seq_high).sum(),
-                non_empty.sum(),
+                (lengths > 0).float().sum(),
                 clipped_tokens,
-                mask.sum(),
+                lengths.sum(),
                 (entropies * mask).sum(),
-                torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum(),
+                kl_sum,
             ]
         )
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        sequences, tokens = totals[3].clamp(min=1.0), totals[5].clamp(min=1.0)
-        metrics["clip_ratio/low_mean"].append((totals[0] / sequences).item())
-        metrics["clip_ratio/high_mean"].append((totals[1] / sequences).item())
-        metrics["clip_ratio/region_mean"].append((totals[2] / sequences).item())
-        metrics["gspo/clipped_token_fraction"].append((totals[4] / tokens).item())
-        metrics["entropy"].append((totals[6] / tokens).item())
+        low, high, sequences, clipped, tokens, entropy, kl = self.accelerator.reduce(totals, reduction="sum").tolist()
+        sequences, tokens = max(sequences, 1.0), max(tokens, 1.0)
+        metrics["clip_ratio/low_mean"].append(low / sequences)
+        metrics["clip_ratio/high_mean"].append(high / sequences)
+        metrics["clip_ratio/region_mean"].append((low + high) / sequences)
+        metrics["gspo/clipped_token_fraction"].append(clipped / tokens)
+        metrics["entropy"].append(entropy / tokens)
         if out.per_token_kl is not None:
-            metrics["kl"].append((totals[7] / tokens).item())
+            metrics["kl"].append(kl / tokens)
 
-        nan = torch.full_like(per_seq_low, float("nan"))
+        # per-sequence extremes: gathered, empty rows as NaN so they never win a min or max
         keep = lengths > 0
-        gathered = self.accelerator.gather(
-            torch.stack(
-                [
-                    torch.where(keep, per_seq_low, nan),
-                    torch.where(keep, per_seq_high, nan),
-                    torch.where(keep, torch.exp(out.seq_log_ratio), nan),
-                ]
-            )
-            .t()
-            .contiguous()
+        nan = torch.full_like(per_seq_low, float("nan"))
+        per_sequence = torch.stack(
+            [
+                torch.where(keep, per_seq_low, nan),
+                torch.where(keep, per_seq_high, nan),
+                torch.where(keep, torch.exp(out.seq_log_ratio), nan),
+            ],
+            dim=1,
         )
+        gathered = self.accelerator.gather(per_sequence)
         metrics["clip_ratio/low_min"].append(nanmin(gathered[:, 0]).item())
         metrics["clip_ratio/high_max"].append(nanmax(gathered[:, 1]).item())
         ratios = gathered[:, 2][~torch.isnan(gathered[:, 2])]
         if ratios.numel() > 0:
-            metrics["gspo/seq_ratio/mean"].append(ratios.mean().item())
-            metrics["gspo/seq_ratio/std"].append(ratios.std(unbiased=False).item())
-            metrics["gspo/seq_ratio/min"].append(ratios.min().item())
-            metrics["gspo/seq_ratio/max"].append(ratios.max().item())
+            mean, std, low_ratio, high_ratio = torch.stack(
+                [ratios.mean(), ratios.std(unbiased=False), ratios.min(), ratios.max()]
+            ).tolist()
+            metrics["gspo/seq_ratio/mean"].append(mean)
+            metrics["gspo/seq_ratio/std"].append(std)
+            metrics["gspo/seq_ratio/min"].append(low_ratio)
+            metrics["gspo/seq_ratio/max"].append(high_ratio)
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.
