@@ -50,7 +50,7 @@ def assets(tmp_path_factory):
     import pandas as pd
 
     root = tmp_path_factory.mktemp("e2e")
-    model = save_tiny_model(root / "model", "qwen2", hidden_size=32)
+    model = save_tiny_model(root / "model", hidden_size=32)
     frame = pd.DataFrame(ROWS)
     data = {"jsonl": root / "data.jsonl", "parquet": root / "data.parquet", "csv": root / "data.csv"}
     data["jsonl"].write_text("".join(json.dumps(row) + "\n" for row in ROWS))

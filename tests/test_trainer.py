@@ -380,3 +380,15 @@ def test_private_trl_api_change_is_reported():
     assert "_get_per_token_logps_and_entropies is gone" in message
     assert "get_high_entropy_mask" not in message
     assert "trl>=1.16,<1.17" in message
+
+
+def test_saved_tiny_model_round_trips_its_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from trl_gspo.tiny import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "qwen3", hidden_size=16)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.decode(tokenizer("a b\nc").input_ids) == "a b\nc"
+    with pytest.raises(ValueError, match="qwen2"):
+        save_tiny_model(tmp_path / "qwen2", "qwen2", hidden_size=16)

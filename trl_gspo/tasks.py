@@ -325,6 +325,21 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _check_saved_tokenizer(folder: Path, row: dict) -> None:
+    """Raise if the tokenizer saved in `folder` does not load back (with AutoTokenizer, as TRL does) char for char."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) + row["answer"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != len(text) or tokenizer.decode(ids) != text:
+        raise ValueError(
+            f"the char tokenizer saved with this model reloads as {type(tokenizer).__name__}, which does not "
+            f"round-trip {text!r} (got {tokenizer.decode(ids)!r}); transformers loads the tokenizer of a qwen2 model "
+            "folder as a byte-level Qwen2Tokenizer. Use another model_type (the default is qwen3)."
+        )
+
+
 def prepare_model(
     task: str,
     seed: int = 0,
@@ -388,11 +403,15 @@ def prepare_model(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        info = {"settings": settings, **{k: v for k, v in result.items()}}
+        _check_saved_tokenizer(staging, splits["dev"][0])
+        info = {"settings": settings, **result}
         (staging / "warm_start.json").write_text(json.dumps(info, indent=2))
-        if folder.exists():  # a stale, unmarked folder from an interrupted run
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        if marker.is_file():  # another process finished the same model meanwhile: keep theirs
+            shutil.rmtree(staging)
+        else:
+            if folder.exists():  # a stale, unmarked folder from an interrupted run
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

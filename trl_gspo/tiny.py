@@ -11,7 +11,7 @@ import string
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARS = string.digits + string.ascii_letters + " +-*/=?:,.()[]<>#\\{}_\n"
@@ -26,8 +26,8 @@ CHAT_TEMPLATE = (
 
 ARCHITECTURES = {
     # model_type -> config fields beyond the shared shape
-    "qwen2": {},
     "qwen3": {"head_dim": None},
+    "qwen2": {},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": None, "head_dim": None},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
 }
@@ -48,7 +48,7 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
 
 def build_tiny_causal_lm(
     tokenizer: PreTrainedTokenizerFast,
-    model_type: str = "qwen2",
+    model_type: str = "qwen3",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -100,10 +100,21 @@ def build_tiny_causal_lm(
     return model
 
 
-def save_tiny_model(path, model_type: str = "qwen2", **kwargs):
-    """Build a tiny model and tokenizer and save both to `path`, loadable with from_pretrained(path)."""
+def save_tiny_model(path, model_type: str = "qwen3", **kwargs):
+    """Build a tiny model and tokenizer and save both to `path`, loadable with from_pretrained(path).
+
+    The default is qwen3: transformers 5 loads a qwen2 folder's tokenizer as the byte-level Qwen2Tokenizer,
+    which silently drops this tokenizer's spaces and newlines. The round trip is checked here.
+    """
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(tokenizer, model_type=model_type, **kwargs)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    probe = "sort 12\n3"
+    reloaded = AutoTokenizer.from_pretrained(path)
+    if reloaded.decode(reloaded(probe).input_ids) != probe:
+        raise ValueError(
+            f"save_tiny_model: a {model_type} folder reloads the character tokenizer as {type(reloaded).__name__}, "
+            "which does not round-trip text; use model_type='qwen3' (or another type in ARCHITECTURES)."
+        )
     return str(path)

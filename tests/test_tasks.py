@@ -1,0 +1,260 @@
+"""Tests for trl_gspo.tasks: checkers, deterministic disjoint splits, jsonl round trip, tokenizer coverage."""
+
+import json
+import random
+
+import pytest
+
+from trl_gspo.tasks import (
+    TASKS,
+    WarmStartError,
+    get_task,
+    greedy_accuracy,
+    make_splits,
+    prompt_text,
+    read_jsonl,
+    settings_hash,
+    warm_start,
+    write_jsonl,
+    write_splits,
+)
+from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm
+
+SMALL = {"train": 300, "dev": 40, "test": 60}
+
+
+def test_three_tasks_registered():
+    assert {"sort_digits", "reverse", "add"} <= set(TASKS)
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("multiply")
+
+
+@pytest.mark.parametrize(
+    "task, prompt, answer",
+    [
+        ("sort_digits", "sort 52819", "12589"),
+        ("sort_digits", "sort 00900", "00009"),
+        ("reverse", "reverse bdzqa", "aqzdb"),
+        ("reverse", "reverse abcba", "abcba"),
+        ("add", "47+85=", "132"),
+        ("add", "10+10=", "20"),
+        ("add", "99+99=", "198"),
+    ],
+)
+def test_checker_known_examples(task, prompt, answer):
+    task = TASKS[task]
+    assert task.check(prompt, answer)
+    assert task.check([{"role": "user", "content": prompt}], f"  {answer}\n")  # surrounding whitespace is ignored
+    assert not task.check(prompt, answer + "0")
+    assert not task.check(prompt, answer[:-1])
+    assert not task.check(prompt, "")
+
+
+def test_checker_rejects_near_misses():
+    assert not TASKS["sort_digits"].check("sort 52819", "98521")  # descending
+    assert not TASKS["sort_digits"].check("sort 52819", "1258")  # dropped a digit
+    assert not TASKS["reverse"].check("reverse bdzqa", "bdzqa")  # not reversed
+    assert not TASKS["add"].check("47+85=", "122")  # no carry
+    assert not TASKS["add"].check("47+85=", "1 32")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_rows_answers_agree_with_an_independent_solution(name):
+    independent = {
+        "sort_digits": lambda text: "".join(sorted(text.split()[1])),
+        "reverse": lambda text: text.split()[1][::-1],
+        "add": lambda text: str(sum(int(x) for x in text.rstrip("=").split("+"))),
+    }[name]
+    rows = make_splits(name, seed=3, sizes={"train": 200, "dev": 0, "test": 0})["train"]
+    for row in rows:
+        text = prompt_text(row["prompt"])
+        assert row["answer"] == independent(text)
+        assert TASKS[name].check(row["prompt"], row["answer"])
+    if name == "add":
+        a, b = (int(x) for x in prompt_text(rows[0]["prompt"]).rstrip("=").split("+"))
+        assert 10 <= a <= 99 and 10 <= b <= 99
+    else:
+        assert all(len(row["answer"]) == 5 for row in rows)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_row_format_is_conversational(name):
+    row = make_splits(name, seed=0, sizes={"train": 1})["train"][0]
+    assert set(row) == {"prompt", "answer"}
+    assert isinstance(row["answer"], str)
+    assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint_and_sized(name):
+    splits = make_splits(name, seed=0, sizes=SMALL)
+    prompts = {split: [prompt_text(r["prompt"]) for r in rows] for split, rows in splits.items()}
+    for split, size in SMALL.items():
+        assert len(prompts[split]) == size
+        assert len(set(prompts[split])) == size  # no duplicates inside a split
+    assert not set(prompts["train"]) & set(prompts["dev"])
+    assert not set(prompts["train"]) & set(prompts["test"])
+    assert not set(prompts["dev"]) & set(prompts["test"])
+
+
+def test_splits_are_deterministic_and_seed_dependent():
+    assert make_splits("sort_digits", seed=1, sizes=SMALL) == make_splits("sort_digits", seed=1, sizes=SMALL)
+    assert make_splits("sort_digits", seed=1, sizes=SMALL) != make_splits("sort_digits", seed=2, sizes=SMALL)
+    # the held-out splits do not depend on the train size
+    bigger = make_splits("sort_digits", seed=1, sizes={**SMALL, "train": 900})
+    assert bigger["test"] == make_splits("sort_digits", seed=1, sizes=SMALL)["test"]
+
+
+def test_splits_do_not_depend_on_global_random_state():
+    random.seed(0)
+    first = make_splits("add", seed=5, sizes=SMALL)
+    random.seed(123)
+    assert make_splits("add", seed=5, sizes=SMALL) == first
+
+
+def test_too_many_rows_for_the_problem_space_is_an_error():
+    with pytest.raises(ValueError, match="too few distinct problems"):
+        make_splits("add", seed=0, sizes={"train": 90 * 90 + 1})
+
+
+def test_jsonl_round_trip(tmp_path):
+    splits = make_splits("reverse", seed=0, sizes=SMALL)
+    paths = write_splits(splits, tmp_path / "data")
+    assert {p.name for p in paths.values()} == {"train.jsonl", "dev.jsonl", "test.jsonl"}
+    for name, path in paths.items():
+        assert read_jsonl(path) == splits[name]
+        assert len(path.read_text().splitlines()) == len(splits[name])
+    single = write_jsonl(splits["dev"][:3], tmp_path / "nested" / "x.jsonl")
+    assert [json.loads(line) for line in single.read_text().splitlines()] == splits["dev"][:3]
+
+
+def test_jsonl_loads_with_datasets_in_trl_format(tmp_path):
+    from datasets import load_dataset
+
+    path = write_jsonl(make_splits("add", seed=0, sizes={"train": 20})["train"], tmp_path / "train.jsonl")
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    assert dataset.column_names == ["prompt", "answer"]
+    assert dataset[0]["prompt"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_tokenizer_round_trips_every_task_string(name, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trl_gspo.tasks import DEFAULT_MODEL_KWARGS
+
+    tokenizer = build_char_tokenizer()
+    # saved next to a model of the demo's type and reloaded the way TRL loads it (AutoTokenizer)
+    build_tiny_causal_lm(tokenizer, model_type=DEFAULT_MODEL_KWARGS["model_type"], hidden_size=16).save_pretrained(
+        tmp_path
+    )
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    splits = make_splits(name, seed=0, sizes=SMALL)
+    for row in [r for rows in splits.values() for r in rows]:
+        for text in (prompt_text(row["prompt"]), row["answer"]):
+            for tok in (tokenizer, reloaded):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids
+                assert len(ids) == len(text)  # one token per character
+                assert tok.decode(ids) == text
+        rendered = reloaded.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert prompt_text(row["prompt"]) in rendered
+        assert reloaded.decode(reloaded(rendered, add_special_tokens=False)["input_ids"]) == rendered
+
+
+def test_settings_hash_is_stable_and_sensitive():
+    assert settings_hash({"a": 1, "b": [1, 2]}) == settings_hash({"b": [1, 2], "a": 1})
+    assert settings_hash({"a": 1}) != settings_hash({"a": 2})
+
+
+def _tiny_model():
+    tokenizer = build_char_tokenizer()
+    return build_tiny_causal_lm(tokenizer, model_type="qwen3", hidden_size=32, seed=0), tokenizer
+
+
+def test_greedy_accuracy_counts_exact_matches():
+    model, tokenizer = _tiny_model()
+    rows = make_splits("sort_digits", seed=0, sizes={"test": 8})["test"]
+    from trl_gspo.tasks import greedy_completions
+
+    completions = greedy_completions(model, tokenizer, rows, batch_size=3, max_new_tokens=7)
+    assert len(completions) == 8
+    # score the model's own greedy outputs as the answers: every row then matches
+    as_answers = [{**row, "answer": c.strip()} for row, c in zip(rows, completions)]
+    assert greedy_accuracy(model, tokenizer, as_answers, batch_size=3, max_new_tokens=7) == 1.0
+    wrong = [{**row, "answer": c.strip() + "x"} for row, c in zip(rows, completions)]
+    assert greedy_accuracy(model, tokenizer, wrong, batch_size=3, max_new_tokens=7) == 0.0
+    model.train()
+    greedy_completions(model, tokenizer, rows[:2], max_new_tokens=2)
+    assert model.training  # the mode it had is restored
+    model.eval()
+    greedy_completions(model, tokenizer, rows[:2], max_new_tokens=2)
+    assert not model.training
+    with pytest.raises(ValueError):
+        greedy_accuracy(model, tokenizer, [])
+
+
+def test_warm_start_raises_a_clear_error_when_the_target_is_unreachable():
+    model, tokenizer = _tiny_model()
+    splits = make_splits("sort_digits", seed=0, sizes={"train": 64, "dev": 16})
+    with pytest.raises(WarmStartError, match="did not reach dev greedy accuracy 1.01 in 4 supervised steps"):
+        warm_start(model, tokenizer, splits["train"], splits["dev"], target_accuracy=1.01, max_steps=4, eval_every=2)
+
+
+@pytest.mark.slow
+def test_warm_start_reaches_the_target_and_stops_there():
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_causal_lm(tokenizer, model_type="qwen3", hidden_size=128, intermediate_size=512, seed=0)
+    splits = make_splits("sort_digits", seed=0, sizes={"train": 2000, "dev": 128})
+    before = greedy_accuracy(model, tokenizer, splits["dev"])
+    result = warm_start(model, tokenizer, splits["train"], splits["dev"], target_accuracy=0.2, max_steps=300)
+    assert before < 0.05
+    assert result["dev_accuracy"] >= 0.2
+    assert result["steps"] % 5 == 0
+    # it stopped at the first check at or above the target
+    assert all(acc < 0.2 for _, acc in result["history"][:-1])
+    assert greedy_accuracy(model, tokenizer, splits["dev"]) == pytest.approx(result["dev_accuracy"])
+
+
+def test_prepare_model_caches_and_reuses(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_gspo.tasks import prepare_model
+
+    kwargs = {
+        "seed": 0,
+        "cache_dir": tmp_path,
+        "split_sizes": {"train": 64, "dev": 8, "test": 8},
+        "model_kwargs": {"hidden_size": 16, "intermediate_size": 32},
+        "target_accuracy": 0.0,  # reached at the first check
+        "log": None,
+    }
+    folder, info = prepare_model("reverse", **kwargs)
+    assert info["cached"] is False and info["steps"] == 5
+    assert folder.parent == tmp_path and folder.name.startswith("reverse-")
+    assert (folder / "warm_start.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(folder).config.hidden_size == 16
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.decode(tokenizer("reverse abcde", add_special_tokens=False)["input_ids"]) == "reverse abcde"
+
+    again, info_again = prepare_model("reverse", **kwargs)
+    assert again == folder and info_again["cached"] is True and info_again["steps"] == 5
+    other, _ = prepare_model("reverse", **{**kwargs, "seed": 1})
+    assert other != folder  # every setting is part of the key
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, other.name])  # no staging left
+
+
+def test_prepare_model_refuses_a_model_type_whose_tokenizer_does_not_reload(tmp_path):
+    from trl_gspo.tasks import prepare_model
+
+    with pytest.raises(ValueError, match="Qwen2Tokenizer"):
+        prepare_model(
+            "sort_digits",
+            cache_dir=tmp_path,
+            split_sizes={"train": 64, "dev": 8, "test": 8},
+            model_kwargs={"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 32},
+            target_accuracy=0.0,
+            log=None,
+        )
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left to be reused
