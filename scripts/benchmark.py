@@ -21,8 +21,8 @@ What is measured (BENCHMARKS.md has the method and the figures)
 - in-process A/B: `_compute_loss` + backward on one synthetic micro-batch with the real model, and the "loss tail"
   (the same with the policy forward stubbed: exactly the code GSPOTrainer replaces), alternating every round.
 - the objective alone: `compute_policy_objective("sequence", ...)` against the same math written the TRL way
-  (`trl_way_sequence_objective`, the lines of GRPOTrainer._compute_loss's sequence path, clip metrics included)
-  and a sketch of a proposed fix, on synthetic (B, T) tensors, forward + backward, per call.
+  (`trl_way_sequence_objective`, the lines of GRPOTrainer._compute_loss's sequence path, clip metrics included),
+  on synthetic (B, T) tensors, forward + backward, per call.
 - `--aa-control` makes both sides GRPOTrainer: what "equal" looks like with these methods.
 
 A ratio is GSPO / TRL: below 1 means GSPOTrainer is cheaper.
@@ -136,39 +136,9 @@ def gspo_sequence_objective(per_token_logps, old_per_token_logps, advantages, ma
     return out.loss, out
 
 
-def proposed_sequence_objective(per_token_logps, old_per_token_logps, advantages, mask, epsilon_low, epsilon_high):
-    """SKETCH, for measurement only: compute_policy_objective("sequence") with the two changes proposed in
-    BENCHMARKS.md ("Proposed fix"). Same loss, gradient and clip flags per sequence as compute_policy_objective;
-    delete once trl_gspo/objective.py has the fix.
-
-    1. The masked log-ratio is a product with the mask, not torch.where: on CPU torch.where with a bool condition
-       is several times slower than a multiply, forward and backward. (It assumes finite log-probs on padding, which
-       holds for the log-probs GRPOTrainer computes; NaN-padded engine log-probs only reach the vLLM weight.)
-    2. The clip flags are one per sequence, (B, 1), instead of (B, T) boolean tensors built and reduced per token.
-    """
-    from trl_gspo.objective import DEFAULT_LOG_RATIO_BOUND
-
-    batch_size = per_token_logps.size(0)
-    mask = mask.float()
-    lengths = mask.sum(-1)
-    non_empty = lengths > 0
-    summed = ((per_token_logps.float() - old_per_token_logps.float()) * mask).sum(-1)
-    seq_log_ratio = (summed / lengths.clamp(min=1.0)).clamp(-DEFAULT_LOG_RATIO_BOUND, DEFAULT_LOG_RATIO_BOUND)
-    adv = advantages.float()
-    ratio = torch.exp(seq_log_ratio)
-    clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-    per_sequence_loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
-    per_sequence_loss = torch.where(non_empty, per_sequence_loss, torch.zeros_like(per_sequence_loss))
-    with torch.no_grad():
-        low_clipped = ((ratio < 1 - epsilon_low) & (adv < 0) & non_empty).unsqueeze(1)
-        high_clipped = ((ratio > 1 + epsilon_high) & (adv > 0) & non_empty).unsqueeze(1)
-    return per_sequence_loss.sum() / batch_size, (seq_log_ratio.detach(), lengths, low_clipped, high_clipped)
-
-
 OBJECTIVES = {
     "gspo": gspo_sequence_objective,
     "trl": trl_way_sequence_objective,
-    "proposed": proposed_sequence_objective,
 }
 
 
@@ -230,8 +200,8 @@ def _ratio_entry(a, b):
 
 
 def bench_objective(batch, length, device="cpu", dtype=torch.float32, rounds=15, min_time=0.02, seed=0):
-    """Forward + backward per call of the objectives (GSPO, TRL way, and the sketch of the proposed fix),
-    alternating the order each round. Times in microseconds; "ratio" is GSPO / TRL, "proposed_ratio" sketch / TRL."""
+    """Forward + backward per call of the two objectives (GSPO, TRL way), alternating the order each round.
+    Times in microseconds; "ratio" is GSPO / TRL."""
     logps, old, advantages, mask = make_objective_inputs(batch, length, device, dtype, seed)
 
     def call(name):
@@ -247,13 +217,13 @@ def bench_objective(batch, length, device="cpu", dtype=torch.float32, rounds=15,
     for name in OBJECTIVES:
         result[f"{name}_us"] = _spread(per_call[name])
     result["ratio"] = _ratio_entry(per_call["gspo"], per_call["trl"])
-    result["proposed_ratio"] = _ratio_entry(per_call["proposed"], per_call["trl"])
     return result
 
 
 def profile_objectives(batch, length, device="cpu", dtype=torch.float32, calls=50, row_limit=12):
-    """torch.profiler op tables (self CPU time, forward + backward) of the objectives, and single-op timings
-    of the masking alternatives on (batch, length). Returns the text it prints."""
+    """torch.profiler op tables (self CPU time, forward + backward) of the objectives, and single-op timings on
+    (batch, length) of the two ways to mask a log-ratio: torch.where (`masked_token_diff`, NaN-safe) and the
+    product with the mask (`sequence_log_ratio`). Returns the text it prints."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.benchmark import Timer
 
@@ -269,12 +239,7 @@ def profile_objectives(batch, length, device="cpu", dtype=torch.float32, calls=5
     diff = (logps - old).detach()
     mask_bool = mask.bool()
     lines.append("### single ops on (B, T)")
-    for stmt in (
-        "torch.where(mask_bool, diff, torch.zeros_like(diff))",
-        "diff * mask",
-        "mask.bool()",
-        "(mask_bool & mask_bool).float().sum(-1)",
-    ):
+    for stmt in ("torch.where(mask_bool, diff, torch.zeros_like(diff))", "diff * mask"):
         timer = Timer(stmt, globals={"torch": torch, "diff": diff, "mask": mask, "mask_bool": mask_bool})
         lines.append(f"{stmt:55s} {timer.blocked_autorange(min_run_time=0.3).median * 1e6:9.1f} us")
     text = "\n".join(lines)
@@ -893,12 +858,6 @@ def markdown_config_table(config_result):
             f"| objective alone fwd+bwd, ({obj['batch']}, {obj['length']}) {obj['dtype']} | "
             f"{_fmt_side(obj['gspo_us'], 1, 'us')} | {_fmt_side(obj['trl_us'], 1, 'us')} | {_fmt_ratio(obj)} |"
         )
-        proposed = obj["proposed_ratio"]
-        lines.append(
-            f"| objective alone, sketch of the proposed fix (vs TRL way) | {_fmt_side(obj['proposed_us'], 1, 'us')} "
-            f"| {_fmt_side(obj['trl_us'], 1, 'us')} "
-            f"| {proposed['median']:.3f} ({proposed['pair_min']:.3f}-{proposed['pair_max']:.3f}) |"
-        )
     for label, text in NOT_AVAILABLE.items():
         lines.append(f"| {label} | {text} | {text} | n/a |")
     return "\n".join(lines)
@@ -908,10 +867,9 @@ def markdown_scaling_table(results):
     """One row per (completion length, G): the GSPO/TRL ratios."""
     lines = [
         "| completion length | G = batch | mean length GSPO / TRL | objective fwd+bwd (pair min-max) "
-        "| objective, proposed fix sketch "
         "| loss tail, in-process (pair min-max) | _compute_loss+bwd, in-process | lockstep step, all (IQR) "
         "| lockstep, no gen. | lockstep, with gen. | peak RSS (trials) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r.get("trainer_summary")
@@ -924,7 +882,6 @@ def markdown_scaling_table(results):
         else:
             cells.append("-")
         cells.append(_fmt_ratio(r["objective"]))
-        cells.append(f"{r['objective']['proposed_ratio']['median']:.3f}")
         if ab:
             cells += [_fmt_ratio(ab["loss_tail"]), f"{ab['micro_step']['ratio']['median']:.3f}"]
         else:

@@ -104,10 +104,12 @@ def test_trl_way_objective_matches_compute_policy_objective(seed, shape):
     # masked tokens and the all-masked row get no gradient on either side
     assert torch.all(gspo_grad[mask == 0] == 0) and torch.all(trl_grad[mask == 0] == 0)
 
-    # the clip statistics agree per sequence (TRL counts the empty row; GSPO's per-token flags leave it out)
+    # the clip statistics agree per sequence (TRL counts the empty row; GSPO's flags leave it out). Under
+    # "sequence" GSPO's flags are (B, 1), one per sequence, like TRL's
+    assert out.low_clipped.shape == out.high_clipped.shape == (batch, 1)
     non_empty = mask.sum(-1) > 0
-    gspo_low = out.low_clipped.any(-1)
-    gspo_high = out.high_clipped.any(-1)
+    gspo_low = out.low_clipped.squeeze(1)
+    gspo_high = out.high_clipped.squeeze(1)
     assert torch.equal(gspo_low, trl_stats["low_per_seq"].bool() & non_empty)
     assert torch.equal(gspo_high, trl_stats["high_per_seq"].bool() & non_empty)
     assert (gspo_low | gspo_high).any(), "inputs should trigger the clip on some sequence"
