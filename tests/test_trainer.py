@@ -392,3 +392,32 @@ def test_saved_tiny_model_round_trips_its_tokenizer(tmp_path):
     assert tokenizer.decode(tokenizer("a b\nc").input_ids) == "a b\nc"
     with pytest.raises(ValueError, match="qwen2"):
         save_tiny_model(tmp_path / "qwen2", "qwen2", hidden_size=16)
+
+
+def test_metrics_match_a_direct_computation(trainer):
+    inputs, logps, _ = synthetic_inputs(trainer, noise=1e-3)
+    inputs["completion_mask"][3] = 0  # an empty row is left out of every per-sequence statistic
+    compute_loss(trainer, inputs)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    mask = inputs["completion_mask"].double()
+    lengths = mask.sum(-1)
+    keep = lengths > 0
+    ratio = torch.exp(((logps - inputs["old_per_token_logps"]).double() * mask).sum(-1) / lengths.clamp(min=1))[keep]
+    adv = inputs["advantages"][keep].double()
+    low = (ratio < 1 - trainer.epsilon_low) & (adv < 0)
+    high = (ratio > 1 + trainer.epsilon_high) & (adv > 0)
+    assert (low | high).any() and not (low | high).all(), "the case must clip some sequences, not all"
+    expected = {
+        "gspo/seq_ratio/mean": ratio.mean().item(),
+        "gspo/seq_ratio/std": ratio.std(unbiased=False).item(),
+        "gspo/seq_ratio/min": ratio.min().item(),
+        "gspo/seq_ratio/max": ratio.max().item(),
+        "clip_ratio/low_mean": low.double().mean().item(),
+        "clip_ratio/high_mean": high.double().mean().item(),
+        "clip_ratio/region_mean": (low | high).double().mean().item(),
+        "clip_ratio/low_min": low.double().min().item(),
+        "clip_ratio/high_max": high.double().max().item(),
+        "gspo/clipped_token_fraction": ((low | high).double() * lengths[keep]).sum().item() / lengths.sum().item(),
+    }
+    for name, value in expected.items():
+        assert math.isclose(metrics[name], value, rel_tol=1e-5, abs_tol=1e-7), name

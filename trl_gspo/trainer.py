@@ -21,7 +21,6 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
 from .config import GSPOConfig
 from .objective import compute_policy_objective, length_normalized_is_weight
@@ -310,17 +309,30 @@ class GSPOTrainer(GRPOTrainer):
             dim=1,
         )
         gathered = self.accelerator.gather(per_sequence)
-        metrics["clip_ratio/low_min"].append(nanmin(gathered[:, 0]).item())
-        metrics["clip_ratio/high_max"].append(nanmax(gathered[:, 1]).item())
-        ratios = gathered[:, 2][~torch.isnan(gathered[:, 2])]
-        if ratios.numel() > 0:
-            mean, std, low_ratio, high_ratio = torch.stack(
-                [ratios.mean(), ratios.std(unbiased=False), ratios.min(), ratios.max()]
-            ).tolist()
+        # masked reductions rather than trl's nanmin/nanmax, whose emptiness check syncs with the device
+        valid = ~torch.isnan(gathered[:, 2])
+        count = valid.sum().clamp(min=1)
+        low, high, ratios = (torch.where(valid, gathered[:, i], 0.0) for i in range(3))
+        mean = ratios.sum() / count
+        inf = torch.tensor(float("inf"), device=ratios.device)
+        n, low_min, high_max, mean, std, ratio_min, ratio_max = torch.stack(
+            [
+                valid.sum().float(),
+                torch.where(valid, low, inf).min(),
+                torch.where(valid, high, -inf).max(),
+                mean,
+                (torch.where(valid, (ratios - mean) ** 2, 0.0).sum() / count).sqrt(),
+                torch.where(valid, ratios, inf).min(),
+                torch.where(valid, ratios, -inf).max(),
+            ]
+        ).tolist()  # one device-to-host transfer
+        if n > 0:
+            metrics["clip_ratio/low_min"].append(low_min)
+            metrics["clip_ratio/high_max"].append(high_max)
             metrics["gspo/seq_ratio/mean"].append(mean)
             metrics["gspo/seq_ratio/std"].append(std)
-            metrics["gspo/seq_ratio/min"].append(low_ratio)
-            metrics["gspo/seq_ratio/max"].append(high_ratio)
+            metrics["gspo/seq_ratio/min"].append(ratio_min)
+            metrics["gspo/seq_ratio/max"].append(ratio_max)
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.
