@@ -239,8 +239,3 @@ def compute_policy_objective(
         high_clipped=high_clipped,
         per_token_kl=per_token_kl,
     )
-
-
-# The importance-sampling levels this package implements, by the names GSPOConfig accepts. "token" (GRPO) is
-# TRL's own loss, left to GRPOTrainer.
-POLICY_OBJECTIVES = {"sequence": "GSPO", "sequence_token": "GSPO-token"}
