@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
+from .rewards import exact_match
+
 # Bump when a task's prompt format or a split's drawing changes: it is part of the cache key.
 TASKS_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path(".cache") / "trl_gspo"
 # The notes' measured shape (hidden 128, intermediate 512, 2 layers, 4 heads, tied embeddings, ~0.5M parameters) as
-# a Qwen3 model: transformers 5 loads the tokenizer of a saved *qwen2* folder as Qwen2Tokenizer (byte-level
-# pre-tokenizer), which silently drops spaces and newlines from the char tokenizer; a qwen3 folder loads it as saved.
+# a Qwen3 model: a saved qwen2 folder reloads the char tokenizer lossily (see tiny.check_char_tokenizer_reloads).
 DEFAULT_MODEL_KWARGS = {
     "model_type": "qwen3",
     "hidden_size": 128,
@@ -227,12 +228,11 @@ def greedy_completions(model, tokenizer, rows: Sequence[dict], batch_size: int =
 
 
 def greedy_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 256, max_new_tokens: int = 8) -> float:
-    """Fraction of rows whose greedy completion, stripped, equals the row's answer exactly."""
+    """Fraction of rows whose greedy completion scores 1 under `exact_match`, the reward the demo trains on."""
     if not rows:
         raise ValueError("greedy_accuracy: no rows to evaluate")
     completions = greedy_completions(model, tokenizer, rows, batch_size, max_new_tokens)
-    correct = sum(c.strip() == str(row["answer"]).strip() for c, row in zip(completions, rows))
-    return correct / len(rows)
+    return sum(exact_match(completions, answer=[row["answer"] for row in rows])) / len(rows)
 
 
 class WarmStartError(RuntimeError):
@@ -325,21 +325,6 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_saved_tokenizer(folder: Path, row: dict) -> None:
-    """Raise if the tokenizer saved in `folder` does not load back (with AutoTokenizer, as TRL does) char for char."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) + row["answer"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != len(text) or tokenizer.decode(ids) != text:
-        raise ValueError(
-            f"the char tokenizer saved with this model reloads as {type(tokenizer).__name__}, which does not "
-            f"round-trip {text!r} (got {tokenizer.decode(ids)!r}); transformers loads the tokenizer of a qwen2 model "
-            "folder as a byte-level Qwen2Tokenizer. Use another model_type (the default is qwen3)."
-        )
-
-
 def prepare_model(
     task: str,
     seed: int = 0,
@@ -356,7 +341,7 @@ def prepare_model(
     and ``warm_start.json`` (settings and warm-start result), written last so a half-written folder is never
     reused. Returns (folder, warm-start info with ``"cached": bool``).
     """
-    from .tiny import build_char_tokenizer, build_tiny_causal_lm
+    from .tiny import build_char_tokenizer, build_tiny_causal_lm, check_char_tokenizer_reloads
 
     task_obj = get_task(task)
     split_sizes = dict(DEFAULT_SPLIT_SIZES if split_sizes is None else split_sizes)
@@ -403,7 +388,9 @@ def prepare_model(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _check_saved_tokenizer(staging, splits["dev"][0])
+        row = splits["dev"][0]
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        check_char_tokenizer_reloads(staging, text + row["answer"])
         info = {"settings": settings, **result}
         (staging / "warm_start.json").write_text(json.dumps(info, indent=2))
         if marker.is_file():  # another process finished the same model meanwhile: keep theirs

@@ -103,18 +103,28 @@ def build_tiny_causal_lm(
 def save_tiny_model(path, model_type: str = "qwen3", **kwargs):
     """Build a tiny model and tokenizer and save both to `path`, loadable with from_pretrained(path).
 
-    The default is qwen3: transformers 5 loads a qwen2 folder's tokenizer as the byte-level Qwen2Tokenizer,
-    which silently drops this tokenizer's spaces and newlines. The round trip is checked here.
+    The default is qwen3; the reload is checked (see `check_char_tokenizer_reloads`).
     """
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(tokenizer, model_type=model_type, **kwargs)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    probe = "sort 12\n3"
-    reloaded = AutoTokenizer.from_pretrained(path)
-    if reloaded.decode(reloaded(probe).input_ids) != probe:
-        raise ValueError(
-            f"save_tiny_model: a {model_type} folder reloads the character tokenizer as {type(reloaded).__name__}, "
-            "which does not round-trip text; use model_type='qwen3' (or another type in ARCHITECTURES)."
-        )
+    check_char_tokenizer_reloads(path, "sort 12\n3")
     return str(path)
+
+
+def check_char_tokenizer_reloads(folder, text: str) -> None:
+    """Raise unless the tokenizer saved in `folder`, loaded with AutoTokenizer as TRL does, is one token per character
+    of `text` and decodes back to it.
+
+    transformers 5 loads the tokenizer of a *qwen2* folder as the byte-level Qwen2Tokenizer, which silently drops
+    this tokenizer's spaces and newlines; other model types load it as saved.
+    """
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    ids = reloaded(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != len(text) or reloaded.decode(ids) != text:
+        raise ValueError(
+            f"the character tokenizer saved in {folder} reloads as {type(reloaded).__name__}, which does not "
+            f"round-trip {text!r} (got {reloaded.decode(ids)!r}); a qwen2 model folder does this. Use model_type "
+            "'qwen3' (the default) or another type in ARCHITECTURES."
+        )
