@@ -127,18 +127,6 @@ def recipe_for(task: str, recipe: str | None) -> Path:
     return path
 
 
-def check_tokenizer(tokenizer, rows, where) -> None:
-    """Fail loudly if the tokenizer TRL will load from `where` does not round-trip the task's prompts."""
-    for row in rows[:16]:
-        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.decode(ids) != text or len(ids) != len(text):
-            raise RuntimeError(
-                f"the tokenizer loaded from {where} ({type(tokenizer).__name__}) does not round-trip {text!r}; "
-                "the char-level tokenizer must load as saved (a qwen2 model folder loads it as Qwen2Tokenizer)."
-            )
-
-
 def main(argv=None) -> dict:
     flags = parse_flags(argv)
     start = time.perf_counter()
@@ -150,6 +138,7 @@ def main(argv=None) -> dict:
     from trl_gspo.cli import parse_args, train
     from trl_gspo.plotting import plot_run
     from trl_gspo.tasks import get_task, greedy_accuracy, make_splits, prepare_model, write_splits
+    from trl_gspo.tiny import check_char_tokenizer_reloads
 
     task = get_task(flags.task)
     mode = QUICK if flags.quick else FULL
@@ -165,7 +154,11 @@ def main(argv=None) -> dict:
     paths = write_splits(splits, output_dir / "data")
     model_dir, warm = prepare_model(task.name, seed=flags.seed, cache_dir=flags.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the same loader TRL uses
-    check_tokenizer(tokenizer, splits["test"], model_dir)
+    prompts = [
+        tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        for r in splits["test"][:16]
+    ]
+    check_char_tokenizer_reloads(model_dir, *prompts)  # also for a folder cached by an older version
     test_rows = splits["test"][: mode["test_rows"]]
     monitor_rows = test_rows[: mode["monitor_rows"]]
     prepared = time.perf_counter()
