@@ -321,3 +321,31 @@ def test_failing_reward_is_named(assets, tmp_path, reward, error, fragments):
         run(recipe)
     for fragment in fragments:
         assert fragment in str(raised.value), f"{fragment!r} not in: {raised.value}"
+
+
+# --- the run folder, and resuming a finished run ---------------------------------------------------------------------
+
+
+def test_run_folder_holds_trainer_state_for_plot_run(uninterrupted):
+    """Every run leaves trainer_state.json (all logged metrics) in output_dir, whatever its save_strategy."""
+    state = json.loads((uninterrupted.out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert {entry["step"] for entry in state["log_history"] if "loss" in entry} == {1, 2, 3, 4}
+
+
+def test_resuming_a_finished_run_changes_nothing(assets, uninterrupted, tmp_path, capsys):
+    """--resume true on a run that reached max_steps says it is complete and trains nothing (it used to train one
+    step past max_steps and overwrite the final model)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted.out, out)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    recipe = write_recipe(assets, tmp_path)
+    assert cli.main(["--config", str(recipe), "--output_dir", str(out), "--resume", "true"]) is None
+    assert "the run is complete" in capsys.readouterr().out
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert after == before
+    # a larger max_steps is not complete: the same checkpoint would be resumed
+    assert cli.finished_run_message(str(out / "checkpoint-4"), max_steps=6) is None
+    assert "step 4 of max_steps=4" in cli.finished_run_message(str(out / "checkpoint-4"), max_steps=4)

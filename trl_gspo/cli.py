@@ -19,8 +19,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from datasets import Dataset, DatasetDict, load_dataset
-from transformers import AutoConfig
+from transformers import AutoConfig, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
@@ -56,6 +57,13 @@ class GSPOScriptArguments(ScriptArguments):
     resume: bool = field(
         default=False, metadata={"help": "Resume from the last checkpoint in output_dir (error if there is none)."}
     )
+    tiny_task: str | None = field(
+        default=None,
+        metadata={
+            "help": "A task of trl_gspo.tasks (sort_digits, reverse, add) for the tiny recipes: when "
+            "model_name_or_path or dataset_name is missing, build the warm-started model and write the data."
+        },
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPOConfig, ModelConfig]:
@@ -65,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPO
         recipe = argv[argv.index("--config") + 1]
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"--config {recipe}: no such recipe file.")
-    parser = TrlParser((GSPOScriptArguments, GSPOConfig, ModelConfig))
+    # allow_abbrev=False: argparse would otherwise take a typo such as --learning_rat for --learning_rate
+    parser = TrlParser((GSPOScriptArguments, GSPOConfig, ModelConfig), allow_abbrev=False)
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as error:
@@ -195,8 +204,66 @@ def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
         staging.rmdir()
 
 
-def train(script_args, training_args, model_args, callbacks=None) -> GSPOTrainer:
-    """Check every input, then train with GSPOTrainer, save the model and its card, and return the trainer."""
+def prepare_tiny_task(script_args, training_args, model_args) -> None:
+    """Point a tiny recipe at its warm-started model and data, building them when missing (tasks.ensure_task_assets).
+
+    Under `accelerate launch` the main process builds while the others wait, then they find what it built.
+    """
+    from .tasks import TASKS, ensure_task_assets
+
+    if script_args.tiny_task not in TASKS:
+        raise ValueError(f"tiny_task={script_args.tiny_task!r} is not a task; expected one of {sorted(TASKS)}.")
+    if not script_args.dataset_name or not model_args.model_name_or_path:
+        raise ValueError("tiny_task needs model_name_or_path and dataset_name: where to find or build them.")
+    log = print if training_args.process_index == 0 else None
+    with training_args.main_process_first(desc=f"building the {script_args.tiny_task} model and data"):
+        model_args.model_name_or_path = str(
+            ensure_task_assets(
+                script_args.tiny_task,
+                model_args.model_name_or_path,
+                script_args.dataset_name,
+                seed=training_args.seed,
+                log=log,
+            )
+        )
+
+
+@dataclass
+class CheckedInputs:
+    """Everything `check_inputs` resolved before the model is loaded."""
+
+    train_dataset: Dataset
+    eval_dataset: Dataset | None
+    reward_funcs: list
+    checkpoint: str | None
+    finished: str | None = None  # set when the checkpoint to resume already ends the run: what to tell the user
+
+
+def finished_run_message(checkpoint: str | None, max_steps: int) -> str | None:
+    """A message saying the run is complete if `checkpoint` already reached the run's last step, else None.
+
+    The last step is `max_steps` when it is set (> 0), else the `max_steps` the checkpointed run computed from
+    its epochs. Resuming such a checkpoint would otherwise train one step past the end and overwrite the model.
+    """
+    if checkpoint is None:
+        return None
+    state_path = Path(checkpoint) / "trainer_state.json"
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    last_step = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    if last_step <= 0 or state.get("global_step", 0) < last_step:
+        return None
+    return (
+        f"the run is complete: {checkpoint} is at step {state['global_step']} of max_steps={last_step}; nothing "
+        "to resume, nothing was changed (raise --max_steps to train further)."
+    )
+
+
+def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
+    """Check (and, for a tiny recipe, build) every input before the model is loaded; raise naming the culprit."""
+    if script_args.tiny_task:
+        prepare_tiny_task(script_args, training_args, model_args)
     check_model_path(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
     train_dataset = load_prompt_dataset(script_args, script_args.dataset_train_split)
     eval_dataset = None
@@ -204,6 +271,23 @@ def train(script_args, training_args, model_args, callbacks=None) -> GSPOTrainer
         eval_dataset = load_prompt_dataset(script_args, script_args.dataset_test_split)
     reward_funcs = build_reward_funcs(script_args)
     checkpoint = resume_checkpoint(training_args, script_args.resume)
+    finished = finished_run_message(checkpoint, training_args.max_steps)
+    return CheckedInputs(train_dataset, eval_dataset, reward_funcs, checkpoint, finished)
+
+
+def train(script_args, training_args, model_args, callbacks=None, inputs: CheckedInputs | None = None):
+    """Check every input (unless `inputs` holds them already), then train with GSPOTrainer, save the model,
+    its card and trainer_state.json, and return the trainer."""
+    inputs = inputs or check_inputs(script_args, training_args, model_args)
+    train_dataset, eval_dataset, reward_funcs, checkpoint = (
+        inputs.train_dataset,
+        inputs.eval_dataset,
+        inputs.reward_funcs,
+        inputs.checkpoint,
+    )
+    if inputs.finished:
+        print(inputs.finished)
+        return None
 
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = {
@@ -222,8 +306,12 @@ def train(script_args, training_args, model_args, callbacks=None) -> GSPOTrainer
         quantization_config=quantization_config,
         peft_config=get_peft_config(model_args),
     )
+    if any(isinstance(callback, ProgressCallback) for callback in callbacks or ()):
+        # a caller's own progress bar (the demo's compact one) replaces the default one, which prints every log
+        trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if type(c) is not ProgressCallback]
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, training_args.output_dir)
+    trainer.save_state()  # trainer_state.json in the run folder (every metric logged), for scripts/plot_run.py
     if trainer.accelerator.is_main_process:
         local_data = Path(script_args.dataset_name).exists()
         trainer.create_model_card(
@@ -234,9 +322,25 @@ def train(script_args, training_args, model_args, callbacks=None) -> GSPOTrainer
     return trainer
 
 
-def main(argv: list[str] | None = None) -> GSPOTrainer:
-    script_args, training_args, model_args = parse_args(argv)
-    return train(script_args, training_args, model_args)
+# Errors that mean "the configuration or an input file is wrong": the command line prints them as one line.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError)
+
+
+def input_error_line(error: BaseException) -> str:
+    """The one-line `error: ...` message the command line prints for a bad configuration or a missing file."""
+    return "error: " + " ".join(str(error).split())
+
+
+def main(argv: list[str] | None = None) -> GSPOTrainer | None:
+    """Parse, check every input, train. A bad configuration or a missing file exits with status 2 and one
+    `error: ...` line on stderr; anything that fails once training has started keeps its traceback."""
+    try:
+        script_args, training_args, model_args = parse_args(argv)
+        inputs = check_inputs(script_args, training_args, model_args)
+    except INPUT_ERRORS as error:
+        print(input_error_line(error), file=sys.stderr)
+        raise SystemExit(2) from None
+    return train(script_args, training_args, model_args, inputs=inputs)
 
 
 def train_main() -> None:

@@ -409,3 +409,37 @@ def prepare_model(
             f"({result['seconds']:.1f} s); cached in {folder}"
         )
     return folder, info
+
+
+# --- a tiny recipe's model and data, built when missing --------------------------------------------------------------
+
+
+def ensure_task_assets(
+    task: str,
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """The model folder a tiny recipe trains: ``model_path`` if it exists, else the warm-started model that
+    ``prepare_model`` finds (or builds, about a minute on a CPU) in ``model_path``'s parent folder. Writes the
+    task's train split to ``data_path`` if that file is missing. Each fallback is reported through ``log``.
+
+    The splits and the model use the same ``seed`` as ``scripts/demo.py``, so the demo's cache is reused.
+    """
+    data_path = Path(data_path)
+    if not data_path.is_file():
+        rows = make_splits(task, seed)["train"]
+        staging = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+        write_jsonl(rows, staging)
+        os.replace(staging, data_path)  # atomic: a concurrent reader never sees half a file
+        if log is not None:
+            log(f"dataset_name={str(data_path)!r} was missing: wrote the {task} train split ({len(rows)} rows) there")
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path
+    folder, info = prepare_model(task, seed=seed, cache_dir=model_path.parent, log=log)
+    if log is not None:
+        how = "found it in the cache" if info["cached"] else "built it"
+        log(f"model_name_or_path={str(model_path)!r} does not exist: {how} ({folder}, warm-started on {task})")
+    return folder

@@ -1,0 +1,154 @@
+"""The command line as a new user meets it: bad configuration and missing files give one `error: ...` line and
+exit status 2 (a failure once training runs keeps its traceback), no argument prefix matching, and a tiny recipe
+that builds its own warm-started model and data when they are missing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_gspo import cli
+from trl_gspo.tasks import ensure_task_assets, read_jsonl
+from trl_gspo.tiny import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)} for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return {"model": save_tiny_model(root / "model", hidden_size=32), "data": str(data), "root": root}
+
+
+def write_recipe(assets, folder: Path, **overrides) -> Path:
+    recipe = dict(
+        model_name_or_path=assets["model"],
+        dataset_name=assets["data"],
+        answer_column="answer",
+        reward_funcs=["exact_match"],
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        output_dir=str(folder / "out"),
+    )
+    recipe.update(overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def error_line(capsys, argv) -> str:
+    """Run the command line in-process; assert exit status 2 and one clean line on stderr; return that line."""
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("missing-recipe", ["no-such-recipe.yaml", "no such recipe file"]),
+        ("unknown-recipe-key", ["learning_rat", "GSPOScriptArguments"]),
+        ("bad-value", ["epsilon=2.0", "(0, 1)"]),
+        ("missing-data-file", ["missing.jsonl", "no such file"]),
+        ("missing-model-folder", ["no-such-model", "no such model folder"]),
+        ("broken-yaml", ["recipe.yaml"]),
+        ("bad-json-override", ["Expecting"]),
+    ],
+)
+def test_bad_configuration_is_one_error_line(assets, tmp_path, capsys, case, fragments):
+    recipe = write_recipe(assets, tmp_path)
+    argv = ["--config", str(recipe)]
+    if case == "missing-recipe":
+        argv = ["--config", str(tmp_path / "no-such-recipe.yaml")]
+    elif case == "unknown-recipe-key":
+        write_recipe(assets, tmp_path, learning_rat=1e-5)
+    elif case == "bad-value":
+        write_recipe(assets, tmp_path, epsilon=2.0)
+    elif case == "missing-data-file":
+        write_recipe(assets, tmp_path, dataset_name=str(tmp_path / "missing.jsonl"))
+    elif case == "missing-model-folder":
+        write_recipe(assets, tmp_path, model_name_or_path=str(tmp_path / "no-such-model"))
+    elif case == "broken-yaml":
+        recipe.write_text("epsilon: [unclosed\n")
+    elif case == "bad-json-override":
+        argv += ["--reward_kwargs", "{not json"]
+    line = error_line(capsys, argv)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_argument_prefixes_are_not_expanded(assets, tmp_path, capsys):
+    """`--learning_rat` is a typo, not `--learning_rate` (argparse's allow_abbrev is off)."""
+    recipe = write_recipe(assets, tmp_path)
+    line = error_line(capsys, ["--config", str(recipe), "--learning_rat", "1e-5"])
+    assert "--learning_rat" in line
+    _, training_args, _ = cli.parse_args(["--config", str(recipe), "--learning_rate", "1e-5"])
+    assert training_args.learning_rate == 1e-5
+
+
+def test_failure_during_training_keeps_its_traceback(assets, tmp_path, monkeypatch):
+    """Only input errors are shortened: an exception once training runs propagates as is."""
+    module = tmp_path / "crashing_reward_module.py"
+    module.write_text("def crash(completions, **kwargs):\n    raise KeyError('bug in the reward')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = write_recipe(assets, tmp_path, reward_funcs=["crashing_reward_module.crash"])
+    with pytest.raises(RuntimeError, match="bug in the reward"):
+        cli.main(["--config", str(recipe)])
+
+
+def test_script_prints_one_line_without_traceback(tmp_path):
+    """The real entry point, in a subprocess: exit status 2, one stderr line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_gspo.py"), "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: --config {tmp_path / 'missing.yaml'}: no such recipe file."], result.stderr
+
+
+def test_tiny_task_builds_missing_model_and_data_then_finds_them(tmp_path):
+    messages = []
+    model_path, data_path = tmp_path / "cache" / "sort_digits-warm-start", tmp_path / "data" / "train.jsonl"
+    built = ensure_task_assets("sort_digits", model_path, data_path, seed=0, log=messages.append)
+    assert (built / "warm_start.json").is_file() and (built / "model.safetensors").is_file()
+    assert built.parent == model_path.parent and not model_path.exists()
+    rows = read_jsonl(data_path)
+    assert len(rows) == 4000 and rows[0]["prompt"][0]["content"].startswith("sort ")
+    assert any("dataset_name" in m and "was missing" in m for m in messages)
+    assert any("does not exist: built it" in m for m in messages)
+
+    messages.clear()
+    assert ensure_task_assets("sort_digits", model_path, data_path, seed=0, log=messages.append) == built
+    assert len(messages) == 2 and "found it in the cache" in messages[-1]  # the cache line and this one
+    assert ensure_task_assets("sort_digits", built, data_path, log=messages.append) == built  # an existing folder
+
+
+def test_unknown_tiny_task_is_refused(assets, tmp_path, capsys):
+    recipe = write_recipe(assets, tmp_path, tiny_task="sort_letters")
+    line = error_line(capsys, ["--config", str(recipe)])
+    assert "tiny_task='sort_letters'" in line and "sort_digits" in line
