@@ -168,3 +168,83 @@ def test_half_precision_off_policy_warns(tmp_path):
         with pytest.warns(GSPOOnPolicyWarning):
             make(tmp_path, bf16=True, steps_per_generation=1)  # on-policy: the ratio is exactly 1 anyway
         make(tmp_path, bf16=True, importance_sampling_level="token", loss_type="dapo", epsilon=0.2)
+
+
+# --- bf16 by hardware, and the GRPOConfig upgrade --------------------------------------------------------------------
+
+
+def test_bf16_default_follows_the_hardware(tmp_path, monkeypatch):
+    """GRPOConfig picks bf16 even on a CPU-only machine (where it then fails without use_cpu); GSPOConfig picks it
+    only where the accelerator supports it."""
+    import torch
+
+    from trl_gspo import config as config_module
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bf16"):
+            GRPOConfig(output_dir=str(tmp_path), report_to="none")
+        config = GSPOConfig(output_dir=str(tmp_path), report_to="none")  # no use_cpu: the README's first try
+        assert config.bf16 is False and config.mixed_precision == "no"
+    assert make(tmp_path).bf16 is False  # use_cpu: float32
+    assert make(tmp_path, bf16=True).bf16 is True  # an explicit choice is kept
+    assert make(tmp_path, fp16=False, bf16=False).bf16 is False
+    monkeypatch.setattr(config_module, "is_torch_bf16_gpu_available", lambda: True)
+    assert config_module.default_bf16(use_cpu=False) is True
+    assert config_module.default_bf16(use_cpu=True) is False
+    monkeypatch.setattr(config_module, "is_torch_bf16_gpu_available", lambda: False)
+    assert config_module.default_bf16(use_cpu=False) is False
+
+
+def grpo(tmp_path, **kwargs):
+    return GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=8, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("grpo_kwargs", "clip_range"),
+    [
+        ({}, (3e-4, 4e-4)),  # no clip range set: GSPO's pair
+        ({"epsilon": 0.25}, (0.25, 0.25)),  # GRPOConfig's epsilon_high=None means epsilon_high=epsilon
+        ({"epsilon_high": 0.28}, (0.2, 0.28)),  # GRPOConfig's epsilon default goes with the set upper bound
+        ({"epsilon": 1e-3, "epsilon_high": 2e-3}, (1e-3, 2e-3)),
+    ],
+)
+def test_grpo_upgrade_keeps_the_clip_range_as_a_pair(tmp_path, grpo_kwargs, clip_range):
+    from trl_gspo.grpo_upgrade import upgrade_grpo_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GSPOClipRangeWarning)  # 0.2-sized ranges warn, as they should
+        config, notice = upgrade_grpo_config(grpo(tmp_path, num_generations=4, **grpo_kwargs))
+    assert (config.epsilon, config.epsilon_high) == clip_range
+    kept, defaults = notice.split("Kept, as you set them: ")[1].split(". Took GSPO's defaults: ")
+    defaults = defaults.split(". A field equal")[0]
+    for name in ("epsilon", "epsilon_high"):
+        assert (f"{name}=" in kept) == bool(grpo_kwargs), notice
+        assert (f"{name}=" in defaults) == (not grpo_kwargs), notice
+    assert f"epsilon_high={clip_range[1]!r}" in (kept if grpo_kwargs else defaults)
+
+
+def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
+    from trl_gspo.grpo_upgrade import upgrade_grpo_config
+
+    args = grpo(tmp_path, num_generations=4, learning_rate=3e-6, loss_type="grpo", bf16=False)
+    config, notice = upgrade_grpo_config(args)
+    assert config.output_dir == args.output_dir  # carried although equal to the reference's
+    kept, defaults = notice.split("Kept, as you set them: ")[1].split(". Took GSPO's defaults: ")
+    defaults = defaults.split(". A field equal")[0]
+    # bf16=False differs from GRPOConfig's default (True): kept; loss_type='grpo' too (GRPOConfig: 'dapo');
+    # per_device_train_batch_size=8 and report_to='none' are GRPOConfig's defaults: not listed as set
+    assert {item.split("=")[0] for item in kept.split(", ")} == {
+        "bf16",
+        "learning_rate",
+        "loss_type",
+        "num_generations",
+    }
+    assert {item.split("=")[0] for item in defaults.split(", ")} == {
+        "epsilon",
+        "epsilon_high",
+        "importance_sampling_level",
+        "steps_per_generation",
+    }
+    assert "importance_sampling_level='sequence'" in defaults and "steps_per_generation=4" in defaults

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
 IMPORTANCE_SAMPLING_LEVELS = ("sequence", "sequence_token", "token")
@@ -19,6 +20,11 @@ GRPO_LIKE_EPSILON = 0.05
 # loss_type values and why they cannot aggregate a sequence-level ratio.
 _LENGTH_WEIGHTED_LOSSES = ("dapo", "bnpo", "dr_grpo")
 _OTHER_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo")
+
+
+def default_bf16(use_cpu: bool) -> bool:
+    """GSPOConfig's bf16 when left unset: True only on an accelerator with bf16 support, never with use_cpu."""
+    return not use_cpu and is_torch_bf16_gpu_available()
 
 
 class GSPOOnPolicyWarning(UserWarning):
@@ -48,6 +54,9 @@ class GSPOConfig(GRPOConfig):
     - `loss_type="grpo"` (GRPOConfig: `"dapo"`): the only aggregation that is GSPO's: one weight per sequence,
       mean over sequences. Token-sum losses ("dapo", "bnpo", "dr_grpo") weight sequences by their length and
       are refused under a sequence-level ratio.
+    - `bf16` left unset: True only where the accelerator supports bf16 (GRPOConfig: True unless fp16, which fails
+      on a CPU-only machine without `use_cpu`); float32 on a CPU. See "Precision" in the README for why GSPO
+      prefers float32 where it can.
     - `steps_per_generation = 4 * gradient_accumulation_steps` when neither it nor `generation_batch_size` is
       set (GRPOConfig: `gradient_accumulation_steps`): the paper splits each rollout batch into 4 minibatches,
       i.e. 4 optimizer steps per generation. On-policy (1 step per rollout) the ratio is exactly 1, clipping
@@ -98,6 +107,8 @@ class GSPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
+            self.bf16 = default_bf16(self.use_cpu)
         self._validate_gspo_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
@@ -215,22 +226,12 @@ class GSPOConfig(GRPOConfig):
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig) -> GSPOConfig:
-        """A GSPOConfig that keeps every field the user changed in `args` and takes GSPO's defaults elsewhere.
+        """A GSPOConfig that keeps every field the user set in `args` and takes GSPO's defaults elsewhere.
 
-        A field counts as changed when it differs from a fresh `GRPOConfig` with the same output_dir. The
-        batch-shape fields TRL derives (steps_per_generation, generation_batch_size) are carried only when the
-        user chose them.
+        The rule (trl_gspo.grpo_upgrade): a field counts as set when it differs from GRPOConfig's default; the
+        clip range is kept as a pair (epsilon with epsilon_high, which defaults to epsilon in GRPOConfig) when
+        either bound was set, else both take GSPO's 3e-4 / 4e-4.
         """
-        # use_cpu is carried into the reference: without it GRPOConfig's bf16 default fails on a CPU-only machine
-        reference = GRPOConfig(output_dir=args.output_dir, use_cpu=args.use_cpu)
-        derived = {"steps_per_generation", "generation_batch_size"}
-        changed = {"use_cpu": args.use_cpu}
-        for f in fields(GRPOConfig):
-            if not f.init or f.name in derived:
-                continue
-            value = getattr(args, f.name)
-            if value != getattr(reference, f.name):
-                changed[f.name] = value
-        if args.steps_per_generation != args.gradient_accumulation_steps:
-            changed["steps_per_generation"] = args.steps_per_generation
-        return cls(**changed)
+        from .grpo_upgrade import upgrade_grpo_config
+
+        return upgrade_grpo_config(args)[0]

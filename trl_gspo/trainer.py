@@ -22,8 +22,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
+from .banner import distributed_backend, start_banner
 from .config import GSPOConfig
+from .grpo_upgrade import upgrade_grpo_config
 from .objective import compute_policy_objective, length_normalized_is_weight
+from .rollout_buffer import load_rollout_buffer
 
 logger = logging.get_logger(__name__)
 
@@ -94,8 +97,11 @@ class GSPOTrainer(GRPOTrainer):
     """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.
 
     Takes exactly GRPOTrainer's arguments and is a drop-in replacement for it. `args` may be a GSPOConfig, a
-    GRPOConfig (upgraded with GSPOConfig.from_grpo_config: the fields you set are kept, the rest take GSPO's
-    defaults) or None (GSPOConfig defaults). Overrides `_compute_loss` only; see the module docstring.
+    GRPOConfig (upgraded by trl_gspo.grpo_upgrade: fields that differ from GRPOConfig's defaults are kept, the clip
+    range as a pair, the rest take GSPO's defaults; a warning names both lists) or None (GSPOConfig defaults).
+    Overrides `_compute_loss` only; see the module docstring. Prints one start line on the main process (world
+    size, backend, mixed precision, GSPO settings: trl_gspo/banner.py) and logs every metric GRPOTrainer logs for
+    the same configuration.
     """
 
     _tag_names = ["trl", "gspo", "trl-gspo"]
@@ -119,14 +125,17 @@ class GSPOTrainer(GRPOTrainer):
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = GSPOConfig(f"{str(model_name).split('/')[-1]}-GSPO")
         elif not isinstance(args, GSPOConfig):
-            args = GSPOConfig.from_grpo_config(args)
-            logger.warning(
-                "GSPOTrainer got a GRPOConfig: the fields you set are kept, the rest take GSPO's defaults "
-                f"(importance_sampling_level={args.importance_sampling_level!r}, epsilon={args.epsilon}, "
-                f"epsilon_high={args.epsilon_high}, loss_type={args.loss_type!r}, steps_per_generation="
-                f"{args.steps_per_generation}). Pass a GSPOConfig to silence this."
-            )
+            args, notice = upgrade_grpo_config(args)  # the rule: trl_gspo/grpo_upgrade.py
+            logger.warning(notice)
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        self._print_start_banner()
+
+    def _print_start_banner(self):
+        """Once, on the main process: world size, backend, mixed precision and GSPO settings (trl_gspo/banner.py)."""
+        if self.accelerator.is_main_process:
+            backend = distributed_backend(self.accelerator)
+            world = self.accelerator.num_processes
+            print(start_banner(world, backend, self.accelerator.mixed_precision, self.args), flush=True)
 
     def _save_checkpoint(self, model, trial):
         """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly.
@@ -148,8 +157,8 @@ class GSPOTrainer(GRPOTrainer):
             return
         path = Path(checkpoint) / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index)
         if path.is_file():
-            # a file this trainer wrote; it may hold non-tensor fields, hence weights_only=False
-            self._buffered_inputs = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+            # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py)
+            self._buffered_inputs = load_rollout_buffer(path, self.accelerator.device)
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
 
     def _compute_loss(self, model, inputs):
@@ -245,12 +254,22 @@ class GSPOTrainer(GRPOTrainer):
             bonus_mask = mask if entropy_mask is None else mask * entropy_mask
             mean_entropy = (entropies * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
             loss = loss - self.entropy_coef * mean_entropy / accumulation
+            self._log_entropy_bonus_metrics(mode, out.loss)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_objective_metrics(mode, out, entropies, mask)
         return loss
+
+    def _log_entropy_bonus_metrics(self, mode, policy_loss):
+        """With an entropy bonus, the two metrics GRPOTrainer logs next to it, under its names:
+          policy_loss    the objective's loss before the bonus, not scaled for accumulation (mean over ranks)
+          entropy_coef   the bonus coefficient, once per optimizer step in training
+        """
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _log_objective_metrics(self, mode, out, entropies, mask):
         """Append this micro-batch's statistics; TRL averages them over the logging interval.

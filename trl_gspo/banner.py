@@ -1,0 +1,45 @@
+"""The line a GSPO run prints once at start, on the main process: what the run is and how it is distributed.
+
+GSPO run: world size 2, backend DDP, mixed precision bf16 (from the launch config / ACCELERATE_MIXED_PRECISION:
+it overrides bf16=False in the config) | importance_sampling_level='sequence', clip range [1-0.0003, 1+0.0004],
+4 optimizer steps per rollout (off-policy)
+"""
+
+from __future__ import annotations
+
+
+def distributed_backend(accelerator) -> str:
+    """'DeepSpeed ZeRO-<stage>', 'FSDP<version>', 'DDP' or 'single process' for an accelerate Accelerator."""
+    state = accelerator.state
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        return f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return f"FSDP{getattr(state.fsdp_plugin, 'fsdp_version', '')}"
+    return "DDP" if accelerator.num_processes > 1 else "single process"
+
+
+def optimizer_steps_per_rollout(args) -> float:
+    """Optimizer steps each generated batch feeds: steps_per_generation * num_iterations / accumulation."""
+    return args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+
+
+def start_banner(world_size: int, backend: str, mixed_precision: str, args) -> str:
+    """One line naming world size, backend, mixed precision and the GSPO settings that matter (see module doc).
+
+    `mixed_precision` is what the run computes in ('no', 'bf16', 'fp16'); when it is half precision while the
+    config says bf16=False and fp16=False, the launch environment set it, and the line says so.
+    """
+    precision = "none (float32)" if mixed_precision == "no" else mixed_precision
+    if mixed_precision != "no" and not (args.bf16 or args.fp16):
+        precision += (
+            " (from the launch config / ACCELERATE_MIXED_PRECISION: it overrides bf16=False in the config; "
+            "pass --mixed_precision no to accelerate launch for float32)"
+        )
+    steps = optimizer_steps_per_rollout(args)
+    policy = "on-policy: the ratio is 1" if args.is_on_policy else "off-policy"
+    clip_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    return (
+        f"GSPO run: world size {world_size}, backend {backend}, mixed precision {precision} | "
+        f"importance_sampling_level={args.importance_sampling_level!r}, clip range [1-{args.epsilon:g}, "
+        f"1+{clip_high:g}], {steps:g} optimizer steps per rollout ({policy})"
+    )
