@@ -1,11 +1,12 @@
 """Plot a GSPO/GRPO run: reward, held-out accuracy, clip fractions and the sequence-ratio range over steps.
 
-    python scripts/plot_run.py runs/demo                     # reads runs/demo/trainer_state.json
-    python scripts/plot_run.py runs/demo/checkpoint-600 -o fig.png
+    python scripts/plot_run.py runs/demo/sort_digits --clip-range 3e-4 4e-4   # runs/demo/sort_digits/training_curves.png
+    python scripts/plot_run.py runs/my-run -o fig.png
     python scripts/plot_run.py path/to/trainer_state.json
 
-RUN accepts a trainer_state.json, a run folder holding one, or a run folder whose latest checkpoint-*/ holds one.
-The figure goes to -o/--output, by default training_curves.png next to the trainer_state.json.
+RUN accepts a trainer_state.json, a run folder holding one (every run of scripts/train_gspo.py leaves it there),
+or a run folder whose latest checkpoint-*/ holds one. The figure goes to -o/--output, by default
+training_curves.png in the run folder (never inside a checkpoint), titled with the run folder's name.
 """
 
 from __future__ import annotations
@@ -14,20 +15,34 @@ import argparse
 import sys
 from pathlib import Path
 
-from trl_gspo.plotting import find_trainer_state, load_log_history, plot_run
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from trl_gspo.plotting import find_trainer_state, load_log_history, plot_run, run_folder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("run", help="run folder, checkpoint folder or trainer_state.json")
-    parser.add_argument("-o", "--output", help="PNG to write (default: training_curves.png next to the state file)")
+    parser.add_argument("-o", "--output", help="PNG to write (default: training_curves.png in the run folder)")
     parser.add_argument("--title", help="figure title (default: the run folder's name)")
+    parser.add_argument(
+        "--clip-range",
+        nargs=2,
+        type=float,
+        metavar=("EPS_LOW", "EPS_HIGH"),
+        help="shade the unclipped band of the sequence ratio, e.g. 3e-4 4e-4",
+    )
     args = parser.parse_args(argv)
     try:
         state_path = find_trainer_state(args.run)
         log_history = load_log_history(state_path)
-        output = Path(args.output) if args.output else state_path.parent / "training_curves.png"
-        plot_run(log_history, output, title=args.title or state_path.parent.name)
+        folder = run_folder(state_path)
+        output = Path(args.output) if args.output else folder / "training_curves.png"
+        plot_run(log_history, output, title=args.title or folder.name, clip_range=args.clip_range)
     except (FileNotFoundError, ValueError) as error:
         print(f"plot_run.py: error: {error}", file=sys.stderr)
         return 1

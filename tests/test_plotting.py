@@ -161,3 +161,85 @@ def test_plot_run_cli_clear_error_on_missing_file(tmp_path):
     assert "no trainer_state.json found" in result.stderr
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- what each panel shows -------------------------------------------------------------------------------------------
+
+
+def drawn_axes(monkeypatch, history, **kwargs):
+    """Plot `history` and return {panel title: Axes} as drawn at savefig time."""
+    import matplotlib.figure
+
+    axes = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kw):
+        axes.update({ax.get_title(): ax for ax in fig.axes if ax.get_visible()})
+        return original(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    plot_run(history, kwargs.pop("path"), **kwargs)
+    return axes
+
+
+def test_reward_band_stays_within_a_unit_reward(tmp_path, monkeypatch):
+    """A 0/1 reward with std 0.5 around a mean of 0.1 or 0.9: mean ± std would run from -0.4 to 1.4."""
+    history = [{"step": s, "reward": 0.1 if s % 2 else 0.9, "reward_std": 0.5} for s in range(1, 11)]
+    axes = drawn_axes(monkeypatch, history, path=tmp_path / "reward.png")
+    (reward_ax,) = [ax for title, ax in axes.items() if title.startswith("reward")]
+    band = reward_ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.0) and band.max() == pytest.approx(1.0)
+    # a reward outside [0, 1] keeps its full band
+    wide = [{"step": s, "reward": 2.0, "reward_std": 1.5} for s in range(1, 11)]
+    axes = drawn_axes(monkeypatch, wide, path=tmp_path / "wide.png")
+    band = axes["reward (training rollouts)"].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.5) and band.max() == pytest.approx(3.5)
+
+
+def test_reward_bounds_rule():
+    from trl_gspo.plotting import reward_bounds
+
+    assert reward_bounds([0.0, 0.5, 1.0], [0.0, 0.504, 0.3]) == (0.0, 1.0)  # unbiased std of a 0/1 reward > 0.5
+    assert reward_bounds([0.5, 1.2], [0.1, 0.1]) is None
+    assert reward_bounds([0.5], [0.8]) is None  # more spread than any [0, 1] reward can have
+
+
+def test_clip_lines_are_distinguishable(tmp_path, monkeypatch):
+    axes = drawn_axes(monkeypatch, gspo_history(), path=tmp_path / "clip.png")
+    lines = {line.get_label(): line for line in axes["clipped fraction"].get_lines()}
+    tokens, sequences = lines["tokens clipped (paper's count)"], lines["sequences clipped (all)"]
+    assert tokens.get_color() != sequences.get_color()
+    assert tokens.get_linewidth() >= 3 * sequences.get_linewidth()  # the wide one underneath, the thin one on top
+    assert tokens.get_zorder() <= sequences.get_zorder()
+    ax_lines = axes["clipped fraction"].get_lines()
+    assert ax_lines.index(tokens) < ax_lines.index(sequences)
+
+
+def test_ratio_panel_shows_the_clip_band_as_deviation_from_one(tmp_path, monkeypatch):
+    axes = drawn_axes(monkeypatch, gspo_history(), path=tmp_path / "ratio.png", clip_range=(3e-4, 4e-4))
+    (ratio_ax,) = [ax for title, ax in axes.items() if "s_i - 1" in title]
+    assert ratio_ax.get_yscale() == "symlog"
+    band = [p for p in ratio_ax.patches if "unclipped band" in str(p.get_label())]
+    assert len(band) == 1
+    ys = band[0].get_path().transformed(band[0].get_patch_transform()).vertices[:, 1]
+    assert ys.min() == pytest.approx(-3e-4) and ys.max() == pytest.approx(4e-4)
+    means = [line for line in ratio_ax.get_lines() if line.get_label() == "mean"][0].get_ydata()
+    assert all(abs(y) < 1e-12 for y in means)  # s_i = 1.0 drawn as 0
+
+
+def test_plot_run_cli_writes_next_to_the_run_not_into_a_checkpoint(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_run_script", REPO / "scripts" / "plot_run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # in-process: the subprocess form is tested above
+    run = tmp_path / "my-run"
+    write_state(run / "checkpoint-21", gspo_history())
+    assert script.main([str(run), "--clip-range", "3e-4", "4e-4"]) == 0
+    assert str(run / "training_curves.png") in capsys.readouterr().out
+    assert is_png(run / "training_curves.png")
+    assert not (run / "checkpoint-21" / "training_curves.png").exists()
+    from trl_gspo.plotting import run_folder
+
+    assert run_folder(run / "checkpoint-21" / "trainer_state.json") == run
+    assert run_folder(run / "trainer_state.json") == run

@@ -2,11 +2,13 @@
 
 ``plot_run(log_history, path)`` draws up to four panels over optimizer steps, each only if its keys were logged:
 
-- reward: ``reward`` (mean over completions) with a +-``reward_std`` band;
+- reward: ``reward`` (mean over completions) with a +-``reward_std`` band, kept inside [0, 1] when the logged
+  values are those of a [0, 1] reward (see ``reward_bounds``);
 - held-out accuracy: ``heldout_accuracy`` (logged by the demo's callback; greedy, exact match);
-- clipping: sequence clip fractions ``clip_ratio/region_mean`` (also ``low_mean`` / ``high_mean``) and the
-  paper's token-counted ``gspo/clipped_token_fraction``;
-- sequence ratio: ``gspo/seq_ratio/min``, ``mean``, ``max`` with the clip range 1 - eps_low, 1 + eps_high if given.
+- clipping: sequence clip fractions ``clip_ratio/region_mean`` (also ``low_mean`` / ``high_mean``) drawn thin over
+  the paper's token-counted ``gspo/clipped_token_fraction``, drawn wide and pale (they often coincide);
+- sequence ratio: ``gspo/seq_ratio/min``, ``mean``, ``max`` as s_i - 1 on a symmetric log scale, with the unclipped
+  band [-eps_low, +eps_high] shaded if the clip range is given.
 
 A GRPO run has no ``gspo/`` keys: its ratio panel is skipped and the clip panel shows TRL's token fractions.
 """
@@ -27,6 +29,9 @@ SEQUENCE_CLIP_KEYS = {
     "clip_ratio/high_mean": "sequences clipped (high)",
 }
 TOKEN_CLIP_KEY = "gspo/clipped_token_fraction"
+# The largest std TRL can log for rewards in [0, 1]: half 0s, half 1s, with the unbiased (n - 1) estimate over
+# n >= 2 completions: 0.5 * sqrt(n / (n - 1)) <= 0.5 * sqrt(2).
+MAX_UNIT_REWARD_STD = 0.5 * math.sqrt(2) + 1e-9
 SEQ_RATIO_KEYS = ("gspo/seq_ratio/min", "gspo/seq_ratio/mean", "gspo/seq_ratio/max")
 
 
@@ -40,6 +45,20 @@ def series(log_history: Sequence[dict], key: str) -> tuple[list[float], list[flo
         steps.append(entry.get("step", len(steps)))
         values.append(float(value))
     return steps, values
+
+
+def reward_bounds(means: Sequence[float], stds: Sequence[float]) -> tuple[float, float] | None:
+    """(0, 1) when every logged mean lies in [0, 1] and every std is at most MAX_UNIT_REWARD_STD, as for a reward
+    in [0, 1]; else None. The reward panel keeps its ±std band inside these bounds."""
+    if all(0.0 <= m <= 1.0 for m in means) and all(s <= MAX_UNIT_REWARD_STD for s in stds):
+        return (0.0, 1.0)
+    return None
+
+
+def run_folder(state_path: str | os.PathLike) -> Path:
+    """The run folder of a trainer_state.json: its folder, or the run above it when it sits in a checkpoint-*/."""
+    folder = Path(state_path).parent
+    return folder.parent if folder.name.startswith("checkpoint-") else folder
 
 
 def plot_run(
@@ -84,14 +103,15 @@ def plot_run(
             ax.plot(steps, values, color="tab:blue", label="mean reward")
             std_steps, stds = series(log_history, REWARD_STD_KEY)
             if std_steps == steps:
-                ax.fill_between(
-                    steps,
-                    [v - s for v, s in zip(values, stds)],
-                    [v + s for v, s in zip(values, stds)],
-                    color="tab:blue",
-                    alpha=0.2,
-                    label="± std",
-                )
+                bounds = reward_bounds(values, stds)
+                low = [v - s for v, s in zip(values, stds)]
+                high = [v + s for v, s in zip(values, stds)]
+                label = "± std over completions"
+                if bounds is not None:  # a [0, 1] reward: mean ± std would run past what a reward can be
+                    low = [max(x, bounds[0]) for x in low]
+                    high = [min(x, bounds[1]) for x in high]
+                    label += f", within [{bounds[0]:g}, {bounds[1]:g}]"
+                ax.fill_between(steps, low, high, color="tab:blue", alpha=0.2, label=label)
             ax.set_title("reward (training rollouts)")
             ax.set_ylabel("reward")
         elif panel == "accuracy":
@@ -101,36 +121,49 @@ def plot_run(
             ax.set_title("held-out accuracy (greedy, exact match)")
             ax.set_ylabel("accuracy")
         elif panel == "clip":
-            for (key, label), color in zip(SEQUENCE_CLIP_KEYS.items(), ("tab:red", "tab:purple", "tab:orange")):
+            # the token count is drawn wide and pale underneath, the sequence counts thin on top: under GSPO they
+            # are often equal (one flag per sequence), and neither may hide the other
+            steps, values = series(log_history, TOKEN_CLIP_KEY)
+            if steps:
+                ax.plot(steps, values, color="tab:orange", linewidth=5, alpha=0.45, label="tokens clipped (paper's count)")
+            for (key, label), color in zip(SEQUENCE_CLIP_KEYS.items(), ("tab:red", "tab:purple", "tab:green")):
                 steps, values = series(log_history, key)
                 if steps:
                     style = "-" if key.endswith("region_mean") else ":"
-                    ax.plot(steps, values, style, color=color, label=label)
-            steps, values = series(log_history, TOKEN_CLIP_KEY)
-            if steps:
-                ax.plot(steps, values, "--", color="black", label="tokens clipped (paper's count)")
+                    ax.plot(steps, values, style, color=color, linewidth=1.2, label=label)
             ax.set_title("clipped fraction")
             ax.set_ylabel("fraction")
         elif panel == "ratio":
+            # s_i - 1 on a symmetric log scale: the ratio moves by ~1e-3 around 1, where a linear axis shows a
+            # flat line and hides a 3e-4 clip band
             low_steps, low = series(log_history, SEQ_RATIO_KEYS[0])
             high_steps, high = series(log_history, SEQ_RATIO_KEYS[2])
             if low_steps and low_steps == high_steps:
-                ax.fill_between(low_steps, low, high, color="tab:gray", alpha=0.3, label="min..max")
+                ax.fill_between(
+                    low_steps, [x - 1 for x in low], [x - 1 for x in high], color="tab:gray", alpha=0.3, label="min..max"
+                )
             for key, style in zip(SEQ_RATIO_KEYS, (":", "-", ":")):
                 steps, values = series(log_history, key)
                 if steps:
-                    ax.plot(
-                        steps, values, style, color="tab:gray" if style == ":" else "black", label=key.split("/")[-1]
-                    )
+                    color = "tab:gray" if style == ":" else "black"
+                    ax.plot(steps, [x - 1 for x in values], style, color=color, label=key.split("/")[-1])
+            linear_below = 1e-5
             if clip_range is not None:
-                for i, bound in enumerate((1 - clip_range[0], 1 + clip_range[1])):
-                    label = f"clip range [1-{clip_range[0]:g}, 1+{clip_range[1]:g}]" if i == 0 else None
-                    ax.axhline(bound, color="tab:red", linewidth=0.8, linestyle="--", label=label)
-            ax.set_title("sequence importance ratio s_i")
-            ax.set_ylabel("ratio")
+                ax.axhspan(
+                    -clip_range[0],
+                    clip_range[1],
+                    color="tab:red",
+                    alpha=0.15,
+                    label=f"unclipped band [-{clip_range[0]:g}, +{clip_range[1]:g}]",
+                )
+                linear_below = 10 ** math.floor(math.log10(min(clip_range)))
+            ax.set_yscale("symlog", linthresh=linear_below)
+            ax.axhline(0.0, color="black", linewidth=0.5)
+            ax.set_title("sequence importance ratio: s_i - 1 (symmetric log scale)")
+            ax.set_ylabel("s_i - 1")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
+        ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
     for ax in flat[len(panels) :]:
         ax.set_visible(False)
     if title:
