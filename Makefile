@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo docs-figure test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# The README's figure: the demo's, copied into docs/ (commit it after checking it).
+docs-figure: demo
+	cp runs/demo/sort_digits/training_curves.png docs/demo_training_curves.png
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests

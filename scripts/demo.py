@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from transformers import TrainerCallback  # noqa: E402
+from transformers import ProgressCallback, TrainerCallback  # noqa: E402
 
 # How the quick form (--quick, used by tests/test_demo.py) differs from the full demo.
 QUICK = {"steps": 240, "learning_rate": 2e-4, "test_rows": 256, "monitor_rows": 64, "eval_every": 60}
@@ -90,6 +90,20 @@ class HeldoutAccuracyCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self._record(state, model)
+
+
+class CompactProgressCallback(ProgressCallback):
+    """TRL's progress bar without the full metric dictionary it prints at every log (334 KB for the demo):
+    every metric still goes to the log history, saved in <run>/trainer_state.json."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def write_above_progress_bar(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
 
 
 def parse_flags(argv=None):
@@ -183,7 +197,7 @@ def main(argv=None) -> dict:
     if flags.quick:
         argv += ["--learning_rate", str(QUICK["learning_rate"])]
     script_args, training_args, model_args = parse_args(argv)
-    callback = HeldoutAccuracyCallback(tokenizer, monitor_rows, eval_every)
+    callback = HeldoutAccuracyCallback(tokenizer, monitor_rows, eval_every, log=write_above_progress_bar)
     print(
         f"== GSPO: {training_args.max_steps} steps, {training_args.per_device_train_batch_size} completions per step "
         f"({training_args.num_generations} per prompt), {training_args.steps_per_generation} steps per rollout, "
@@ -191,9 +205,9 @@ def main(argv=None) -> dict:
         f"reward {script_args.reward_funcs}"
     )
     trained_at = time.perf_counter()
-    trainer = train(script_args, training_args, model_args, callbacks=[callback])
+    # train() also saves trainer_state.json (every logged metric, the held-out checks too) in the run folder
+    trainer = train(script_args, training_args, model_args, callbacks=[callback, CompactProgressCallback()])
     train_seconds = time.perf_counter() - trained_at
-    trainer.save_state()  # trainer_state.json, with the held-out accuracy entries, for scripts/plot_run.py
 
     # 5. held-out accuracy after GSPO, figure, summary
     after = greedy_accuracy(trainer.model, tokenizer, test_rows)
@@ -239,6 +253,7 @@ def main(argv=None) -> dict:
         f"== clipping: {results['sequence_clip_fraction_mean']:.1%} of sequences and "
         f"{results['token_clip_fraction_mean']:.1%} of tokens clipped on average (clip range 3e-4 / 4e-4)\n"
         f"== figure: {figure}\n== results: {output_dir / 'demo_results.json'}; model: {output_dir}\n"
+        f"== every logged metric: {output_dir / 'trainer_state.json'} (log_history)\n"
         f"== wall time: {results['seconds']['total']:.0f} s (warm start {'cached' if warm['cached'] else 'built'}, "
         f"GSPO {train_seconds:.0f} s)"
     )

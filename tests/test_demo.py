@@ -47,6 +47,13 @@ def test_quick_demo_gspo_raises_heldout_accuracy(tmp_path):
     assert 0.2 <= results["accuracy_before"] <= 0.6  # the warm start stopped near its target
     assert f"before GSPO {results['accuracy_before']:.3f}" in result.stdout
     assert f"after  GSPO {results['accuracy_after']:.3f}" in result.stdout
+    # compact output: a progress bar and one line per held-out check, no metric dictionaries; every metric is kept
+    # in the run folder's trainer_state.json
+    assert "{'loss'" not in result.stdout + result.stderr
+    assert len(result.stdout) < 20_000, f"{len(result.stdout)} characters of output"
+    assert sum(line.startswith("[held-out] step ") for line in result.stdout.splitlines()) == 5
+    assert "240/240" in result.stderr  # tqdm's bar
+    assert str(out / "trainer_state.json") in result.stdout
 
     # the off-policy recipe really clips: the paper's range fires on a sizeable share of sequences
     assert results["sequence_clip_fraction_mean"] > 0.05
@@ -60,6 +67,7 @@ def test_quick_demo_gspo_raises_heldout_accuracy(tmp_path):
     curve = [(e["step"], e["heldout_accuracy"]) for e in state["log_history"] if "heldout_accuracy" in e]
     assert [step for step, _ in curve] == [0, 60, 120, 180, 240]
     assert any("gspo/seq_ratio/max" in e for e in state["log_history"])
+    assert any("loss" in e and "clip_ratio/region_mean" in e and "reward" in e for e in state["log_history"])
     assert (out / "model.safetensors").is_file()
     # the warm-started model was cached and is reused by the next run
     assert len(list((tmp_path / "cache").glob("sort_digits-*/warm_start.json"))) == 1

@@ -1,0 +1,173 @@
+"""Every command shown in README.md and recipes/README.md works as written.
+
+The commands are read from the documents' fenced ```bash blocks (continuation lines joined, comments dropped), so a
+command added to either file later is picked up without touching this test. Each command is either
+
+- run, in document order, in a scratch folder that links to the checkout's files (so `runs/` and `.cache/` land in
+  the scratch folder and a later command, e.g. plot_run, finds what an earlier one wrote), with cut-down steps from
+  CUT_DOWN appended (the command line wins over the recipe); `accelerate launch` gets a free port
+  (`--main_process_port 0`) so that parallel tests do not collide; or
+- listed in SKIPPED with the reason it cannot run here (GPU, hub model, or a command that runs this suite or the
+  full demo, which have their own tests).
+
+A command that is neither, or that fails, fails the test, naming the command. An indented (unfenced) command in
+either document also fails, so that no command escapes the parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "recipes/README.md")
+FENCE_OPEN = re.compile(r"^```(bash|sh|shell|console)\s*$")
+COMMAND_WORDS = ("python", "accelerate", "make", "pip", "torchrun", "deepspeed", "trl-gspo-train")
+
+# (pattern searched in the command, why it is not run here)
+SKIPPED = [
+    (r"^make demo$", "the full 1000-step demo (minutes); its quick form runs in tests/test_demo.py"),
+    (r"^make test$", "runs this suite"),
+    (r"^make docs-figure$", "runs the full demo to redraw docs/demo_training_curves.png (demo: tests/test_demo.py)"),
+    (r"--config recipes/qwen", "needs GPUs and a hub model (Qwen/...) and hub data; no GPU or hub here"),
+]
+# (pattern, arguments appended to cut the command down to seconds)
+CUT_DOWN = [
+    (r"scripts/train_gspo\.py", ["--max_steps", "2", "--logging_steps", "1", "--report_to", "none"]),
+    (r"scripts/quickstart\.py", ["--max-steps", "2"]),
+]
+COMMAND_TIMEOUT_S = 300
+
+
+def fenced_commands(text: str) -> list[str]:
+    """The shell commands of the fenced bash blocks of a Markdown text, one string each (shlex-normalised)."""
+    commands, block, inside = [], [], False
+    for line in text.splitlines():
+        if not inside and FENCE_OPEN.match(line.strip()):
+            inside, block = True, []
+        elif inside and line.strip() == "```":
+            inside = False
+            joined = "\n".join(block).replace("\\\n", " ")
+            for command_line in joined.splitlines():
+                tokens = shlex.split(command_line.strip().removeprefix("$ "), comments=True)
+                if tokens:
+                    commands.append(shlex.join(tokens))
+        elif inside:
+            block.append(line)
+    return commands
+
+
+def unfenced_commands(text: str) -> list[str]:
+    """Indented code lines outside fences that start with a command word: commands the parser would miss."""
+    found, inside = [], False
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            inside = not inside
+        elif not inside and line.startswith("    ") and line.split() and line.split()[0] in COMMAND_WORDS:
+            found.append(line.strip())
+    return found
+
+
+def skip_reason(command: str) -> str | None:
+    return next((reason for pattern, reason in SKIPPED if re.search(pattern, command)), None)
+
+
+def runnable_argv(command: str) -> list[str]:
+    """The argv that runs `command` here: this interpreter for `python`, accelerate's module for `accelerate`."""
+    tokens = shlex.split(command)
+    if tokens[0] == "python":
+        argv = [sys.executable, *tokens[1:]]
+    elif tokens[:2] == ["accelerate", "launch"]:
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", *tokens[2:]]
+    else:
+        raise AssertionError(
+            f"documented command {command!r} is neither run nor skipped: add it to SKIPPED in tests/test_docs.py "
+            "with the reason it cannot run on a CPU, or make it runnable"
+        )
+    for pattern, extra in CUT_DOWN:
+        if re.search(pattern, command):
+            argv += extra
+    return argv
+
+
+def sandbox(tmp_path: Path) -> Path:
+    """A folder whose entries link to the checkout's (not runs/ or .cache/): documented relative paths resolve,
+    and what the commands write stays in the scratch folder."""
+    folder = tmp_path / "checkout"
+    folder.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name not in {"runs", ".cache", ".git", ".venv"}:
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def test_documents_have_commands_and_no_unfenced_ones():
+    for document in DOCUMENTS:
+        text = (ROOT / document).read_text()
+        assert fenced_commands(text), f"{document} shows no fenced bash command"
+        assert unfenced_commands(text) == [], f"{document}: put these commands in a ```bash block"
+
+
+def test_every_skip_entry_is_used_and_explained():
+    commands = [c for d in DOCUMENTS for c in fenced_commands((ROOT / d).read_text())]
+    for pattern, reason in SKIPPED:
+        assert reason.strip(), pattern
+        assert any(re.search(pattern, c) for c in commands), f"SKIPPED entry {pattern!r} matches no documented command"
+
+
+def test_parser_reads_continuations_and_comments():
+    text = "```bash\n# a comment\npython a.py \\\n    --x 1   # trailing\nmake test\n```\n    python unfenced.py\n"
+    assert fenced_commands(text) == ["python a.py --x 1", "make test"]
+    assert unfenced_commands(text) == ["python unfenced.py"]
+    with pytest.raises(AssertionError, match="'make lint' is neither run nor skipped"):
+        runnable_argv("make lint")
+
+
+def test_readme_python_snippet_is_the_quickstart_script():
+    """The README's Python block is scripts/quickstart.py's snippet verbatim (and the script runs below)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", readme, flags=re.S | re.M)
+    assert len(blocks) == 1
+    source = (ROOT / "scripts" / "quickstart.py").read_text()
+    snippet = source.split("# --- README snippet ---\n")[1].split("# --- end of README snippet ---")[0]
+    assert textwrap.dedent(snippet).strip() == blocks[0].strip()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_documented_commands_run(document, tmp_path):
+    commands = fenced_commands((ROOT / document).read_text())
+    cwd = sandbox(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    ran = []
+    for command in commands:
+        if skip_reason(command):
+            continue
+        argv = runnable_argv(command)
+        try:
+            result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{document}: `{command}` did not finish in {COMMAND_TIMEOUT_S} s")
+        assert result.returncode == 0, (
+            f"{document}: `{command}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
+        ran.append(command)
+        if "accelerate launch" in command and "scripts/train_gspo.py" in command:
+            match = re.search(r"--num_processes (\d+)", command)
+            world = match.group(1) if match else "8"
+            banners = [line for line in result.stdout.splitlines() if line.startswith("GSPO run: ")]
+            assert len(banners) == 1 and f"world size {world}," in banners[0], result.stdout[-2000:]
+    if document == "recipes/README.md":  # the tiny recipe's commands are the ones that can run here
+        assert any("recipes/tiny/" in c and "accelerate launch" in c for c in ran), ran
+        assert (cwd / "runs" / "demo" / "sort_digits" / "training_curves.png").is_file()
+    if document == "README.md":
+        assert any("scripts/quickstart.py" in c for c in ran), ran
