@@ -107,7 +107,9 @@ def write_above_progress_bar(line: str) -> None:
 
 
 def parse_flags(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--task", default="sort_digits", help="sort_digits (default), reverse or add")
     parser.add_argument(
         "--recipe", help="GSPO recipe YAML (default: recipes/tiny/<task>/gspo.yaml, else sort_digits')"

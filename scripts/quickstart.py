@@ -19,7 +19,9 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", help="hub name or local folder (default: a tiny model built in a temp folder)")
     parser.add_argument("--max-steps", type=int, default=8, help="optimizer steps (default 8)")
     parser.add_argument("--output-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")

@@ -277,7 +277,8 @@ def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
 
 def train(script_args, training_args, model_args, callbacks=None, inputs: CheckedInputs | None = None):
     """Check every input (unless `inputs` holds them already), then train with GSPOTrainer, save the model,
-    its card and trainer_state.json, and return the trainer."""
+    its card and trainer_state.json, and return the trainer; None, having trained nothing, when the checkpoint to
+    resume already completed the run."""
     inputs = inputs or check_inputs(script_args, training_args, model_args)
     train_dataset, eval_dataset, reward_funcs, checkpoint = (
         inputs.train_dataset,
@@ -286,7 +287,8 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
         inputs.checkpoint,
     )
     if inputs.finished:
-        print(inputs.finished)
+        if training_args.process_index == 0:
+            print(inputs.finished)
         return None
 
     quantization_config = get_quantization_config(model_args)
