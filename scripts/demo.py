@@ -110,7 +110,11 @@ def parse_flags(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--task", default="sort_digits", help="sort_digits (default), reverse or add")
+    from trl_gspo.tasks import TASKS
+
+    parser.add_argument(
+        "--task", default="sort_digits", choices=sorted(TASKS), help="sort_digits (default), reverse or add"
+    )
     parser.add_argument(
         "--recipe", help="GSPO recipe YAML (default: recipes/tiny/<task>/gspo.yaml, else sort_digits')"
     )
@@ -128,7 +132,10 @@ def parse_flags(argv=None):
         default=1,
         help="torch CPU threads (default 1: with 2 threads on 2 busy cores, measured 14x slower from spin-waiting)",
     )
-    return parser.parse_args(argv)
+    flags = parser.parse_args(argv)
+    if flags.recipe and not Path(flags.recipe).is_file():  # one usage line and exit 2, not a traceback later
+        parser.error(f"--recipe {flags.recipe}: no such recipe file")
+    return flags
 
 
 def recipe_for(task: str, recipe: str | None) -> Path:

@@ -71,3 +71,22 @@ def test_quick_demo_gspo_raises_heldout_accuracy(tmp_path):
     assert (out / "model.safetensors").is_file()
     # the warm-started model was cached and is reused by the next run
     assert len(list((tmp_path / "cache").glob("sort_digits-*/warm_start.json"))) == 1
+
+
+def test_bad_demo_flags_exit_with_one_usage_error(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    for argv, fragment in [
+        (["--task", "sort_letters"], "invalid choice: 'sort_letters'"),
+        (["--recipe", str(tmp_path / "none.yaml")], "no such recipe file"),
+        (["--step", "5"], "unrecognized arguments: --step"),  # no prefix matching: --step is not --steps
+    ]:
+        with pytest.raises(SystemExit) as raised:
+            demo.parse_flags(argv)
+        assert raised.value.code == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err
+    assert demo.parse_flags(["--steps", "5"]).steps == 5

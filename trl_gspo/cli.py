@@ -310,7 +310,9 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
     )
     if any(isinstance(callback, ProgressCallback) for callback in callbacks or ()):
         # a caller's own progress bar (the demo's compact one) replaces the default one, which prints every log
-        trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if type(c) is not ProgressCallback]
+        trainer.callback_handler.callbacks = [
+            c for c in trainer.callback_handler.callbacks if type(c) is not ProgressCallback
+        ]
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, training_args.output_dir)
     trainer.save_state()  # trainer_state.json in the run folder (every metric logged), for scripts/plot_run.py

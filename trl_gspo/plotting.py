@@ -125,7 +125,9 @@ def plot_run(
             # are often equal (one flag per sequence), and neither may hide the other
             steps, values = series(log_history, TOKEN_CLIP_KEY)
             if steps:
-                ax.plot(steps, values, color="tab:orange", linewidth=5, alpha=0.45, label="tokens clipped (paper's count)")
+                ax.plot(
+                    steps, values, color="tab:orange", linewidth=5, alpha=0.45, label="tokens clipped (paper's count)"
+                )
             for (key, label), color in zip(SEQUENCE_CLIP_KEYS.items(), ("tab:red", "tab:purple", "tab:green")):
                 steps, values = series(log_history, key)
                 if steps:
@@ -140,7 +142,12 @@ def plot_run(
             high_steps, high = series(log_history, SEQ_RATIO_KEYS[2])
             if low_steps and low_steps == high_steps:
                 ax.fill_between(
-                    low_steps, [x - 1 for x in low], [x - 1 for x in high], color="tab:gray", alpha=0.3, label="min..max"
+                    low_steps,
+                    [x - 1 for x in low],
+                    [x - 1 for x in high],
+                    color="tab:gray",
+                    alpha=0.3,
+                    label="min..max",
                 )
             for key, style in zip(SEQ_RATIO_KEYS, (":", "-", ":")):
                 steps, values = series(log_history, key)

@@ -264,8 +264,8 @@ class GSPOTrainer(GRPOTrainer):
 
     def _log_entropy_bonus_metrics(self, mode, policy_loss):
         """With an entropy bonus, the two metrics GRPOTrainer logs next to it, under its names:
-          policy_loss    the objective's loss before the bonus, not scaled for accumulation (mean over ranks)
-          entropy_coef   the bonus coefficient, once per optimizer step in training
+        policy_loss    the objective's loss before the bonus, not scaled for accumulation (mean over ranks)
+        entropy_coef   the bonus coefficient, once per optimizer step in training
         """
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
         if mode == "train" and self.accelerator.sync_gradients:
