@@ -152,3 +152,26 @@ def test_unknown_tiny_task_is_refused(assets, tmp_path, capsys):
     recipe = write_recipe(assets, tmp_path, tiny_task="sort_letters")
     line = error_line(capsys, ["--config", str(recipe)])
     assert "tiny_task='sort_letters'" in line and "sort_digits" in line
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_build_the_tiny_task_once(tmp_path):
+    """`accelerate launch` with 2 processes and no cache: the main process builds the model and data while the
+    other waits (TrainingArguments.main_process_first), then both train on them."""
+    cache, data = tmp_path / "cache", tmp_path / "data" / "train.jsonl"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--mixed_precision", "no", "--main_process_port", "0", str(ROOT / "scripts" / "train_gspo.py")]
+    command += ["--config", str(ROOT / "recipes" / "tiny" / "sort_digits" / "gspo.yaml")]
+    command += ["--model_name_or_path", str(cache / "sort_digits-warm-start"), "--dataset_name", str(data)]
+    command += ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    out = result.stdout
+    assert out.count("[rank 0] model_name_or_path=") == 1 and "does not exist: built it" in out, out[-3000:]
+    assert out.count("[rank 1] model_name_or_path=") == 1 and "does not exist: found it in the cache" in out
+    assert out.count("was missing: wrote the sort_digits train split") == 1  # rank 1 found the file written
+    assert "GSPO run: world size 2, backend DDP" in result.stdout
+    assert len(list(cache.glob("sort_digits-*/warm_start.json"))) == 1
+    assert (tmp_path / "out" / "model.safetensors").is_file()

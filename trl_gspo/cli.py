@@ -215,7 +215,11 @@ def prepare_tiny_task(script_args, training_args, model_args) -> None:
         raise ValueError(f"tiny_task={script_args.tiny_task!r} is not a task; expected one of {sorted(TASKS)}.")
     if not script_args.dataset_name or not model_args.model_name_or_path:
         raise ValueError("tiny_task needs model_name_or_path and dataset_name: where to find or build them.")
-    log = print if training_args.process_index == 0 else None
+    rank = training_args.process_index
+
+    def log(message: str) -> None:  # every rank says what it did: the main one built, the others found it
+        print(f"[rank {rank}] {message}" if training_args.world_size > 1 else message, flush=True)
+
     with training_args.main_process_first(desc=f"building the {script_args.tiny_task} model and data"):
         model_args.model_name_or_path = str(
             ensure_task_assets(
