@@ -97,8 +97,26 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    # --- padding-free passes (trl_gspo/packing.py) ---
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
+            "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
+            "layout. Text-only models with sdpa, eager or flash-attention only."
+        },
+    )
+    padding_free_row_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "With padding_free: token budget of one packed row. None uses the padded width of the batch, so "
+            "no row's attention (quadratic in its length with sdpa/eager) costs more than a padded sequence's."
+        },
+    )
+
     def __post_init__(self):
         self._validate_gspo_fields()
+        self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
         super().__post_init__()
@@ -178,6 +196,13 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(
                 f"GSPOConfig.vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} weights tokens, "
                 "but GSPO ('sequence') has one term per sequence. Use 'sequence_mask' or 'sequence_truncate'."
+            )
+
+    def _validate_padding_free_fields(self):
+        if self.padding_free_row_tokens is not None and self.padding_free_row_tokens < 1:
+            raise ValueError(
+                f"GSPOConfig.padding_free_row_tokens={self.padding_free_row_tokens} must be a positive number of "
+                "tokens, or None (the padded width of each batch)."
             )
 
     def _warn_on_suspicious_setup(self):

@@ -24,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .config import GSPOConfig
 from .objective import compute_policy_objective, length_normalized_is_weight
+from .packing import packed_logps_and_entropies, packing_support_problem
 
 logger = logging.get_logger(__name__)
 
@@ -127,6 +128,7 @@ class GSPOTrainer(GRPOTrainer):
                 f"{args.steps_per_generation}). Pass a GSPOConfig to silence this."
             )
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        self._check_padding_free_supported()
 
     def _save_checkpoint(self, model, trial):
         """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly.
@@ -151,6 +153,65 @@ class GSPOTrainer(GRPOTrainer):
             # a file this trainer wrote; it may hold non-tensor fields, hence weights_only=False
             self._buffered_inputs = torch.load(path, map_location=self.accelerator.device, weights_only=False)
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
+
+    # --- padding-free log-prob passes (trl_gspo/packing.py) ---
+
+    def _check_padding_free_supported(self):
+        """With args.padding_free, refuse at construction a model whose passes cannot be packed (never a wrong result)."""
+        if not self.args.padding_free:
+            return
+        models = [("model", self.accelerator.unwrap_model(self.model))]
+        if self.ref_model is not None:
+            models.append(("ref_model", self.ref_model))
+        for name, candidate in models:
+            base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
+            problem = packing_support_problem(base)
+            if problem:
+                raise ValueError(
+                    f"GSPOConfig.padding_free=True cannot be used with this {name}: {problem}. Set padding_free=False."
+                )
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """GRPOTrainer's log-prob pass; with args.padding_free, on packed rows (same (B, T) outputs, no padding).
+
+        Used by every pass: the policy (in _compute_loss), pi_old and the reference (in GRPOTrainer's
+        _generate_and_score_completions).
+        """
+        if not self.args.padding_free:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+        extra = sorted(key for key, value in model_inputs.items() if value is not None)
+        if extra:  # vision-language inputs are refused at construction; never drop them silently
+            raise ValueError(f"GSPOConfig.padding_free=True cannot pack a batch with model inputs {extra}.")
+        return packed_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size=batch_size,
+            compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss,
+            max_row_tokens=self.args.padding_free_row_tokens,
+            autocast=self.accelerator.autocast,
+        )
 
     def _compute_loss(self, model, inputs):
         """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.
