@@ -77,9 +77,7 @@ SHAPES = {
 }
 
 # Rows in the tables that this package cannot measure yet. Kept visible so nobody fills them in by hand.
-NOT_AVAILABLE = {
-    "rollout log-probs reused as pi_old": "not available yet (no such option in trl_gspo)",
-}
+NOT_AVAILABLE = {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,8 +366,12 @@ def make_trainer(spec, name, output_dir):
         os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
         extra["rollout_func"] = ragged_rollout_func(tokenizer, spec["completion_length"], seed=spec["seed"])
     if name == "gspo" and not spec.get("aa_control"):
-        gspo_fields = dict(padding_free=spec.get("padding_free", False))
+        gspo_fields = dict(
+            padding_free=spec.get("padding_free", False), use_rollout_logprobs=spec.get("rollout_logprobs", False)
+        )
         args, trainer_cls = GSPOConfig(**common, **gspo_fields), GSPOTrainer
+    elif spec.get("baseline") == "gspo-padding-free":  # the "trl" side is GSPOTrainer with padding_free only
+        args, trainer_cls = GSPOConfig(**common, padding_free=True), GSPOTrainer
     else:
         args, trainer_cls = GRPOConfig(**common), GRPOTrainer
     return trainer_cls(
@@ -1013,6 +1015,18 @@ def parse_args(argv=None):
         "prompt and completion lengths (trl_gspo/benchmarks/ragged.py), identical on both sides",
     )
     p.add_argument("--padding-free", action="store_true", help="GSPOConfig(padding_free=True) on the GSPO side")
+    p.add_argument(
+        "--rollout-logprobs",
+        action="store_true",
+        help="GSPOConfig(use_rollout_logprobs=True) on the GSPO side (no pi_old forward)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=("trl", "gspo-padding-free"),
+        default="trl",
+        help="the other side: TRL's GRPOTrainer (default), or GSPOTrainer(padding_free=True) to measure what "
+        "--rollout-logprobs adds on top of padding-free passes (the tables still call that side 'TRL')",
+    )
     p.add_argument("--allow-eos", action="store_true", help="let completions end early (lengths then vary)")
     p.add_argument("--objective-rounds", type=int, default=15, help="alternating rounds of the objective bench")
     p.add_argument("--ab-rounds", type=int, default=None, help="alternating rounds of the in-process A/B")
@@ -1084,6 +1098,8 @@ def base_spec(args, completion_length, num_generations):
         aa_control=args.aa_control,
         workload=args.workload,
         padding_free=args.padding_free,
+        rollout_logprobs=args.rollout_logprobs,
+        baseline=args.baseline,
     )
     if args.shape != "tiny":
         shape = SHAPES[args.shape]
@@ -1164,6 +1180,8 @@ def main(argv=None):
             "aa_control": args.aa_control,
             "workload": args.workload,
             "padding_free": args.padding_free,
+            "use_rollout_logprobs": args.rollout_logprobs,
+            "baseline": args.baseline,
         },
         "not_available": NOT_AVAILABLE,
         "configs": [],

@@ -57,7 +57,8 @@ def test_quick_run_writes_expected_json(tmp_path):
     assert {"command", "machine", "settings", "configs", "not_available", "elapsed_s"} <= report.keys()
     assert report["settings"]["epsilon"] == 3e-4 and report["settings"]["epsilon_high"] == 4e-4
     assert report["settings"]["steps_per_generation"] == 4
-    assert report["not_available"]["rollout log-probs reused as pi_old"].startswith("not available yet")
+    assert report["not_available"] == {}  # rollout log-probs: --rollout-logprobs
+    assert report["settings"]["workload"] == "equal" and report["settings"]["baseline"] == "trl"
     (config,) = report["configs"]
     assert {"objective", "in_process", "lockstep", "trials", "trainer_summary", "goals"} <= config.keys()
 
