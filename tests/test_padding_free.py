@@ -143,6 +143,11 @@ def test_packed_passes_equal_the_padded_path(make_model, tokenizer, tmp_path, ca
     inputs = ragged_inputs(trainer, tool_mask=case == "qwen2")
     padded, packed = both_paths(trainer, inputs)
     assert_same(padded, packed)
+    # the latest packed forward's layout maps packed positions back to the (B, L) batch (for per-token hooks)
+    layout, start = trainer.packed_layout
+    real = layout.token_index >= 0
+    batch_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)[start:].reshape(-1)
+    assert torch.equal(batch_ids[layout.token_index[real]], layout.input_ids[real])
     if trainer.aux_loss_enabled:
         # the padded path already leaves padding out of the load-balancing loss (attention mask); the packed path
         # runs each chunk as one row without filler, so it sees the same tokens and the same value

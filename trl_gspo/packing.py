@@ -205,6 +205,7 @@ def packed_logps_and_entropies(
     max_row_tokens: int | None = None,
     pad_token_id: int = 0,
     autocast=None,
+    on_pack=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """GRPOTrainer._get_per_token_logps_and_entropies on packed rows: same inputs, same (B, T) outputs.
 
@@ -215,6 +216,8 @@ def packed_logps_and_entropies(
     With `compute_aux_loss` each chunk is packed into a single row: the MoE load-balancing loss then averages over
     exactly the chunk's real tokens, as the padded path's (which masks padding with the attention mask) does; rows
     with filler would count the filler tokens. `autocast` is a factory of the autocast context (one per chunk).
+    `on_pack(packed, start)`, if given, is called before each chunk's forward with its PackedBatch and the index of
+    its first sequence in the batch: per-token hooks (e.g. MoE routing) map packed positions to (B, L) with it.
     """
     batch_size = batch_size or input_ids.size(0)
     all_logps, all_entropies, all_aux = [], [], []
@@ -227,6 +230,8 @@ def packed_logps_and_entropies(
             max_row_tokens=attention_mask.numel() if compute_aux_loss else max_row_tokens,
             pad_token_id=pad_token_id,
         )
+        if on_pack is not None:
+            on_pack(packed, start)
         model_inputs = packed.model_inputs()
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True

@@ -145,6 +145,7 @@ class GSPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         self._check_padding_free_supported()
         self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
+        self.packed_layout = None  # (PackedBatch, start) of the latest padding-free forward
         self._rollouts_seen = 0
 
     def _save_checkpoint(self, model, trial):
@@ -230,7 +231,17 @@ class GSPOTrainer(GRPOTrainer):
             compute_aux_loss=compute_aux_loss,
             max_row_tokens=self.args.padding_free_row_tokens,
             autocast=self.accelerator.autocast,
+            on_pack=self._remember_packing,
         )
+
+    def _remember_packing(self, packed, start):
+        """Keep the layout of the latest packed forward: `self.packed_layout = (PackedBatch, first sequence index)`.
+
+        It stays until the next packed forward, i.e. through the backward of the policy pass (gradient
+        checkpointing recomputes the layers there); per-token hooks use `PackedBatch.token_index` to map packed
+        positions back to the (B, L) batch.
+        """
+        self.packed_layout = (packed, start)
 
     # --- rollout log-probs as pi_old (trl_gspo/rollout_logprobs.py) ---
 
