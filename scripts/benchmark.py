@@ -367,7 +367,9 @@ def make_trainer(spec, name, output_dir):
         extra["rollout_func"] = ragged_rollout_func(tokenizer, spec["completion_length"], seed=spec["seed"])
     if name == "gspo" and not spec.get("aa_control"):
         gspo_fields = dict(
-            padding_free=spec.get("padding_free", False), use_rollout_logprobs=spec.get("rollout_logprobs", False)
+            padding_free=spec.get("padding_free", False),
+            padding_free_row_tokens=spec.get("row_tokens"),
+            use_rollout_logprobs=spec.get("rollout_logprobs", False),
         )
         args, trainer_cls = GSPOConfig(**common, **gspo_fields), GSPOTrainer
     elif spec.get("baseline") == "gspo-padding-free":  # the "trl" side is GSPOTrainer with padding_free only
@@ -1016,6 +1018,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--padding-free", action="store_true", help="GSPOConfig(padding_free=True) on the GSPO side")
     p.add_argument(
+        "--row-tokens", type=int, default=None, help="GSPOConfig.padding_free_row_tokens (default: the padded width)"
+    )
+    p.add_argument(
         "--rollout-logprobs",
         action="store_true",
         help="GSPOConfig(use_rollout_logprobs=True) on the GSPO side (no pi_old forward)",
@@ -1100,6 +1105,7 @@ def base_spec(args, completion_length, num_generations):
         padding_free=args.padding_free,
         rollout_logprobs=args.rollout_logprobs,
         baseline=args.baseline,
+        row_tokens=args.row_tokens,
     )
     if args.shape != "tiny":
         shape = SHAPES[args.shape]
@@ -1182,6 +1188,7 @@ def main(argv=None):
             "padding_free": args.padding_free,
             "use_rollout_logprobs": args.rollout_logprobs,
             "baseline": args.baseline,
+            "padding_free_row_tokens": args.row_tokens,
         },
         "not_available": NOT_AVAILABLE,
         "configs": [],
