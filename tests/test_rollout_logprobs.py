@@ -153,3 +153,41 @@ def test_vllm_refusals(tmp_path):
         GSPOConfig(**common)
     with pytest.raises(ValueError, match=r"top_p=0.9"):
         GSPOConfig(**common, vllm_importance_sampling_correction=False, top_p=0.9)
+
+
+def rollout_trainer(make_model, tokenizer, tmp_path, rollout_func):
+    return GSPOTrainer(
+        model=make_model("qwen3", max_position_embeddings=1024),
+        reward_funcs=completion_length_reward,
+        args=small_config(
+            tmp_path,
+            max_steps=1,
+            max_completion_length=32,
+            use_rollout_logprobs=True,
+            rollout_logprobs_check_interval=0,
+            padding_free=True,
+        ),
+        train_dataset=prompt_dataset("standard"),
+        processing_class=tokenizer,
+        rollout_func=rollout_func,
+    )
+
+
+def test_a_rollout_funcs_logprobs_are_pi_old(make_model, tokenizer, tmp_path):
+    from trl_gspo.benchmarks.ragged import SYNTHETIC_LOGPROB, ragged_rollout_func
+
+    trainer = rollout_trainer(make_model, tokenizer, tmp_path, ragged_rollout_func(tokenizer, 160))
+    trainer.train()
+    batch = trainer._buffered_inputs[0]
+    mask = batch["completion_mask"].bool()
+    assert mask.sum(1).min() < mask.sum(1).max()  # ragged
+    assert torch.all(batch["old_per_token_logps"][mask] == SYNTHETIC_LOGPROB)
+
+
+def test_missing_rollout_logprobs_raise(make_model, tokenizer, tmp_path):
+    def no_logprobs(prompts, trainer):
+        return {"prompt_ids": [[5, 6]] * len(prompts), "completion_ids": [[7, 1]] * len(prompts), "logprobs": None}
+
+    trainer = rollout_trainer(make_model, tokenizer, tmp_path, no_logprobs)
+    with pytest.raises(RuntimeError, match="returned no log-probs"):
+        trainer.train()

@@ -263,7 +263,12 @@ class GSPOTrainer(GRPOTrainer):
         """GRPOTrainer's _generate; with args.use_rollout_logprobs, keeps the rollout log-probs for the pi_old pass."""
         result = super()._generate(prompts)
         if self.args.use_rollout_logprobs:
-            self._pending_rollout_logprobs = result[4]  # per-token log-probs of the completions, or None
+            if result[4] is None:  # never fall back to the forward silently
+                raise RuntimeError(
+                    "GSPOConfig.use_rollout_logprobs=True, but this generation path returned no log-probs (a "
+                    "rollout_func must return them under 'logprobs'). Set use_rollout_logprobs=False."
+                )
+            self._pending_rollout_logprobs = result[4]  # per-token log-probs of the completions
         return result
 
     def _generate_and_score_completions(self, inputs):
