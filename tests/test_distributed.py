@@ -58,17 +58,11 @@ def test_deepspeed_zero_matches_ddp(tmp_path, ddp_run, stage):
         assert math.isclose(ours, reference, rel_tol=1e-5, abs_tol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "extra_fields",
-    [
-        {"padding_free": True},
-        {"padding_free": True, "use_rollout_logprobs": True, "rollout_logprobs_check_interval": 1},
-    ],
-    ids=["padding_free", "padding_free+rollout_logprobs"],
-)
-def test_zero3_with_speed_options_matches_ddp(tmp_path, ddp_run, extra_fields):
+def test_zero3_with_speed_options_matches_ddp(tmp_path, ddp_run):
     """Packed passes (one forward per pass on every rank, as ZeRO-3's collective gathers need) and rollout
-    log-probs give the padded DDP run's losses (float32: rollout and recomputed pi_old differ by ~1e-7)."""
+    log-probs, checked against a packed pi_old forward at every rollout, give the padded DDP run's losses (float32:
+    rollout and recomputed pi_old differ by ~1e-7)."""
+    extra_fields = {"padding_free": True, "use_rollout_logprobs": True, "rollout_logprobs_check_interval": 1}
     run = launch(tmp_path, "zero3_speed", {**DEEPSPEED, "zero_optimization": {"stage": 3}}, extra_fields)
     assert run["world_size"] == 2 and "DEEPSPEED" in run["distributed_type"]
     for ours, reference in zip(run["losses"], ddp_run["losses"], strict=True):
