@@ -357,7 +357,7 @@ def make_trainer(spec, name, output_dir):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    if spec["suppress_eos"]:  # no EOS: every completion runs to max_completion_length
+    if spec["suppress_eos"] and spec.get("workload") != "ragged":  # no EOS: completions run to max length
         common["generation_kwargs"] = {"suppress_tokens": [tokenizer.eos_token_id]}
     extra = {}
     if spec.get("workload") == "ragged":  # identical synthetic rollouts on both sides (trl_gspo.benchmarks.ragged)
