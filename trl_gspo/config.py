@@ -62,6 +62,23 @@ class GSPOConfig(GRPOConfig):
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
             all tokens, which collapses long sequences.
 
+        padding_free (`bool`, defaults to `False`):
+            Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
+            same results as the padded path. Off by default: measured on CPU only (0.46x TRL's step on ragged work,
+            no change on equal lengths, BENCHMARKS.md); on GPUs the dense block-diagonal sdpa mask is untested.
+            Text-only models with sdpa, eager or flash-attention; others are refused when the trainer is built. For
+            a MoE model with an aux loss, the policy pass packs each chunk into one row (the load-balancing loss then
+            sees exactly the padded path's tokens) at the cost of attention quadratic in that row.
+        padding_free_row_tokens (`int` or `None`, defaults to `None`):
+            Token budget of one packed row; None uses the padded width of each batch.
+        use_rollout_logprobs (`bool`, defaults to `False`):
+            Use the log-probs computed while sampling as pi_old and skip the pi_old forward
+            (trl_gspo/rollout_logprobs.py). Refused for on-policy schedules, continuous batching, repetition
+            penalty and other distribution-changing generation settings, and, with vLLM, for its importance-sampling
+            correction and for top-k/top-p truncation.
+        rollout_logprobs_check_interval (`int`, defaults to `10`):
+            Every this many rollouts, also run the pi_old forward and log the mismatch (gspo/rollout_logprobs/*).
+
     Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
     `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
     `"sequence"` (use `"sequence_token"`), and a `"token_*"` vLLM importance-sampling mode with plain

@@ -11,9 +11,9 @@ Sources, all arriving as the per-token `logprobs` lists of GRPOTrainer's `_gener
   truncation, so those are refused with vLLM: the ratio would measure the kept mass, TRL issue 6789).
 - a custom `rollout_func`: its `logprobs`, as returned.
 
-`rollout_mismatch` compares the rollout log-probs with a recomputed pi_old at the sequence level, the level GSPO
-clips at: per sequence the length-normalised log-ratio mean_t(rollout - recomputed), reported as the mean and max
-of its absolute value and the fraction of sequences whose mismatch alone leaves the clip band.
+`sequence_log_ratios` and `rollout_mismatch` compare the rollout log-probs with a recomputed pi_old at the sequence
+level, the level GSPO clips at: per sequence the length-normalised log-ratio mean_t(rollout - recomputed), reported
+as the mean and max of its absolute value and the fraction of sequences whose mismatch alone leaves the clip band.
 """
 
 from __future__ import annotations
@@ -111,26 +111,28 @@ def pad_rollout_logprobs(logprobs: list[list[float | None]], width: int, device)
     return table.to(device)
 
 
-def rollout_mismatch(
-    rollout: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor, epsilon_low: float, epsilon_high: float
-) -> dict[str, float]:
-    """Sequence-level mismatch between rollout and recomputed pi_old log-probs ((B, T) each, mask (B, T)).
-
-    Per non-empty sequence r_i = sum_t mask * (rollout - recomputed) / sum_t mask, the length-normalised log-ratio
-    GSPO's importance ratio is built from. Returns mean and max of |r_i|, the clip band's half-width in log space
-    (log(1 + epsilon_high)) for comparison, and the fraction of sequences with r_i outside
-    [log(1 - epsilon_low), log(1 + epsilon_high)]: those whose clip decision the mismatch alone could flip.
-    """
+def sequence_log_ratios(rollout: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) length-normalised log-ratio sum_t mask * (rollout - recomputed) / sum_t mask; NaN for an empty row."""
     mask = mask.float()
     lengths = mask.sum(-1)
-    keep = lengths > 0
     diff = torch.where(mask.bool(), rollout.float() - recomputed.float(), 0.0)
-    ratio = (diff.sum(-1) / lengths.clamp(min=1.0))[keep]
-    if ratio.numel() == 0:
+    ratios = diff.sum(-1) / lengths.clamp(min=1.0)
+    return torch.where(lengths > 0, ratios, torch.full_like(ratios, math.nan))
+
+
+def rollout_mismatch(ratios: torch.Tensor, epsilon_low: float, epsilon_high: float) -> dict[str, float]:
+    """Statistics of the per-sequence log-ratios r_i of `sequence_log_ratios` (NaN rows are left out).
+
+    Returns mean and max of |r_i|, the clip band's upper edge in log space (log(1 + epsilon_high)) to read them
+    against, and the fraction of sequences with r_i outside [log(1 - epsilon_low), log(1 + epsilon_high)]: those
+    whose clip decision the mismatch alone could flip. Empty dict when no sequence has a token.
+    """
+    ratios = ratios[~torch.isnan(ratios)]
+    if ratios.numel() == 0:
         return {}
     low, high = math.log(1 - epsilon_low), math.log(1 + epsilon_high)
-    outside = ((ratio < low) | (ratio > high)).float().mean()
-    mean_abs, max_abs, outside = torch.stack([ratio.abs().mean(), ratio.abs().max(), outside]).tolist()
+    outside = ((ratios < low) | (ratios > high)).float().mean()
+    mean_abs, max_abs, outside = torch.stack([ratios.abs().mean(), ratios.abs().max(), outside]).tolist()
     return {
         "seq_abs_log_ratio_mean": mean_abs,
         "seq_abs_log_ratio_max": max_abs,

@@ -33,7 +33,13 @@ from trl import GRPOConfig, GRPOTrainer
 from .config import GSPOConfig
 from .objective import compute_policy_objective, length_normalized_is_weight
 from .packing import packed_logps_and_entropies, packing_support_problem
-from .rollout_logprobs import SampledTokenLogProbs, pad_rollout_logprobs, recording_generate, rollout_mismatch
+from .rollout_logprobs import (
+    SampledTokenLogProbs,
+    pad_rollout_logprobs,
+    recording_generate,
+    rollout_mismatch,
+    sequence_log_ratios,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -286,7 +292,7 @@ class GSPOTrainer(GRPOTrainer):
         is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
         (vLLM's None) falls back to the forward. Metrics (`gspo/rollout_logprobs/`, per check):
           seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| rollout vs recomputed, mean and max over
-                                         sequences (positions with a rollout log-prob of exactly 0, TRL's filler for
+                                         the sequences of all processes (positions with a rollout log-prob of exactly 0, TRL's filler for
                                          tool-result tokens, are left out)
           outside_clip_band              fraction of sequences whose mismatch alone leaves [log(1-eps_low),
                                          log(1+eps_high)]
@@ -308,7 +314,8 @@ class GSPOTrainer(GRPOTrainer):
         metrics["gspo/rollout_logprobs/fallback"].append(float(missing))
         if missing:
             return recomputed, None, None
-        stats = rollout_mismatch(rollout, recomputed, mask & (rollout != 0), self.epsilon_low, self.epsilon_high)
+        ratios = self.accelerator.gather(sequence_log_ratios(rollout, recomputed, mask & (rollout != 0)))
+        stats = rollout_mismatch(ratios, self.epsilon_low, self.epsilon_high)
         for name, value in stats.items():
             metrics[f"gspo/rollout_logprobs/{name}"].append(value)
         return rollout, None, None
