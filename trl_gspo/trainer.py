@@ -186,7 +186,7 @@ class GSPOTrainer(GRPOTrainer):
             return
         models = [("model", self.accelerator.unwrap_model(self.model))]
         if self.ref_model is not None:
-            models.append(("ref_model", self.ref_model))
+            models.append(("ref_model", self.accelerator.unwrap_model(self.ref_model)))
         for name, candidate in models:
             base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
             problem = packing_support_problem(base)
