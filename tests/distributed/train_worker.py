@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py: a fixed-seed tiny GSPO run under whatever `accelerate launch` set up.
 
-Writes {"world_size", "distributed_type", "losses"} to the JSON path given as argv[1] (main process only).
+Writes {"world_size", "distributed_type", "losses", "rollout_mismatch"} to the JSON path given as argv[1] (main process only).
 argv[2]: a DeepSpeed config (JSON) or "null"; argv[3]: extra GSPOConfig fields (JSON), e.g. {"padding_free": true}.
 """
 
@@ -48,7 +48,16 @@ def main(out_path, deepspeed_config=None, extra_fields=None):
         state = trainer.accelerator.state
         with open(out_path, "w") as f:
             json.dump(
-                {"world_size": state.num_processes, "distributed_type": str(state.distributed_type), "losses": losses},
+                {
+                    "world_size": state.num_processes,
+                    "distributed_type": str(state.distributed_type),
+                    "losses": losses,
+                    "rollout_mismatch": [
+                        h["gspo/rollout_logprobs/seq_abs_log_ratio_max"]
+                        for h in trainer.state.log_history
+                        if "gspo/rollout_logprobs/seq_abs_log_ratio_max" in h
+                    ],
+                },
                 f,
             )
 
