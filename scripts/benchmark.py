@@ -77,9 +77,7 @@ SHAPES = {
 }
 
 # Rows in the tables that this package cannot measure yet. Kept visible so nobody fills them in by hand.
-NOT_AVAILABLE = {
-    "rollout log-probs reused as pi_old": "not available yet (no such option in trl_gspo)",
-}
+NOT_AVAILABLE = {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,6 +261,7 @@ def _current_rss_kib():
 
 
 PROMPT_LENGTH = 6  # "ab+cd=" in the char tokenizer
+RAGGED_PROMPT_MAX = 192  # trl_gspo.benchmarks.ragged.PROMPT_LENGTHS["high"]
 
 
 def build_model(spec, tokenizer):
@@ -272,7 +271,8 @@ def build_model(spec, tokenizer):
     """
     from trl_gspo.tiny import build_tiny_causal_lm
 
-    max_positions = max(512, spec["completion_length"] + PROMPT_LENGTH + 8)
+    prompt_length = RAGGED_PROMPT_MAX if spec.get("workload") == "ragged" else PROMPT_LENGTH
+    max_positions = max(512, spec["completion_length"] + prompt_length + 8)
     if spec.get("shape", "tiny") == "tiny":
         return build_tiny_causal_lm(
             tokenizer,
@@ -357,10 +357,23 @@ def make_trainer(spec, name, output_dir):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    if spec["suppress_eos"]:  # no EOS: every completion runs to max_completion_length
+    if spec["suppress_eos"] and spec.get("workload") != "ragged":  # no EOS: completions run to max length
         common["generation_kwargs"] = {"suppress_tokens": [tokenizer.eos_token_id]}
+    extra = {}
+    if spec.get("workload") == "ragged":  # identical synthetic rollouts on both sides (trl_gspo.benchmarks.ragged)
+        from trl_gspo.benchmarks.ragged import ragged_rollout_func
+
+        os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+        extra["rollout_func"] = ragged_rollout_func(tokenizer, spec["completion_length"], seed=spec["seed"])
     if name == "gspo" and not spec.get("aa_control"):
-        args, trainer_cls = GSPOConfig(**common), GSPOTrainer
+        gspo_fields = dict(
+            padding_free=spec.get("padding_free", False),
+            padding_free_row_tokens=spec.get("row_tokens"),
+            use_rollout_logprobs=spec.get("rollout_logprobs", False),
+        )
+        args, trainer_cls = GSPOConfig(**common, **gspo_fields), GSPOTrainer
+    elif spec.get("baseline") == "gspo-padding-free":  # the "trl" side is GSPOTrainer with padding_free only
+        args, trainer_cls = GSPOConfig(**common, padding_free=True), GSPOTrainer
     else:
         args, trainer_cls = GRPOConfig(**common), GRPOTrainer
     return trainer_cls(
@@ -369,7 +382,33 @@ def make_trainer(spec, name, output_dir):
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
+        **extra,
     )
+
+
+def record_pass_masks(trainer):
+    """Keep the attention mask of every log-prob pass, chunk by chunk as it is run (for the padded-token share).
+
+    Only a reference to the mask is kept on the timed path; the share is computed after training.
+    """
+    masks = []
+    inner = trainer._get_per_token_logps_and_entropies
+
+    def recording(model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        masks.append((attention_mask, batch_size or attention_mask.size(0)))
+        return inner(model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = recording
+    return masks
+
+
+def pass_padding_share(trainer, masks):
+    """Padded share of the slots the log-prob passes processed (see trl_gspo.benchmarks.ragged.padding_share)."""
+    from trl_gspo.benchmarks.ragged import padding_share
+
+    chunks = [mask[i : i + size].cpu() for mask, size in masks for i in range(0, mask.size(0), size)]
+    packed = bool(getattr(trainer.args, "padding_free", False))
+    return padding_share(chunks, packed, getattr(trainer.args, "padding_free_row_tokens", None))
 
 
 def run_trial(spec):
@@ -406,6 +445,7 @@ def run_trial(spec):
         return loss
 
     trainer._compute_loss = timed_compute_loss
+    pass_masks = record_pass_masks(trainer)
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -440,6 +480,7 @@ def run_trial(spec):
         "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
     }
     result["train_peak_rss_delta_mib"] = result["peak_rss_mib"] - result["rss_before_train_mib"]
+    result.update(pass_padding_share(trainer, pass_masks))
     # completion tokens trained per second of measured step time
     result["tokens_per_s"] = spec["batch_size"] * mean_length / result["mean_step_s"]
     if device.startswith("cuda"):
@@ -730,6 +771,7 @@ TRIAL_METRICS = (
     "train_peak_rss_delta_mib",
     "tokens_per_s",
     "peak_gpu_mib",
+    "padded_share",
 )
 
 
@@ -839,6 +881,7 @@ def markdown_config_table(config_result):
         ("peak RSS growth during train()", "train_peak_rss_delta_mib", 1, "MiB"),
         ("completion tokens / s", "tokens_per_s", 1, "tok/s"),
         ("peak GPU memory allocated", "peak_gpu_mib", 1, "MiB"),
+        ("share of padded slots in the log-prob passes", "padded_share", 100, "%"),
     ]
     lines = [
         "| metric | GSPOTrainer median (min-max) | GRPOTrainer seq. median (min-max) | ratio GSPO/TRL |",
@@ -906,6 +949,8 @@ GOALS = {
     "peak_memory_ratio": 1.02,
     "objective_ratio": 1.10,
 }
+# issue 9: on the ragged workload with padding_free, GSPOTrainer must be clearly faster and use no more memory
+RAGGED_PADDING_FREE_GOALS = {"step_time_ratio": 0.8, "step_time_ratio_trials": 0.8, "peak_memory_ratio": 1.0}
 
 
 def goals_for(config_result):
@@ -920,7 +965,10 @@ def goals_for(config_result):
         values["step_time_ratio"] = config_result["lockstep"]["wall_all"]["ratio"]["median"]
     if config_result.get("in_process"):
         values["in_process_step_ratio"] = config_result["in_process"]["micro_step"]["ratio"]["median"]
-    return {k: {"value": v, "goal": GOALS[k], "met": bool(v <= GOALS[k])} for k, v in values.items()}
+    goals = GOALS
+    if config_result.get("workload") == "ragged" and config_result.get("padding_free"):
+        goals = {**GOALS, **RAGGED_PADDING_FREE_GOALS}
+    return {k: {"value": v, "goal": goals[k], "met": bool(v <= goals[k])} for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -961,6 +1009,29 @@ def parse_args(argv=None):
         "--threads", type=int, default=None, help="torch threads per trial (default 1 on cpu: see BENCHMARKS.md)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--workload",
+        choices=("equal", "ragged"),
+        default="equal",
+        help="equal: 'ab+cd=' prompts, generated completions of one length; ragged: synthetic rollouts of log-normal "
+        "prompt and completion lengths (trl_gspo/benchmarks/ragged.py), identical on both sides",
+    )
+    p.add_argument("--padding-free", action="store_true", help="GSPOConfig(padding_free=True) on the GSPO side")
+    p.add_argument(
+        "--row-tokens", type=int, default=None, help="GSPOConfig.padding_free_row_tokens (default: the padded width)"
+    )
+    p.add_argument(
+        "--rollout-logprobs",
+        action="store_true",
+        help="GSPOConfig(use_rollout_logprobs=True) on the GSPO side (no pi_old forward)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=("trl", "gspo-padding-free"),
+        default="trl",
+        help="the other side: TRL's GRPOTrainer (default), or GSPOTrainer(padding_free=True) to measure what "
+        "--rollout-logprobs adds on top of padding-free passes (the tables still call that side 'TRL')",
+    )
     p.add_argument("--allow-eos", action="store_true", help="let completions end early (lengths then vary)")
     p.add_argument("--objective-rounds", type=int, default=15, help="alternating rounds of the objective bench")
     p.add_argument("--ab-rounds", type=int, default=None, help="alternating rounds of the in-process A/B")
@@ -1030,6 +1101,11 @@ def base_spec(args, completion_length, num_generations):
         suppress_eos=not args.allow_eos,
         ab_rounds=args.ab_rounds,
         aa_control=args.aa_control,
+        workload=args.workload,
+        padding_free=args.padding_free,
+        rollout_logprobs=args.rollout_logprobs,
+        baseline=args.baseline,
+        row_tokens=args.row_tokens,
     )
     if args.shape != "tiny":
         shape = SHAPES[args.shape]
@@ -1108,6 +1184,11 @@ def main(argv=None):
             "threads": args.threads,
             "eos_suppressed": not args.allow_eos,
             "aa_control": args.aa_control,
+            "workload": args.workload,
+            "padding_free": args.padding_free,
+            "use_rollout_logprobs": args.rollout_logprobs,
+            "baseline": args.baseline,
+            "padding_free_row_tokens": args.row_tokens,
         },
         "not_available": NOT_AVAILABLE,
         "configs": [],
@@ -1117,7 +1198,13 @@ def main(argv=None):
         for group in args.num_generations:
             spec = base_spec(args, length, group)
             print(f"== completion length {length}, G={group}, batch {spec['batch_size']}", flush=True)
-            config_result = {"completion_length": length, "num_generations": group, "batch_size": spec["batch_size"]}
+            config_result = {
+                "completion_length": length,
+                "num_generations": group,
+                "batch_size": spec["batch_size"],
+                "workload": args.workload,
+                "padding_free": args.padding_free,
+            }
             config_result["objective"] = bench_objective(
                 spec["batch_size"], length, args.device, dtype, rounds=args.objective_rounds, seed=args.seed
             )

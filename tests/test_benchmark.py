@@ -57,7 +57,8 @@ def test_quick_run_writes_expected_json(tmp_path):
     assert {"command", "machine", "settings", "configs", "not_available", "elapsed_s"} <= report.keys()
     assert report["settings"]["epsilon"] == 3e-4 and report["settings"]["epsilon_high"] == 4e-4
     assert report["settings"]["steps_per_generation"] == 4
-    assert report["not_available"]["rollout log-probs reused as pi_old"].startswith("not available yet")
+    assert report["not_available"] == {}  # rollout log-probs: --rollout-logprobs
+    assert report["settings"]["workload"] == "equal" and report["settings"]["baseline"] == "trl"
     (config,) = report["configs"]
     assert {"objective", "in_process", "lockstep", "trials", "trainer_summary", "goals"} <= config.keys()
 
@@ -169,3 +170,31 @@ def test_pool_lockstep_pairs_steps_after_warmup():
     assert pooled["wall_all"]["ratio"]["n"] == 2 * (steps - bench.STEPS_PER_GENERATION)
     assert pooled["wall_gen"]["ratio"]["n"] == 2  # steps 4 of each run
     assert pooled["cpu_train"]["ratio"]["median"] == 1.0
+
+
+def test_ragged_rollouts_are_identical_for_both_trainers_and_ragged(tokenizer):
+    from trl_gspo.benchmarks.ragged import COMPLETION_LENGTHS, PROMPT_LENGTHS, ragged_rollout_func
+
+    prompts = [p for p in ("a", "b", "c", "d") for _ in range(8)]  # 4 groups of 8
+    first, second = ragged_rollout_func(tokenizer, 512, seed=0), ragged_rollout_func(tokenizer, 512, seed=0)
+    out, again = first(prompts, None), second(prompts, None)
+    assert out == again  # identical work on both sides
+    assert first(prompts, None) != out  # the next rollout differs
+    completion_lengths = [len(c) for c in out["completion_ids"]]
+    assert all(c[-1] == tokenizer.eos_token_id for c in out["completion_ids"])
+    assert COMPLETION_LENGTHS["low"] <= min(completion_lengths) and max(completion_lengths) <= 512
+    assert max(completion_lengths) > 2 * min(completion_lengths)  # ragged
+    for group in range(4):
+        ids = out["prompt_ids"][8 * group : 8 * group + 8]
+        assert all(p == ids[0] for p in ids) and PROMPT_LENGTHS["low"] <= len(ids[0]) <= PROMPT_LENGTHS["high"]
+    assert [len(lp) for lp in out["logprobs"]] == completion_lengths
+
+
+def test_padding_share_counts_slots():
+    from trl_gspo.benchmarks.ragged import padding_share
+
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 0]])  # lengths 3, 2, 1; width 4
+    assert padding_share([mask], packed=False) == {"real_tokens": 6, "processed_tokens": 12, "padded_share": 0.5}
+    # rows of at most 4 tokens, first fit decreasing: [3, 1] and [2] -> 2 rows of width 4
+    packed = padding_share([mask], packed=True)
+    assert packed["processed_tokens"] == 8 and packed["padded_share"] == pytest.approx(0.25)

@@ -71,6 +71,23 @@ class GSPOConfig(GRPOConfig):
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
             all tokens, which collapses long sequences.
 
+        padding_free (`bool`, defaults to `False`):
+            Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
+            same results as the padded path. Off by default: measured on CPU only (0.46x TRL's step on ragged work,
+            no change on equal lengths, BENCHMARKS.md); on GPUs the dense block-diagonal sdpa mask is untested.
+            Text-only models with sdpa, eager or flash-attention; others are refused when the trainer is built. For
+            a MoE model with an aux loss, the policy pass packs each chunk into one row (the load-balancing loss then
+            sees exactly the padded path's tokens) at the cost of attention quadratic in that row.
+        padding_free_row_tokens (`int` or `None`, defaults to `None`):
+            Token budget of one packed row; None uses the padded width of each batch.
+        use_rollout_logprobs (`bool`, defaults to `False`):
+            Use the log-probs computed while sampling as pi_old and skip the pi_old forward
+            (trl_gspo/rollout_logprobs.py). Refused for on-policy schedules, continuous batching, repetition
+            penalty and other distribution-changing generation settings, and, with vLLM, for its importance-sampling
+            correction and for top-k/top-p truncation.
+        rollout_logprobs_check_interval (`int`, defaults to `10`):
+            Every this many rollouts, also run the pi_old forward and log the mismatch (gspo/rollout_logprobs/*).
+
     Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
     `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
     `"sequence"` (use `"sequence_token"`), and a `"token_*"` vLLM importance-sampling mode with plain
@@ -106,13 +123,48 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    # --- padding-free passes (trl_gspo/packing.py) ---
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
+            "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
+            "layout. Text-only models with sdpa, eager or flash-attention only."
+        },
+    )
+    padding_free_row_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "With padding_free: token budget of one packed row. None uses the padded width of the batch, so "
+            "no row's attention (quadratic in its length with sdpa/eager) costs more than a padded sequence's."
+        },
+    )
+
+    # --- rollout log-probs as pi_old (trl_gspo/rollout_logprobs.py) ---
+    use_rollout_logprobs: bool = field(
+        default=False,
+        metadata={
+            "help": "Use the log-probs computed while sampling (transformers generation, vLLM or a rollout_func) as "
+            "pi_old instead of running a separate pi_old forward."
+        },
+    )
+    rollout_logprobs_check_interval: int = field(
+        default=10,
+        metadata={
+            "help": "With use_rollout_logprobs: every this many rollouts, also run the pi_old forward and log the "
+            "sequence-level mismatch (gspo/rollout_logprobs/*). 0 never checks."
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
             self.bf16 = default_bf16(self.use_cpu)
         self._validate_gspo_fields()
+        self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
         super().__post_init__()
+        self._validate_rollout_logprobs_fields()
         self._warn_on_suspicious_setup()
 
     @property
@@ -189,6 +241,59 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(
                 f"GSPOConfig.vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} weights tokens, "
                 "but GSPO ('sequence') has one term per sequence. Use 'sequence_mask' or 'sequence_truncate'."
+            )
+
+    def _validate_padding_free_fields(self):
+        if self.padding_free_row_tokens is not None and self.padding_free_row_tokens < 1:
+            raise ValueError(
+                f"GSPOConfig.padding_free_row_tokens={self.padding_free_row_tokens} must be a positive number of "
+                "tokens, or None (the padded width of each batch)."
+            )
+
+    def _validate_rollout_logprobs_fields(self):
+        from .rollout_logprobs import DISTRIBUTION_CHANGING_KWARGS, TRUNCATING_KWARGS
+
+        if self.rollout_logprobs_check_interval < 0:
+            raise ValueError(
+                f"GSPOConfig.rollout_logprobs_check_interval={self.rollout_logprobs_check_interval} must be >= 0 "
+                "(0: never recompute pi_old to check the rollout log-probs)."
+            )
+        if not self.use_rollout_logprobs:
+            return
+        refuse = "GSPOConfig.use_rollout_logprobs=True"
+        if self.is_on_policy:
+            raise ValueError(
+                f"{refuse} replaces the pi_old forward, which this on-policy schedule (gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}, steps_per_generation={self.steps_per_generation}, "
+                f"num_iterations={self.num_iterations}) does not run: pi_old is the detached current policy."
+            )
+        if self.use_transformers_continuous_batching:
+            raise ValueError(f"{refuse}: use_transformers_continuous_batching=True returns no log-probs.")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            raise ValueError(
+                f"{refuse} with vllm_importance_sampling_correction=True: the correction compares the recomputed pi_old "
+                "with vLLM's log-probs, which would then be the same tensor. Set vllm_importance_sampling_correction="
+                "False (the gspo/rollout_logprobs/* metrics report the mismatch instead)."
+            )
+        generation = dict(self.generation_kwargs or {})
+        changed = [key for key in DISTRIBUTION_CHANGING_KWARGS if key in generation]
+        if self.repetition_penalty != 1.0:
+            changed.append(f"repetition_penalty={self.repetition_penalty}")
+        if changed:
+            raise ValueError(
+                f"{refuse} with {changed}: these change the sampling distribution, so the rollout log-probs are not "
+                "those of the policy the trainer computes pi_old from. Remove them or set use_rollout_logprobs=False."
+            )
+        truncating = [key for key in TRUNCATING_KWARGS if generation.get(key) not in (None, 0, 1.0)]
+        truncating += [
+            f"{key}={value}"
+            for key, value in (("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p))
+            if value not in (None, 0, -1, 1.0)
+        ]
+        if self.use_vllm and truncating:
+            raise ValueError(
+                f"{refuse} with vLLM and {truncating}: vLLM's log-probs are then of the truncated distribution, and "
+                "a ratio against them measures the kept probability mass, not a policy change (TRL issue 6789)."
             )
 
     def _warn_on_suspicious_setup(self):

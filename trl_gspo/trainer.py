@@ -9,6 +9,14 @@ What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
 normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
 router aux loss, and gradient-accumulation scaling. What it refuses is refused by GSPOConfig at construction.
+
+Speed options (off by default), each in its own module with the trainer as glue:
+- `padding_free` (trl_gspo/packing.py): `_get_per_token_logps_and_entropies` runs every log-prob pass (policy,
+  pi_old, reference) on packed rows without padding and unpacks to the (B, T) layout.
+- `use_rollout_logprobs` (trl_gspo/rollout_logprobs.py): `_generate_single_turn` records the sampled tokens'
+  log-probs under transformers generation, `_generate` keeps them, and the pi_old pass of
+  `_generate_and_score_completions` is answered with them instead of a forward (checked every
+  `rollout_logprobs_check_interval` rollouts).
 """
 
 from __future__ import annotations
@@ -26,7 +34,15 @@ from .banner import distributed_backend, start_banner
 from .config import GSPOConfig
 from .grpo_upgrade import upgrade_grpo_config
 from .objective import compute_policy_objective, length_normalized_is_weight
+from .packing import packed_logps_and_entropies, packing_support_problem
 from .rollout_buffer import load_rollout_buffer
+from .rollout_logprobs import (
+    SampledTokenLogProbs,
+    pad_rollout_logprobs,
+    recording_generate,
+    rollout_mismatch,
+    sequence_log_ratios,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -44,6 +60,9 @@ TRL_PRIVATE_API = {
     ),
     "get_high_entropy_mask": ("entropies", "mask", "threshold"),
     "_save_checkpoint": ("model", "trial"),
+    "_generate": ("prompts",),
+    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
+    "_generate_and_score_completions": ("inputs",),
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "get_off_policy_mask": (
         "advantages",
@@ -99,7 +118,10 @@ class GSPOTrainer(GRPOTrainer):
     Takes exactly GRPOTrainer's arguments and is a drop-in replacement for it. `args` may be a GSPOConfig, a
     GRPOConfig (upgraded by trl_gspo.grpo_upgrade: fields that differ from GRPOConfig's defaults are kept, the clip
     range as a pair, the rest take GSPO's defaults; a warning names both lists) or None (GSPOConfig defaults).
-    Overrides `_compute_loss` only; see the module docstring. Prints one start line on the main process (world
+    Overrides `_compute_loss` for the algorithm, `_save_checkpoint` and `_load_optimizer_and_scheduler` for exact
+    resumes, and, for the speed options only, `_get_per_token_logps_and_entropies`, `_generate_single_turn`,
+    `_generate` and `_generate_and_score_completions` (thin wrappers that call GRPOTrainer's); every private method
+    used is listed in TRL_PRIVATE_API. See the module docstring. Prints one start line on the main process (world
     size, backend, mixed precision, GSPO settings: trl_gspo/banner.py) and logs every metric GRPOTrainer logs for
     the same configuration.
     """
@@ -128,6 +150,10 @@ class GSPOTrainer(GRPOTrainer):
             args, notice = upgrade_grpo_config(args)  # the rule: trl_gspo/grpo_upgrade.py
             logger.warning(notice)
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        self._check_padding_free_supported()
+        self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
+        self.packed_layout = None  # (PackedBatch, start) of the latest padding-free forward
+        self._rollouts_seen = 0
         self._print_start_banner()
 
     def _print_start_banner(self):
@@ -160,6 +186,148 @@ class GSPOTrainer(GRPOTrainer):
             # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py)
             self._buffered_inputs = load_rollout_buffer(path, self.accelerator.device)
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
+
+    # --- padding-free log-prob passes (trl_gspo/packing.py) ---
+
+    def _check_padding_free_supported(self):
+        """With args.padding_free, refuse at construction a model whose passes cannot be packed (never a wrong result)."""
+        if not self.args.padding_free:
+            return
+        models = [("model", self.accelerator.unwrap_model(self.model))]
+        if self.ref_model is not None:
+            models.append(("ref_model", self.accelerator.unwrap_model(self.ref_model)))
+        for name, candidate in models:
+            base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
+            problem = packing_support_problem(base)
+            if problem:
+                raise ValueError(
+                    f"GSPOConfig.padding_free=True cannot be used with this {name}: {problem}. Set padding_free=False."
+                )
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """GRPOTrainer's log-prob pass; with args.padding_free, on packed rows (same (B, T) outputs, no padding).
+
+        Used by every pass: the policy (in _compute_loss), pi_old and the reference (in GRPOTrainer's
+        _generate_and_score_completions).
+        """
+        if self._pending_rollout_logprobs is not None and model is self.model and not compute_entropy:
+            return self._rollout_logprobs_as_pi_old(model, input_ids, attention_mask, logits_to_keep, batch_size)
+        if not self.args.padding_free:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+        extra = sorted(key for key, value in model_inputs.items() if value is not None)
+        if extra:  # vision-language inputs are refused at construction; never drop them silently
+            raise ValueError(f"GSPOConfig.padding_free=True cannot pack a batch with model inputs {extra}.")
+        return packed_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size=batch_size,
+            compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss,
+            max_row_tokens=self.args.padding_free_row_tokens,
+            autocast=self.accelerator.autocast,
+            on_pack=self._remember_packing,
+        )
+
+    def _remember_packing(self, packed, start):
+        """Keep the layout of the latest packed forward: `self.packed_layout = (PackedBatch, first sequence index)`.
+
+        It stays until the next packed forward, i.e. through the backward of the policy pass (gradient
+        checkpointing recomputes the layers there); per-token hooks use `PackedBatch.token_index` to map packed
+        positions back to the (B, L) batch.
+        """
+        self.packed_layout = (packed, start)
+
+    # --- rollout log-probs as pi_old (trl_gspo/rollout_logprobs.py) ---
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """GRPOTrainer's generation; with args.use_rollout_logprobs and transformers generation, it also returns the
+        log-probs of the sampled tokens (GRPOTrainer returns None there; vLLM returns its own)."""
+        if not self.args.use_rollout_logprobs or self.use_vllm:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        recorder = SampledTokenLogProbs(self.temperature)
+        with recording_generate(self.accelerator.unwrap_model(self.model_wrapped), recorder):
+            completion_ids, _ = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        return completion_ids, recorder.per_sequence(completion_ids)
+
+    def _generate(self, prompts):
+        """GRPOTrainer's _generate; with args.use_rollout_logprobs, keeps the rollout log-probs for the pi_old pass."""
+        result = super()._generate(prompts)
+        if self.args.use_rollout_logprobs:
+            if result[4] is None:  # never fall back to the forward silently
+                raise RuntimeError(
+                    "GSPOConfig.use_rollout_logprobs=True, but this generation path returned no log-probs (a "
+                    "rollout_func must return them under 'logprobs'). Set use_rollout_logprobs=False."
+                )
+            self._pending_rollout_logprobs = result[4]  # per-token log-probs of the completions
+        return result
+
+    def _generate_and_score_completions(self, inputs):
+        """GRPOTrainer's rollout; rollout log-probs never outlive it (see _rollout_logprobs_as_pi_old)."""
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._pending_rollout_logprobs = None
+
+    def _rollout_logprobs_as_pi_old(self, model, input_ids, attention_mask, logits_to_keep, batch_size):
+        """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
+        args.rollout_logprobs_check_interval rollouts, checked against a recomputed pi_old.
+
+        GRPOTrainer's first log-prob pass of the policy model without entropy inside _generate_and_score_completions
+        is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
+        (vLLM's None) falls back to the forward. Metrics (`gspo/rollout_logprobs/`, per check):
+          seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| rollout vs recomputed, mean and max over
+                                         the sequences of all processes (positions with a rollout log-prob of exactly 0, TRL's filler for
+                                         tool-result tokens, are left out)
+          outside_clip_band              fraction of sequences whose mismatch alone leaves [log(1-eps_low),
+                                         log(1+eps_high)]
+          clip_band_log_high             log(1 + eps_high), to read the two above against
+          fallback                       1 when a batch had missing rollout log-probs and used the forward
+        """
+        logprobs, self._pending_rollout_logprobs = self._pending_rollout_logprobs, None
+        rollout = pad_rollout_logprobs(logprobs, logits_to_keep, input_ids.device)
+        mask = attention_mask[:, -logits_to_keep:].bool()
+        self._rollouts_seen += 1
+        interval = self.args.rollout_logprobs_check_interval
+        missing = bool(torch.isnan(rollout[mask]).any())
+        if not missing and not (interval and (self._rollouts_seen - 1) % interval == 0):
+            return rollout, None, None
+        recomputed, _, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size
+        )
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["gspo/rollout_logprobs/fallback"].append(float(missing))
+        if missing:
+            return recomputed, None, None
+        ratios = self.accelerator.gather(sequence_log_ratios(rollout, recomputed, mask & (rollout != 0)))
+        stats = rollout_mismatch(ratios, self.epsilon_low, self.epsilon_high)
+        for name, value in stats.items():
+            metrics[f"gspo/rollout_logprobs/{name}"].append(value)
+        return rollout, None, None
 
     def _compute_loss(self, model, inputs):
         """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.

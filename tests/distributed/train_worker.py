@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py: a fixed-seed tiny GSPO run under whatever `accelerate launch` set up.
 
-Writes {"world_size", "distributed_type", "losses"} to the JSON path given as argv[1] (main process only).
+Writes {"world_size", "distributed_type", "losses", "rollout_mismatch"} to the JSON path given as argv[1] (main process only).
+argv[2]: a DeepSpeed config (JSON) or "null"; argv[3]: extra GSPOConfig fields (JSON), e.g. {"padding_free": true}.
 """
 
 import json
@@ -18,7 +19,7 @@ def reward(completions, **kwargs):
     return [float(len(c[-1]["content"]) % 4) for c in completions]
 
 
-def main(out_path, deepspeed_config=None):
+def main(out_path, deepspeed_config=None, extra_fields=None):
     torch.set_num_threads(1)
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(tokenizer, hidden_size=32, seed=0)
@@ -38,6 +39,7 @@ def main(out_path, deepspeed_config=None):
         bf16=False,
         seed=0,
         deepspeed=deepspeed_config,
+        **(extra_fields or {}),
     )
     trainer = GSPOTrainer(model, reward, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
@@ -46,10 +48,19 @@ def main(out_path, deepspeed_config=None):
         state = trainer.accelerator.state
         with open(out_path, "w") as f:
             json.dump(
-                {"world_size": state.num_processes, "distributed_type": str(state.distributed_type), "losses": losses},
+                {
+                    "world_size": state.num_processes,
+                    "distributed_type": str(state.distributed_type),
+                    "losses": losses,
+                    "rollout_mismatch": [
+                        h["gspo/rollout_logprobs/seq_abs_log_ratio_max"]
+                        for h in trainer.state.log_history
+                        if "gspo/rollout_logprobs/seq_abs_log_ratio_max" in h
+                    ],
+                },
                 f,
             )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else None)
+    main(*[sys.argv[1], *(json.loads(arg) for arg in sys.argv[2:])])

@@ -1,0 +1,1 @@
+"""Benchmark workloads and helpers used by scripts/benchmark.py."""

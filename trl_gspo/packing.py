@@ -1,0 +1,248 @@
+"""Padding-free log-prob passes: pack a padded (B, L) batch into rows without padding, unpack the results.
+
+GRPOTrainer feeds the model `cat([prompt_ids, completion_ids])` of shape (B, L): prompts left-padded, completions
+right-padded, so every sequence's real tokens form one contiguous span of columns. `pack_sequences` moves those
+spans into rows of at most `max_row_tokens` tokens (first-fit decreasing), with `position_ids` that restart at 0
+for each sequence. Called with `attention_mask=None` and no cache, transformers detects the packing from the
+position ids and masks attention block-diagonally, so each sequence sees only itself. The tail of a row shorter
+than the widest row is filled with one filler "sequence" (pad tokens, positions from 0, no labels), which attends
+only to itself.
+
+The labels are pre-shifted (`shift_labels`, as TRL's fused LM head accepts them): the label of a packed position
+is the next token of the same sequence when that token is a scored completion token, else -100, so no position is
+scored across a sequence boundary. `unpack_completion_values` maps the per-position results (log-probs,
+entropies) back to the (B, T) completion layout of the padded path, with zeros where the padded path has zeros.
+
+`PackedBatch.token_index` maps every packed position to its flat (B, L) index (b * L + column, -1 for filler) and
+`PackedBatch.packed_index` maps every (B, L) position to its flat packed index (r * W + w, -1 for padding): hooks
+that record per-token state (e.g. MoE routing) can move it between the two layouts with them.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedBatch:
+    """Model inputs for one padding-free forward, and the maps between the padded and the packed layouts.
+
+    input_ids, position_ids, shift_labels: (R, W) rows of packed sequences (see the module docstring).
+    token_index: (R, W) flat index b * L + column of each packed token in the padded (B, L) batch, -1 for filler.
+    packed_index: (B, L) flat index r * W + w of each real token in the packed rows, -1 for padding.
+    real_tokens: number of real tokens (the sum of the sequence lengths); R * W - real_tokens are filler.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    shift_labels: torch.Tensor
+    token_index: torch.Tensor
+    packed_index: torch.Tensor
+    real_tokens: int
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None | bool]:
+        """Keyword arguments for the model: packing is detected only without an attention mask and without a cache."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": None,
+            "use_cache": False,
+        }
+
+
+def assign_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
+    """Indices of the sequences in each row: first-fit decreasing into rows of at most `max_row_tokens` tokens.
+
+    A sequence longer than `max_row_tokens` gets a row of its own. Empty sequences (length 0) are left out.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep batch order
+        length = lengths[index]
+        if length == 0:
+            continue
+        for row, free in enumerate(room):
+            if length <= free:
+                rows[row].append(index)
+                room[row] -= length
+                break
+        else:
+            rows.append([index])
+            room.append(max_row_tokens - length)
+    return rows
+
+
+def pack_sequences(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    max_row_tokens: int | None = None,
+    pad_token_id: int = 0,
+) -> PackedBatch:
+    """Pack the real tokens of a padded batch into rows; see the module docstring.
+
+    Args:
+        input_ids, attention_mask: (B, L), the last `logits_to_keep` columns are the completion.
+        logits_to_keep: T, the number of completion columns whose tokens are scored.
+        max_row_tokens: token budget per row; None uses L, so no row is longer than the padded batch and the
+            (quadratic) attention of a row never costs more than that of one padded sequence.
+        pad_token_id: token of the row-tail filler (never scored).
+
+    Raises ValueError when a sequence's attended tokens are not one contiguous span (a hole in the mask): packing
+    would change the positions across the hole.
+    """
+    batch_size, width = input_ids.shape
+    device = input_ids.device
+    mask = attention_mask.bool()
+    lengths_t = mask.sum(1)
+    starts_t = torch.where(lengths_t > 0, mask.int().argmax(1), 0)
+    columns = torch.arange(width, device=device)
+    span = (columns >= starts_t[:, None]) & (columns < (starts_t + lengths_t)[:, None])
+    if not torch.equal(span, mask):
+        bad = (span != mask).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"pack_sequences: the attention mask of sequence(s) {bad} has a hole (its attended tokens are not one "
+            "contiguous span); such a batch cannot be packed without changing positions."
+        )
+    lengths, starts = lengths_t.tolist(), starts_t.tolist()  # one device-to-host transfer
+    budget = width if max_row_tokens is None else max_row_tokens
+    rows = assign_rows(lengths, budget)
+    row_width = max((sum(lengths[i] for i in row) for row in rows), default=1)
+
+    # flat (B, L) source index and position of each packed slot, row by row; filler: index -1, positions 0, 1, ...
+    sources, positions = [], []
+    for row in rows:
+        row_sources = [torch.arange(starts[i], starts[i] + lengths[i]) + i * width for i in row]
+        row_positions = [torch.arange(lengths[i]) for i in row]
+        filler = row_width - sum(lengths[i] for i in row)
+        if filler:
+            row_sources.append(torch.full((filler,), -1))
+            row_positions.append(torch.arange(filler))
+        sources.append(torch.cat(row_sources))
+        positions.append(torch.cat(row_positions))
+    if not rows:  # every sequence empty: one filler token, nothing scored
+        sources, positions = [torch.full((1,), -1)], [torch.zeros(1, dtype=torch.long)]
+    token_index = torch.stack(sources).to(device)
+    position_ids = torch.stack(positions).to(device)
+
+    is_token = token_index >= 0
+    safe_index = token_index.clamp(min=0)
+    flat_ids = input_ids.reshape(-1)
+    packed_ids = torch.where(is_token, flat_ids[safe_index], pad_token_id)
+    # label = the next token of the same sequence, where that token is a completion token; else ignored
+    next_index = safe_index + 1
+    next_column = next_index % width
+    next_in_span = is_token & (next_column != 0) & mask.reshape(-1)[next_index.clamp(max=flat_ids.numel() - 1)]
+    scored = next_in_span & (next_column >= width - logits_to_keep)
+    shift_labels = torch.where(scored, flat_ids[next_index.clamp(max=flat_ids.numel() - 1)], IGNORE_INDEX)
+
+    packed_index = torch.full((batch_size * width,), -1, dtype=torch.long, device=device)
+    packed_index[token_index[is_token]] = torch.arange(token_index.numel(), device=device)[is_token.reshape(-1)]
+    return PackedBatch(
+        input_ids=packed_ids,
+        position_ids=position_ids,
+        shift_labels=shift_labels,
+        token_index=token_index,
+        packed_index=packed_index.view(batch_size, width),
+        real_tokens=sum(lengths),
+    )
+
+
+def unpack_completion_values(packed: PackedBatch, values: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """Per-position results of the packed forward, (R, W), as the padded path's (B, T) completion values.
+
+    The value for completion token (b, c) is the one computed at the packed position of its predecessor (the model
+    scores the next token). Positions the padded path leaves at zero (padding, the first token of a sequence) are
+    zero here too. Differentiable: gradients flow back to `values`.
+    """
+    index = packed.packed_index
+    # column l's predecessor is column l - 1; column 0 has none
+    shifted = torch.cat([torch.full_like(index[:, :1], -1), index[:, :-1]], dim=1)
+    predecessor = shifted[:, index.size(1) - logits_to_keep :]
+    scored = (predecessor >= 0) & (index[:, index.size(1) - logits_to_keep :] >= 0)
+    gathered = values.reshape(-1)[predecessor.clamp(min=0)]
+    return torch.where(scored, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+# Attention implementations whose masks honour packed position ids without an attention mask (transformers 5):
+# sdpa and eager through masking_utils' packed-sequence detection (tested here), flash-attention through its
+# varlen path (position ids -> cu_seqlens; documented by transformers, not tested on this CPU machine).
+PACKING_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def packing_support_problem(model) -> str | None:
+    """Why `model` cannot run padding-free passes, or None when it can."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return f"{type(model).__name__} has no config"
+    if config.get_text_config() is not config:
+        return (
+            f"{type(model).__name__} is a vision-language model: its image inputs are laid out per padded sequence "
+            "and cannot be packed"
+        )
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in PACKING_ATTENTION_IMPLEMENTATIONS:
+        return (
+            f"attn_implementation={attention!r} does not detect packed sequences from position ids (supported: "
+            f"{PACKING_ATTENTION_IMPLEMENTATIONS}); each sequence would attend to the ones packed before it"
+        )
+    return None
+
+
+def packed_logps_and_entropies(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    batch_size: int | None = None,
+    compute_entropy: bool = False,
+    compute_aux_loss: bool = False,
+    max_row_tokens: int | None = None,
+    pad_token_id: int = 0,
+    autocast=None,
+    on_pack=None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """GRPOTrainer._get_per_token_logps_and_entropies on packed rows: same inputs, same (B, T) outputs.
+
+    `model` carries TRL's fused LM head (`fused_lm_head=True` with pre-shifted `shift_labels` scores exactly the
+    labelled positions). Chunks of `batch_size` sequences are packed and run one forward each, as TRL chunks the
+    padded batch, so the number of forward calls per pass is TRL's (collective-safe under ZeRO-3).
+
+    With `compute_aux_loss` each chunk is packed into a single row: the MoE load-balancing loss then averages over
+    exactly the chunk's real tokens, as the padded path's (which masks padding with the attention mask) does; rows
+    with filler would count the filler tokens. `autocast` is a factory of the autocast context (one per chunk).
+    `on_pack(packed, start)`, if given, is called before each chunk's forward with its PackedBatch and the index of
+    its first sequence in the batch: per-token hooks (e.g. MoE routing) map packed positions to (B, L) with it.
+    """
+    batch_size = batch_size or input_ids.size(0)
+    all_logps, all_entropies, all_aux = [], [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        end = min(start + batch_size, input_ids.size(0))
+        packed = pack_sequences(
+            input_ids[start:end],
+            attention_mask[start:end],
+            logits_to_keep,
+            max_row_tokens=attention_mask.numel() if compute_aux_loss else max_row_tokens,
+            pad_token_id=pad_token_id,
+        )
+        if on_pack is not None:
+            on_pack(packed, start)
+        model_inputs = packed.model_inputs()
+        if compute_aux_loss:
+            model_inputs["output_router_logits"] = True
+        with autocast() if autocast is not None else nullcontext():
+            outputs = model(**model_inputs, shift_labels=packed.shift_labels, fused_lm_head=True)
+        all_logps.append(unpack_completion_values(packed, outputs.log_probs, logits_to_keep))
+        if compute_entropy:
+            all_entropies.append(unpack_completion_values(packed, outputs.entropy, logits_to_keep))
+        if compute_aux_loss:
+            all_aux.append(outputs.aux_loss)
+    logps = torch.cat(all_logps, dim=0)
+    entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+    aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+    return logps, entropies, aux_loss
