@@ -39,13 +39,13 @@ lower advantage than the characters around it.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from trl.trainer.utils import is_async_callable
 
 from .rewards import completion_text
 
@@ -228,7 +228,9 @@ def token_advantage_component(
     """
     rows, width = token_rewards.shape
     if rows % num_generations:
-        raise ValueError(f"token_advantage_component: {rows} rows are not a whole number of groups of {num_generations}")
+        raise ValueError(
+            f"token_advantage_component: {rows} rows are not a whole number of groups of {num_generations}"
+        )
     r = token_rewards.double().reshape(-1, num_generations * width)
     m = mask.double().reshape(-1, num_generations * width)
     count = m.sum(-1, keepdim=True)
@@ -314,7 +316,7 @@ class TokenRewardCollector:
         return scalars
 
     def wrap(self, func_index: int, func: Callable, name: str) -> Callable:
-        if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
+        if is_async_callable(func):
 
             async def wrapped_async(*args, **kwargs):
                 return self.convert(func_index, name, await func(*args, **kwargs))
