@@ -199,3 +199,21 @@ def test_collector_errors_name_function_and_completion(tokenizer):
     sequence = TokenRewardCollector(tokenizer, ids, ["ab", "ab"], "sequence")
     with pytest.raises(TokenRewardError, match=r"'spans'.*sequence_token.*completion 1"):
         sequence.wrap(0, lambda completions, **k: [1.0, [(0, 1, 1.0)]], "spans")(completions=["ab", "ab"])
+
+
+def test_checked_wrapper_passes_token_level_outputs_and_keeps_the_marker():
+    from trl_gspo.rewards import wrap_reward_checked
+
+    checked = wrap_reward_checked(span_reward)
+    assert checked.returns_token_rewards is True
+    assert checked(completions=["ab", "c"]) == [[(0, 1, -1.0)], [(0, 1, -1.0)]]
+    with pytest.raises(TokenRewardError, match="'span_reward'"):
+        check_token_reward_level([checked], "sequence")
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf")])
+def test_token_advantage_weight_is_validated(weight, tmp_path):
+    from trl_gspo import GSPOConfig
+
+    with pytest.raises(ValueError, match=rf"token_advantage_weight={weight}"):
+        GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage_weight=weight)

@@ -240,6 +240,8 @@ class _CheckedReward:
         self.func = func
         self.__name__ = getattr(func, "__name__", type(func).__name__)
         functools.update_wrapper(self, func, updated=())
+        # the token-level marker (trl_gspo.token_rewards.token_level_reward) must survive the wrapping
+        self.returns_token_rewards = getattr(func, "returns_token_rewards", False)
 
     def __call__(self, *, completions: list[Completion], **kwargs) -> list[float | None]:
         """Call the wrapped reward function (with keyword arguments, as TRL does) and check its rewards."""
@@ -252,6 +254,8 @@ class _CheckedReward:
                 f"reward function {self.__name__!r} returned {len(rewards)} rewards for {len(completions)} completions"
             )
         for index, reward in enumerate(rewards):
+            if isinstance(reward, (list, tuple)):
+                continue  # a span list or per-token list: GSPOTrainer checks it (trl_gspo.token_rewards)
             if reward is not None and not (isinstance(reward, numbers.Real) and math.isfinite(reward)):
                 raise ValueError(
                     f"reward function {self.__name__!r} returned {reward!r} at index {index}; "
@@ -263,7 +267,9 @@ class _CheckedReward:
 def wrap_reward_checked(func: RewardFunc) -> RewardFunc:
     """Wrap a reward function so that exceptions become RuntimeErrors and bad outputs ValueErrors naming it.
 
-    Returned rewards must be one per completion, each a finite number or None (NaN and infinities are rejected).
+    Returned rewards must be one per completion, each a finite number or None (NaN and infinities are rejected here,
+    stricter than GSPOTrainer, which warns and treats them as None), or a span / per-token list (token-level rewards,
+    checked by GSPOTrainer).
     The wrapper keeps the function's ``__name__``, which TRL uses to label the reward in its logs.
     """
     return _CheckedReward(func)

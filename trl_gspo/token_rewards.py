@@ -343,7 +343,7 @@ class TokenRewardCollector:
 def non_finite_warning(name: str, nan_count: int, inf_count: int, total: int) -> str:
     return (
         f"reward function {name!r} returned NaN for {nan_count / total:.1%} and +-inf for {inf_count / total:.1%} of "
-        f"the {total} completions of this step. Both are treated like None (cannot score: left out of the group "
+        f"the {total} completions of this rollout. Both are treated like None (cannot score: left out of the group "
         "baseline, no advantage). Return None for a completion you cannot score; NaN or inf usually means a bug. "
         "This warning is shown once per reward function."
     )
@@ -351,7 +351,7 @@ def non_finite_warning(name: str, nan_count: int, inf_count: int, total: int) ->
 
 def no_finite_reward_message(names: Sequence[str], total: int) -> str:
     return (
-        f"no reward function ({', '.join(map(repr, names))}) gave any of the {total} completions of this step a "
-        "finite reward (all None, NaN or inf): the step would train on nothing. Refusing it; check the reward "
+        f"no reward function ({', '.join(map(repr, names))}) gave any of the {total} completions of this rollout a "
+        "finite reward (all None, NaN or inf): training on it would update on nothing. Refusing it before any parameter changes; check the reward "
         "functions."
     )
