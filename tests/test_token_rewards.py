@@ -217,3 +217,34 @@ def test_token_advantage_weight_is_validated(weight, tmp_path):
 
     with pytest.raises(ValueError, match=rf"token_advantage_weight={weight}"):
         GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage_weight=weight)
+
+
+def naive_mismatch_total(text, gold):
+    """Number of mistakes: wrong positions, one for any surplus, one for stopping short (-1 for an empty text)."""
+    if not text:
+        return -1.0
+    wrong = sum(a != b for a, b in zip(text, gold))
+    return -float(wrong + (len(text) > len(gold)) + (len(text) < len(gold)))
+
+
+def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
+    from trl_gspo.rewards import mismatch_spans
+    from trl_gspo.tasks import get_task
+
+    assert get_task("place").span_reward == "mismatch_spans"
+    assert mismatch_spans(["abxde", "abcde", "abxdeff", "ab", ""], ["abxde"] * 5) == [
+        [],
+        [(2, 3, -1.0)],
+        [(5, 7, -1.0)],
+        [(1, 2, -1.0)],
+        -1.0,
+    ]
+    rng = random.Random(1)
+    for _ in range(200):
+        gold = "".join(rng.choice("abc") for _ in range(5))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 7)))
+        (out,) = mismatch_spans([text], [gold])
+        total = out if isinstance(out, float) else sum(v for _, _, v in out)
+        assert total == naive_mismatch_total(text, gold)
+        if not isinstance(out, float):  # valid spans: inside the text, disjoint
+            spans_to_token_values(out, [(k, k + 1) for k in range(len(text))], len(text), "mismatch_spans", 0)
