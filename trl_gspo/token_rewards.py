@@ -355,3 +355,34 @@ def no_finite_reward_message(names: Sequence[str], total: int) -> str:
         "finite reward (all None, NaN or inf): training on it would update on nothing. Refusing it before any parameter changes; check the reward "
         "functions."
     )
+
+
+class _SummedReward:
+    """A token-level reward function collapsed to one number per completion; see `summed_reward`."""
+
+    def __init__(self, func: Callable):
+        self.func = func
+        self.__name__ = f"{reward_name(func)}_sum"
+
+    def __call__(self, *, completions, **kwargs) -> list[float | None]:
+        outputs = self.func(completions=completions, **kwargs)
+        summed = []
+        for index, value in enumerate(outputs):
+            kind = output_kind(value, self.__name__, index)
+            if kind == "scalar":
+                summed.append(value)
+            elif kind == "tokens":
+                summed.append(float(sum(value)))
+            else:
+                summed.append(float(sum(span[2] for span in value)))
+        return summed
+
+
+def summed_reward(func: Callable) -> Callable:
+    """The sequence-level version of a token-level reward: each completion's spans or token values summed.
+
+    It is exactly the sequence reward GSPO-token sees for `func` (module docstring), without the per-token detail:
+    train GSPO with it to compare the same reward information with and without per-token credit. Named
+    `<name>_sum`; picklable if `func` is.
+    """
+    return _SummedReward(func)
