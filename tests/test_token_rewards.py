@@ -248,3 +248,13 @@ def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
         assert total == naive_mismatch_total(text, gold)
         if not isinstance(out, float):  # valid spans: inside the text, disjoint
             spans_to_token_values(out, [(k, k + 1) for k in range(len(text))], len(text), "mismatch_spans", 0)
+
+
+def test_tensor_and_numpy_outputs_are_accepted():
+    import numpy as np
+
+    assert output_kind(torch.tensor(1.5), "f", 0) == "scalar"
+    assert output_kind(np.float32(1.5), "f", 0) == "scalar"
+    assert output_kind(torch.tensor([1.0, 0.0]), "f", 0) == "tokens"
+    assert output_kind(np.array([1.0, 0.0]), "f", 0) == "tokens"
+    assert output_kind(np.array([[0, 1, -1.0]]), "f", 0) == "spans"

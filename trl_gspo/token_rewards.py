@@ -106,10 +106,10 @@ def output_kind(value: Any, name: str, index: int) -> str:
     """
     if value is None or _is_number(value):
         return "scalar"
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            return "scalar"
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":  # tensors and arrays as lists
         value = value.tolist()
+        if _is_number(value):
+            return "scalar"
     if isinstance(value, (list, tuple)):
         if all(_is_number(v) for v in value):
             return "tokens" if value else "spans"
@@ -281,7 +281,7 @@ class TokenRewardCollector:
         for index, value in enumerate(outputs):
             kind = output_kind(value, name, index)
             if kind == "scalar":
-                value = None if value is None else float(value)
+                value = None if value is None else float(value)  # also unwraps 0-d tensors and numpy scalars
                 if value is not None and math.isnan(value):
                     nan_count += 1
                 elif value is not None and math.isinf(value):
@@ -294,7 +294,7 @@ class TokenRewardCollector:
                 raise TokenRewardError(
                     token_level_mismatch_message(name, self.level) + f" (first seen at completion {index})"
                 )
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
                 value = value.tolist()
             num_tokens = len(self.completion_ids[index])
             if kind == "tokens":
