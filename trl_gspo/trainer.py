@@ -5,6 +5,10 @@ is saved, so a resume inside a rollout is exact). Generation, rewards, advantage
 reference log-probs, vLLM, PEFT, DeepSpeed/FSDP and checkpointing are GRPOTrainer's, untouched. With
 `importance_sampling_level="token"` the override hands the micro-batch to GRPOTrainer's own loss (plain GRPO).
 
+Token and span rewards (trl_gspo.token_rewards) and the rollout diagnostics (trl_gspo.diagnostics) add two thin
+overrides: `_calculate_rewards` (token-level outputs taken out, every reward checked) and
+`_generate_and_score_completions` (super(), then (B, T) advantages for GSPO-token and the diagnostics).
+
 What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
 normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
