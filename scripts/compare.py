@@ -36,6 +36,12 @@ def parse_flags(argv=None):
     parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
     parser.add_argument("--eval-every", type=int, default=TrainSettings.eval_every)
     parser.add_argument("--test-rows", type=int, default=TrainSettings.test_rows)
+    parser.add_argument(
+        "--token-advantage-weight",
+        type=float,
+        default=TrainSettings.token_advantage_weight,
+        help="lambda of GSPO-token's group-normalised token component (GSPOConfig.token_advantage_weight)",
+    )
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--cache-dir", default=".cache/trl_gspo", help="where warm-started models are cached")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see scripts/demo.py)")
@@ -55,6 +61,7 @@ def main(argv=None):
         test_rows=flags.test_rows,
         monitor_rows=min(TrainSettings.monitor_rows, flags.test_rows),
         threads=flags.threads,
+        token_advantage_weight=flags.token_advantage_weight,
     )
     if flags.tiny:
         settings.split_sizes = {"train": 64, "dev": 16, "test": 16}

@@ -77,6 +77,7 @@ class TrainSettings:
     test_rows: int = 256
     monitor_rows: int = 128
     threads: int = 1
+    token_advantage_weight: float = 1.0  # lambda of GSPO-token's token component (GSPOConfig)
     target_accuracy: float = 0.3
     split_sizes: dict | None = None
     model_kwargs: dict | None = field(default=None)
@@ -144,6 +145,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
         lr_scheduler_type="linear",
         max_steps=settings.steps,
         logging_steps=settings.logging_steps,
+        token_advantage_weight=settings.token_advantage_weight,
         seed=seed,
         use_cpu=True,
         bf16=False,
