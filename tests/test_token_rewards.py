@@ -258,3 +258,18 @@ def test_tensor_and_numpy_outputs_are_accepted():
     assert output_kind(torch.tensor([1.0, 0.0]), "f", 0) == "tokens"
     assert output_kind(np.array([1.0, 0.0]), "f", 0) == "tokens"
     assert output_kind(np.array([[0, 1, -1.0]]), "f", 0) == "spans"
+
+
+def test_summed_reward_is_the_sequence_reward_gspo_token_sees(tokenizer):
+    from trl_gspo.token_rewards import summed_reward
+
+    def mixed(completions, **kwargs):
+        return [[(0, 1, -1.0), (1, 2, 0.25)], [0.5, 0.5, 1.0], None, 3.0]
+
+    texts = ["ab", "cd", "", "x"]
+    summed = summed_reward(mixed)
+    assert summed.__name__ == "mixed_sum"
+    assert summed(completions=texts) == [-0.75, 2.0, None, 3.0]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    collector = TokenRewardCollector(tokenizer, ids, texts, "sequence_token")
+    assert collector.wrap(0, mixed, "mixed")(completions=texts) == summed(completions=texts)
