@@ -360,7 +360,7 @@ def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> 
         ax.legend(fontsize="small")
     seconds = [[r["train_seconds"] for r in results if r["arm"] == arm] for arm in arms]
     flat[-1].bar(range(len(arms)), [statistics.fmean(s) for s in seconds])
-    flat[-1].set_xticks(range(len(arms)), [ARMS[a].label.split(" (")[0] for a in arms])
+    flat[-1].set_xticks(range(len(arms)), arms)
     flat[-1].set_title("train wall time per run (s)")
     if title:
         fig.suptitle(title)
