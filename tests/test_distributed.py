@@ -69,3 +69,35 @@ def test_zero3_with_speed_options_matches_ddp(tmp_path, ddp_run):
     assert run["rollout_mismatch"] and max(run["rollout_mismatch"]) < 1e-5
     for ours, reference in zip(run["losses"], ddp_run["losses"], strict=True):
         assert math.isclose(ours, reference, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_token_advantages_are_normalised_over_groups_that_straddle_processes(tmp_path):
+    """GSPO-token with a span reward in a world of 2: each rank's (B, T) advantages equal the single-process formula
+    applied to both ranks' rows together (the group statistics cross the process boundary)."""
+    import torch
+
+    from trl_gspo.token_rewards import token_advantage_component
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--mixed_precision", "no", "--main_process_port", "0", str(WORKER.parent / "token_reward_worker.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command + [str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and all(math.isfinite(x) for x in summary["losses"])
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    width = max(r["mask"].size(1) for r in ranks)
+
+    def padded(key, rank):
+        value = rank[key]
+        return torch.nn.functional.pad(value, (0, width - value.size(1)))
+
+    rewards = torch.cat([padded("token_rewards", r) for r in ranks])
+    mask = torch.cat([padded("mask", r) for r in ranks])
+    assert rewards.size(0) == 12  # 6 rows per rank, groups of 4: rows 4..7 span both ranks
+    expected = torch.cat([r["sequence_advantages"] for r in ranks]).unsqueeze(1) + token_advantage_component(
+        rewards, mask, 4
+    )
+    got = torch.cat([padded("advantages", r) for r in ranks])
+    torch.testing.assert_close(got * mask, expected * mask, atol=1e-5, rtol=1e-5)
+    assert (token_advantage_component(rewards[4:8], mask[4:8], 4) * mask[4:8]).abs().sum() > 0  # a real signal

@@ -130,14 +130,30 @@ def test_parser_reads_continuations_and_comments():
         runnable_argv("make lint")
 
 
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+
+
 def test_readme_python_snippet_is_the_quickstart_script():
-    """The README's Python block is scripts/quickstart.py's snippet verbatim (and the script runs below)."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```", readme, flags=re.S | re.M)
-    assert len(blocks) == 1
+    """The README's first Python block is scripts/quickstart.py's snippet verbatim (and the script runs below)."""
+    blocks = readme_python_blocks()
     source = (ROOT / "scripts" / "quickstart.py").read_text()
     snippet = source.split("# --- README snippet ---\n")[1].split("# --- end of README snippet ---")[0]
     assert textwrap.dedent(snippet).strip() == blocks[0].strip()
+
+
+@pytest.mark.slow
+def test_readme_other_python_blocks_run(tmp_path):
+    """Every later Python block of the README is a complete program: it runs as written, in a scratch folder."""
+    blocks = readme_python_blocks()[1:]
+    assert blocks, "the README has no Python block besides the quickstart"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    for block in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, f"README Python block failed:\n{block[:300]}\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.slow

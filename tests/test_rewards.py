@@ -201,7 +201,13 @@ def test_exact_match():
 
 
 def test_registry_contents():
-    assert set(REWARD_FUNCS) == {"math_accuracy", "think_format", "soft_overlong_penalty", "exact_match"}
+    assert set(REWARD_FUNCS) == {
+        "math_accuracy",
+        "think_format",
+        "soft_overlong_penalty",
+        "exact_match",
+        "mismatch_spans",
+    }
     assert REWARD_FACTORIES <= set(REWARD_FUNCS)
 
 

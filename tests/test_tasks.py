@@ -39,6 +39,9 @@ def test_three_tasks_registered():
         ("add", "47+85=", "132"),
         ("add", "10+10=", "20"),
         ("add", "99+99=", "198"),
+        ("place", "set 3 x abcde", "abxde"),
+        ("place", "set 1 a abcde", "abcde"),
+        ("place", "set 5 q zzzzz", "zzzzq"),
     ],
 )
 def test_checker_known_examples(task, prompt, answer):
@@ -64,6 +67,9 @@ def test_rows_answers_agree_with_an_independent_solution(name):
         "sort_digits": lambda text: "".join(sorted(text.split()[1])),
         "reverse": lambda text: text.split()[1][::-1],
         "add": lambda text: str(sum(int(x) for x in text.rstrip("=").split("+"))),
+        "place": lambda text: "".join(
+            text.split()[2] if k + 1 == int(text.split()[1]) else c for k, c in enumerate(text.split()[3])
+        ),
     }[name]
     rows = make_splits(name, seed=3, sizes={"train": 200, "dev": 0, "test": 0})["train"]
     for row in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -66,6 +67,9 @@ class GSPOConfig(GRPOConfig):
 
         log_ratio_bound (`float`, defaults to `10.0`):
             Clamp of the (length-normalised) log-ratio before `exp`, so it cannot overflow.
+        token_advantage_weight (`float`, defaults to `1.0`):
+            With token or span rewards under `"sequence_token"`, the weight of the group-normalised token component
+            of the per-token advantage (formula in `trl_gspo.token_rewards`).
         vllm_importance_sampling_length_normalized (`bool`, defaults to `True`):
             With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
@@ -114,6 +118,14 @@ class GSPOConfig(GRPOConfig):
     )
     log_ratio_bound: float = field(
         default=10.0, metadata={"help": "Clamp of the log importance ratio before exp, so it cannot overflow."}
+    )
+    token_advantage_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "GSPO-token with token or span rewards: weight lambda of the group-normalised token component in "
+            "A_it = A_i + lambda * (r_it - mu_g) / (sigma_g + 1e-4) (see trl_gspo.token_rewards). 0 ignores the "
+            "token detail (the rewards' sums still count as sequence rewards)."
+        },
     )
     vllm_importance_sampling_length_normalized: bool = field(
         default=True,
@@ -192,6 +204,10 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(f"GSPOConfig.num_iterations={self.num_iterations} must be >= 1.")
         if not self.log_ratio_bound > 0:
             raise ValueError(f"GSPOConfig.log_ratio_bound={self.log_ratio_bound} must be > 0.")
+        if not (math.isfinite(self.token_advantage_weight) and self.token_advantage_weight >= 0):
+            raise ValueError(
+                f"GSPOConfig.token_advantage_weight={self.token_advantage_weight} must be a finite number >= 0."
+            )
         if level not in SEQUENCE_LEVELS:
             return  # plain GRPO: TRL's own loss and checks apply
 

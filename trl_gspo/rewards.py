@@ -13,6 +13,8 @@ Contents:
 - ``think_format``: 1.0 for a completion of the form ``<think>...</think> <answer>...</answer>``, else 0.0.
 - ``soft_overlong_penalty(max_completion_length, cache_length)``: factory for DAPO's soft overlong punishment.
 - ``exact_match``: 1.0 if the stripped completion equals the stripped ``answer`` column, else 0.0.
+- ``mismatch_spans``: a span reward (token-level, for GSPO-token): -1 on every character that differs from the
+  ``answer`` column at its position (see trl_gspo.token_rewards for span rewards).
 - ``REWARD_FUNCS`` / ``get_reward_func`` / ``load_reward_funcs``: resolve reward names or dotted import paths.
 - ``wrap_reward_checked``: turns a reward function's crash or malformed output into an error that names it.
 
@@ -137,6 +139,35 @@ def exact_match(completions: list[Completion], answer: list[Any], **kwargs) -> l
     ]
 
 
+def mismatch_spans(completions: list[Completion], answer: list[Any], **kwargs) -> list[list[tuple] | float]:
+    """Span reward marking the wrong characters of a completion, position by position against ``answer``.
+
+    Compares the completion text with ``str(answer)`` character by character (no stripping: a leading space shifts
+    every position and is wrong). Each wrong character gets a span ``(k, k + 1, -1.0)``; surplus characters beyond
+    the answer's length one span ``(len(answer), len(text), -1.0)``; a completion that stops short gets -1 more on
+    its last character. A right answer returns ``[]`` (no penalty, sum 0); an empty completion returns the number
+    -1.0 (no character to mark). Needs importance_sampling_level="sequence_token"; its sum, the negated number of
+    mistakes, is its sequence reward.
+    """
+    rewards: list[list[tuple] | float] = []
+    for completion, gold in zip(completions, answer, strict=True):
+        text, gold = completion_text(completion), str(gold)
+        if not text:
+            rewards.append(-1.0)
+            continue
+        penalties = [-1.0 if k >= len(gold) or text[k] != gold[k] else 0.0 for k in range(min(len(text), len(gold)))]
+        if len(text) < len(gold):
+            penalties[-1] -= 1.0
+        spans = [(k, k + 1, p) for k, p in enumerate(penalties) if p]
+        if len(text) > len(gold):
+            spans.append((len(gold), len(text), -1.0))
+        rewards.append(spans)
+    return rewards
+
+
+mismatch_spans.returns_token_rewards = True  # as trl_gspo.token_rewards.token_level_reward marks it (no cycle)
+
+
 class _SoftOverlongPenalty:
     """DAPO soft overlong punishment; see ``soft_overlong_penalty``."""
 
@@ -173,6 +204,7 @@ REWARD_FUNCS: dict[str, Callable[..., Any]] = {
     "think_format": think_format,
     "soft_overlong_penalty": soft_overlong_penalty,
     "exact_match": exact_match,
+    "mismatch_spans": mismatch_spans,
 }
 # Registered names whose entry is a factory: it takes keyword arguments and returns the reward function.
 REWARD_FACTORIES = frozenset({"soft_overlong_penalty"})
@@ -240,6 +272,8 @@ class _CheckedReward:
         self.func = func
         self.__name__ = getattr(func, "__name__", type(func).__name__)
         functools.update_wrapper(self, func, updated=())
+        # the token-level marker (trl_gspo.token_rewards.token_level_reward) must survive the wrapping
+        self.returns_token_rewards = getattr(func, "returns_token_rewards", False)
 
     def __call__(self, *, completions: list[Completion], **kwargs) -> list[float | None]:
         """Call the wrapped reward function (with keyword arguments, as TRL does) and check its rewards."""
@@ -252,6 +286,8 @@ class _CheckedReward:
                 f"reward function {self.__name__!r} returned {len(rewards)} rewards for {len(completions)} completions"
             )
         for index, reward in enumerate(rewards):
+            if isinstance(reward, (list, tuple)):
+                continue  # a span list or per-token list: GSPOTrainer checks it (trl_gspo.token_rewards)
             if reward is not None and not (isinstance(reward, numbers.Real) and math.isfinite(reward)):
                 raise ValueError(
                     f"reward function {self.__name__!r} returned {reward!r} at index {index}; "
@@ -263,7 +299,9 @@ class _CheckedReward:
 def wrap_reward_checked(func: RewardFunc) -> RewardFunc:
     """Wrap a reward function so that exceptions become RuntimeErrors and bad outputs ValueErrors naming it.
 
-    Returned rewards must be one per completion, each a finite number or None (NaN and infinities are rejected).
+    Returned rewards must be one per completion, each a finite number or None (NaN and infinities are rejected here,
+    stricter than GSPOTrainer, which warns and treats them as None), or a span / per-token list (token-level rewards,
+    checked by GSPOTrainer).
     The wrapper keeps the function's ``__name__``, which TRL uses to label the reward in its logs.
     """
     return _CheckedReward(func)

@@ -6,6 +6,9 @@ noise: `exact_match` (trl_gspo.rewards) scores a completion 1.0 if it equals the
 - ``sort_digits``: ``"sort 52819"`` -> ``"12589"`` (five digits, repeats allowed)
 - ``reverse``: ``"reverse bdzqa"`` -> ``"aqzdb"`` (five lowercase letters)
 - ``add``: ``"47+85="`` -> ``"132"`` (two 2-digit numbers)
+- ``place``: ``"set 3 x abcde"`` -> ``"abxde"`` (copy five letters, put a given letter at a given position): a
+  local-precision task. Its span reward ``mismatch_spans`` (``Task.span_reward``) marks the wrong characters, so
+  GSPO-token can put the blame on them (trl_gspo.token_rewards).
 
 Rows are conversational, in TRL's format: ``{"prompt": [{"role": "user", "content": ...}], "answer": ...}``.
 ``make_splits`` draws train/dev/test splits deterministically from a seed; no prompt appears in two splits.
@@ -64,6 +67,8 @@ class Task:
     parse: Callable[[str], tuple]
     solve: Callable[[tuple], str]
     max_answer_length: int
+    # name in trl_gspo.rewards.REWARD_FUNCS of a span reward marking the wrong part of a completion, if any
+    span_reward: str | None = None
 
     def row(self, operands: tuple) -> dict:
         return {"prompt": [{"role": "user", "content": self.prompt(operands)}], "answer": self.solve(operands)}
@@ -94,6 +99,18 @@ def _add_parse(text: str) -> tuple:
     return int(a), int(b)
 
 
+def _place_parse(text: str) -> tuple:
+    head, position, letter, word = text.split(" ")
+    if head != "set" or position not in "12345" or len(position) != 1 or len(letter) != 1 or len(word) != 5:
+        raise ValueError(f"not a place prompt: {text!r}")
+    return int(position), letter, word
+
+
+def _place_solve(operands: tuple) -> str:
+    position, letter, word = operands
+    return word[: position - 1] + letter + word[position:]
+
+
 TASKS: dict[str, Task] = {
     "sort_digits": Task(
         name="sort_digits",
@@ -121,6 +138,20 @@ TASKS: dict[str, Task] = {
         parse=_add_parse,
         solve=lambda ops: str(ops[0] + ops[1]),
         max_answer_length=3,
+    ),
+    "place": Task(
+        name="place",
+        description="copy 5 letters with a given letter put at a given position",
+        sample=lambda rng: (
+            rng.randint(1, 5),
+            rng.choice(string.ascii_lowercase),
+            "".join(rng.choice(string.ascii_lowercase) for _ in range(5)),
+        ),
+        prompt=lambda ops: f"set {ops[0]} {ops[1]} {ops[2]}",
+        parse=_place_parse,
+        solve=_place_solve,
+        max_answer_length=5,
+        span_reward="mismatch_spans",
     ),
 }
 

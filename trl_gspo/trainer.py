@@ -5,6 +5,10 @@ is saved, so a resume inside a rollout is exact). Generation, rewards, advantage
 reference log-probs, vLLM, PEFT, DeepSpeed/FSDP and checkpointing are GRPOTrainer's, untouched. With
 `importance_sampling_level="token"` the override hands the micro-batch to GRPOTrainer's own loss (plain GRPO).
 
+Token and span rewards (trl_gspo.token_rewards) and the rollout diagnostics (trl_gspo.diagnostics) add two thin
+overrides: `_calculate_rewards` (token-level outputs taken out, every reward checked) and
+`_generate_and_score_completions` (super(), then (B, T) advantages for GSPO-token and the diagnostics).
+
 What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
 normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
@@ -26,12 +30,15 @@ import textwrap
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
+from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from .banner import distributed_backend, start_banner
 from .config import GSPOConfig
+from .diagnostics import rollout_diagnostics
 from .grpo_upgrade import upgrade_grpo_config
 from .objective import compute_policy_objective, length_normalized_is_weight
 from .packing import packed_logps_and_entropies, packing_support_problem
@@ -42,6 +49,13 @@ from .rollout_logprobs import (
     recording_generate,
     rollout_mismatch,
     sequence_log_ratios,
+)
+from .token_rewards import (
+    TokenRewardCollector,
+    check_token_reward_level,
+    no_finite_reward_message,
+    non_finite_warning,
+    token_advantage_component,
 )
 
 logger = logging.get_logger(__name__)
@@ -71,6 +85,8 @@ TRL_PRIVATE_API = {
         "mask",
         "off_policy_threshold",
     ),
+    # token/span rewards, reward checks and rollout diagnostics (also read: _tokenizer, reward_weights, _metrics)
+    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
 }
 
 # Saved in each checkpoint folder, one per rank: the rollout the run is in the middle of.
@@ -124,6 +140,13 @@ class GSPOTrainer(GRPOTrainer):
     used is listed in TRL_PRIVATE_API. See the module docstring. Prints one start line on the main process (world
     size, backend, mixed precision, GSPO settings: trl_gspo/banner.py) and logs every metric GRPOTrainer logs for
     the same configuration.
+
+    Reward functions may also return token-level rewards (span lists or per-token lists, `trl_gspo.token_rewards`),
+    which become (B, T) advantages for GSPO-token (`importance_sampling_level="sequence_token"`); plain reward
+    functions work unchanged next to them. For that, and for the checks on every reward (NaN and inf warned once
+    per function, a step with no finite reward refused), `_calculate_rewards` and `_generate_and_score_completions`
+    are overridden thinly (see `_score_token_rewards`, `_log_rollout_diagnostics`). Private GRPOTrainer attributes
+    read besides TRL_PRIVATE_API: `_tokenizer`, `reward_weights`, `_metrics`.
     """
 
     _tag_names = ["trl", "gspo", "trl-gspo"]
@@ -149,6 +172,7 @@ class GSPOTrainer(GRPOTrainer):
         elif not isinstance(args, GSPOConfig):
             args, notice = upgrade_grpo_config(args)  # the rule: trl_gspo/grpo_upgrade.py
             logger.warning(notice)
+        check_token_reward_level(reward_funcs, args.importance_sampling_level)
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         self._check_padding_free_supported()
         self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
@@ -287,11 +311,17 @@ class GSPOTrainer(GRPOTrainer):
         return result
 
     def _generate_and_score_completions(self, inputs):
-        """GRPOTrainer's rollout; rollout log-probs never outlive it (see _rollout_logprobs_as_pi_old)."""
+        """GRPOTrainer's rollout, then per-token advantages (GSPO-token) and the rollout diagnostics.
+
+        Rollout log-probs never outlive it (see _rollout_logprobs_as_pi_old).
+        """
         try:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
         finally:
             self._pending_rollout_logprobs = None
+        self._score_token_rewards(output)
+        self._log_rollout_diagnostics(output)
+        return output
 
     def _rollout_logprobs_as_pi_old(self, model, input_ids, attention_mask, logits_to_keep, batch_size):
         """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
@@ -328,6 +358,95 @@ class GSPOTrainer(GRPOTrainer):
         for name, value in stats.items():
             metrics[f"gspo/rollout_logprobs/{name}"].append(value)
         return rollout, None, None
+
+    # --- token and span rewards, reward checks, rollout diagnostics (trl_gspo/token_rewards.py, diagnostics.py) ---
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """GRPOTrainer's rewards, with token-level outputs taken out and every reward checked.
+
+        Each callable reward function runs through a `TokenRewardCollector` adapter: TRL receives numbers (a token-
+        level output's sum; NaN for NaN and +-inf), the per-token values wait in `self._token_rewards` for
+        `_score_token_rewards`. A token-level output under a level other than "sequence_token" raises
+        TokenRewardError here, before any parameter changes. Then `_check_reward_values`.
+        """
+        collector = TokenRewardCollector(
+            self._tokenizer, completion_ids_list, completions, self.args.importance_sampling_level
+        )
+        reward_funcs = self.reward_funcs
+        self.reward_funcs = [
+            func if isinstance(func, nn.Module) else collector.wrap(i, func, name)
+            for i, (func, name) in enumerate(zip(reward_funcs, self.reward_func_names, strict=True))
+        ]
+        try:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = reward_funcs
+        self._token_rewards = collector
+        self._rewards_per_func = rewards_per_func
+        self._check_reward_values(rewards_per_func, collector)
+        return rewards_per_func
+
+    def _check_reward_values(self, rewards_per_func, collector):
+        """Warn once per reward function that returned NaN or +-inf; refuse a step without a single finite reward.
+
+        TRL sums rewards with nansum: a function returning NaN everywhere would train silently on nothing, and an
+        inf would reach the advantages. None means "cannot score this completion" (left out of the group
+        baseline); NaN and +-inf are treated the same way but warned about, as they usually are bugs.
+        """
+        warned = self.__dict__.setdefault("_non_finite_reward_warned", set())
+        for name, (nan_count, inf_count, total) in collector.non_finite.items():
+            if name not in warned:
+                warned.add(name)
+                logger.warning(non_finite_warning(name, nan_count, inf_count, total))
+        if not torch.isfinite(rewards_per_func).any():
+            raise ValueError(no_finite_reward_message(self.reward_func_names, rewards_per_func.size(0)))
+
+    def _score_token_rewards(self, output):
+        """Under "sequence_token", replace the (B,) advantages by (B, T) ones: A_it = A_i + lambda * token component.
+
+        The token component (`trl_gspo.token_rewards.token_advantage_component`) is normalised per group over all
+        processes (groups may straddle them), then sliced back to this process's rows, like TRL's advantages. It is
+        exactly 0 when no reward function returned token-level values, so plain rewards train as GSPO. The (B, T)
+        tensor has the batch first and travels through TRL's shuffle and split with the rest of the rollout.
+        Logs `token_rewards/component_abs_mean`: mean |token component| over loss tokens (0 without token rewards).
+        """
+        if self.args.importance_sampling_level != "sequence_token":
+            return
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = output["advantages"]
+        rows, width = output["completion_ids"].shape
+        mask = (
+            output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output["tool_mask"]
+        )
+        local = self._token_rewards.token_reward_matrix(self.reward_weights.tolist(), width).to(advantages.device)
+        local = torch.stack([local, mask.float()])  # (2, B, T): token rewards and mask, gathered together
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
+        component = token_advantage_component(gathered[:, 0], gathered[:, 1], group_size)
+        start = self.accelerator.process_index * rows
+        component = component[start : start + rows, :width]
+        output["advantages"] = advantages.unsqueeze(1) + self.args.token_advantage_weight * component * mask
+        self._metrics[mode]["token_rewards/component_abs_mean"].append(
+            ((component.abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+        )
+
+    def _log_rollout_diagnostics(self, output):
+        """Log diversity, length and signal statistics of this rollout (all processes), `trl_gspo.diagnostics`:
+
+        diversity/distinct_fraction, diversity/distinct_2   within-group diversity of the completions' tokens
+        length/group_mean, length/group_std                 completion length and its spread inside groups
+        signal/zero_variance_groups                         share of groups whose rewards are all equal
+        """
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        lengths = output["completion_mask"].sum(1).tolist()
+        local = [ids[:n] for ids, n in zip(output["completion_ids"].tolist(), lengths)]
+        sequences = gather_object(local)
+        weighted = self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device).unsqueeze(0)
+        unscorable = torch.isnan(self._rewards_per_func).all(dim=1)
+        rewards = weighted.nansum(dim=1).masked_fill(unscorable, float("nan")).tolist()
+        for name, value in rollout_diagnostics(sequences, rewards, group_size).items():
+            self._metrics[mode][name].append(value)
 
     def _compute_loss(self, model, inputs):
         """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.

@@ -1,0 +1,91 @@
+"""trl_gspo.compare and scripts/compare.py: the tiny end-to-end run, and the table against direct computations."""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_gspo.compare import ARMS, arm_reward_funcs, late_mean, markdown_table, summarize_run
+from trl_gspo.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_tiny_comparison_writes_table_and_figure(tmp_path):
+    out = tmp_path / "compare"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), "--tiny", "--steps", "4", "--eval-every", "2"]
+        + ["--test-rows", "16", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "comparison.md").read_text()
+    for arm in ("gspo", "gspo_token", "grpo"):
+        assert f"| {ARMS[arm].label} | 0 |" in table
+    assert (out / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+    runs = {run["arm"]: run for run in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"gspo", "gspo_token", "grpo"}
+    for run in runs.values():
+        steps = [e["step"] for e in run["log_history"] if "heldout_accuracy" in e]
+        assert steps == [0, 2, 4]  # before training, every 2 steps, at the end
+        assert any("diversity/distinct_fraction" in e for e in run["log_history"])
+    # the span reward reaches GSPO-token only, as a token-level reward
+    assert any("rewards/mismatch_spans/mean" in e for e in runs["gspo_token"]["log_history"])
+    assert any("token_rewards/component_abs_mean" in e for e in runs["gspo_token"]["log_history"])
+    assert not any("rewards/mismatch_spans/mean" in e for e in runs["gspo"]["log_history"])
+
+
+def test_arm_reward_funcs():
+    place, sort = get_task("place"), get_task("sort_digits")
+    assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo"], place)] == ["exact_match"]
+    assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo_token"], place)] == ["exact_match", "mismatch_spans"]
+    assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo_dense"], place)] == ["exact_match", "mismatch_spans_sum"]
+    assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo_token"], sort)] == ["exact_match"]  # no span reward
+    dense = arm_reward_funcs(ARMS["gspo_dense"], place)[1]
+    assert dense(completions=["abxde", "abcde", ""], answer=["abxde"] * 3) == [0.0, -1.0, -1.0]
+
+
+def fake_run(arm, seed, after, rewards, seconds):
+    history = [{"heldout_accuracy": 0.3, "step": 0}]
+    history += [
+        {"rewards/exact_match/mean": r, "clip_ratio/region_mean": 0.1, "step": 4 * (i + 1)}
+        for i, r in enumerate(rewards)
+    ]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "accuracy_before": 0.3,
+        "accuracy_after": after,
+        "train_seconds": seconds,
+        "log_history": history,
+    }
+
+
+def test_summary_and_table_against_direct_computation():
+    rewards = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 0.9, 0.7]
+    assert late_mean([{"x": v, "step": i} for i, v in enumerate(rewards)], "x") == pytest.approx((0.9 + 0.7) / 2)
+    assert math.isnan(late_mean([{"y": 1.0}], "x"))
+    runs = [
+        fake_run("gspo", 0, 0.5, rewards, 10.0),
+        fake_run("gspo", 1, 0.7, rewards, 14.0),
+        fake_run("grpo", 0, 0.4, rewards, 9.0),
+    ]
+    row = summarize_run(runs[2])
+    assert math.isnan(row["sequence_clip_fraction"])  # GRPO: TRL logs token fractions only
+    assert row["token_clip_fraction"] == pytest.approx(0.1)
+    table = markdown_table(runs).splitlines()
+    assert len(table) == 4
+    after = f"{statistics.fmean([0.5, 0.7]):.3f} ± {statistics.stdev([0.5, 0.7]):.3f}"
+    assert table[2].startswith(f"| {ARMS['gspo'].label} | 0,1 | 0.300 ± 0.000 | {after} |")
+    assert "| n/a |" in table[3] and table[3].endswith("| 9 |")

@@ -1,0 +1,275 @@
+"""trl_gspo.token_rewards: spans -> tokens, validation, the per-token advantage, against naive float64 loops."""
+
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+from trl_gspo.token_rewards import (
+    TokenRewardCollector,
+    TokenRewardError,
+    check_token_reward_level,
+    check_token_values,
+    output_kind,
+    spans_to_token_values,
+    token_advantage_component,
+    token_char_offsets,
+    token_level_reward,
+)
+
+
+def test_output_kind():
+    assert output_kind(1.0, "f", 0) == "scalar"
+    assert output_kind(None, "f", 0) == "scalar"
+    assert output_kind(float("nan"), "f", 0) == "scalar"
+    assert output_kind([0.0, 1, -2.5], "f", 0) == "tokens"
+    assert output_kind([(0, 2, 1.0)], "f", 0) == "spans"
+    assert output_kind([], "f", 0) == "spans"
+    with pytest.raises(TokenRewardError, match=r"'f'.*completion 3"):
+        output_kind("good", "f", 3)
+    with pytest.raises(TokenRewardError, match="completion 1"):
+        output_kind([(0, 1)], "f", 1)
+
+
+def test_offsets_char_tokenizer_with_eos(tokenizer):
+    text = "ab 12"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert token_char_offsets(tokenizer, ids, text) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 5)]
+
+
+class MultiCharTokenizer:
+    """Decodes some ids to several characters; re-encoding is refused so the prefix-decoding path is used."""
+
+    all_special_ids = [0]
+    pieces = {0: "", 1: "ab", 2: "c", 3: "def"}
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_offsets_by_prefix_decoding_and_overlap_rule():
+    tok = MultiCharTokenizer()
+    ids, text = [1, 2, 3, 0], "abcdef"
+    offsets = token_char_offsets(tok, ids, text)
+    assert offsets == [(0, 2), (2, 3), (3, 6), (6, 6)]
+    # a span touching part of a multi-character token gives that token its whole value; eos gets nothing
+    assert spans_to_token_values([(1, 2, -1.0)], offsets, 6, "f", 0) == [-1.0, 0.0, 0.0, 0.0]
+    # two adjacent spans inside one token: the token carries their sum
+    assert spans_to_token_values([(3, 4, 1.0), (4, 6, 2.0)], offsets, 6, "f", 0) == [0.0, 0.0, 3.0, 0.0]
+    # a span ending exactly where a token starts does not touch it
+    assert spans_to_token_values([(0, 2, 5.0)], offsets, 6, "f", 0) == [5.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="cannot map"):
+        token_char_offsets(tok, ids, "abcdeX")
+
+
+def naive_span_values(spans, offsets):
+    values = []
+    for a, b in offsets:
+        total = 0.0
+        for s, e, v in spans:
+            if any(s <= c < e for c in range(a, b)):  # the token shares at least one character with the span
+                total += v
+        values.append(total)
+    return values
+
+
+def test_spans_to_token_values_matches_character_loop():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(0, 3) for _ in range(rng.randint(1, 8))]
+        offsets, pos = [], 0
+        for n in lengths:
+            offsets.append((pos, pos + n))
+            pos += n
+        if pos == 0:
+            continue
+        cuts = sorted(rng.sample(range(pos + 1), k=min(pos + 1, rng.randint(2, 6))))
+        spans = [(s, e, rng.uniform(-2, 2)) for s, e in zip(cuts, cuts[1:]) if s < e and rng.random() < 0.7]
+        got = spans_to_token_values(spans, offsets, pos, "f", 0)
+        assert got == pytest.approx(naive_span_values(spans, offsets), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spans, pattern",
+    [
+        ([(0, 9, 1.0)], "outside the text"),
+        ([(-1, 2, 1.0)], "outside the text"),
+        ([(2, 2, 1.0)], "outside the text"),
+        ([(0, 3, 1.0), (2, 4, 1.0)], "overlap"),
+        ([(0, 1, float("nan"))], "non-finite"),
+        ([(0, 1, float("inf"))], "non-finite"),
+        ([(0.5, 1, 1.0)], "integer"),
+    ],
+)
+def test_bad_spans_name_function_and_completion(spans, pattern):
+    with pytest.raises(TokenRewardError, match=rf"'precision', completion 7: .*{pattern}"):
+        spans_to_token_values(spans, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], 5, "precision", 7)
+
+
+def test_check_token_values():
+    assert check_token_values([1, 0, -1], 3, "f", 0) == [1.0, 0.0, -1.0]
+    with pytest.raises(TokenRewardError, match=r"'f', completion 2: 2 per-token values for a completion of 3"):
+        check_token_values([1, 0], 3, "f", 2)
+    with pytest.raises(TokenRewardError, match=r"'f', completion 0: .*nan at token 1"):
+        check_token_values([1, float("nan"), 0], 3, "f", 0)
+
+
+def naive_token_component(rewards, mask, group_size, eps=1e-4):
+    """float64 loops: per group, mean and unbiased std over the masked tokens; (r - mean) / (std + eps)."""
+    rows, width = len(rewards), len(rewards[0])
+    out = [[0.0] * width for _ in range(rows)]
+    for g in range(0, rows, group_size):
+        values = [rewards[i][t] for i in range(g, g + group_size) for t in range(width) if mask[i][t]]
+        if len(values) < 2 or max(values) == min(values):
+            continue
+        mean = math.fsum(values) / len(values)
+        std = statistics.stdev(values)
+        for i in range(g, g + group_size):
+            for t in range(width):
+                if mask[i][t]:
+                    out[i][t] = (rewards[i][t] - mean) / (std + eps)
+    return out
+
+
+def test_token_advantage_component_matches_naive_reference():
+    torch.manual_seed(0)
+    group_size, rows, width = 4, 12, 7
+    rewards = torch.randn(rows, width)
+    rewards[4:8] = 0.5  # a constant group: exactly 0
+    lengths = torch.randint(0, width + 1, (rows,))
+    lengths[8:12] = torch.tensor([0, 0, 0, 1])  # one masked token only: 0
+    mask = (torch.arange(width) < lengths.unsqueeze(1)).float()
+    got = token_advantage_component(rewards, mask, group_size)
+    expected = torch.tensor(naive_token_component(rewards.tolist(), mask.tolist(), group_size), dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(got[4:] == 0)
+    assert torch.all(got[mask == 0] == 0)
+    with pytest.raises(ValueError, match="groups of 5"):
+        token_advantage_component(rewards, mask, 5)
+
+
+@token_level_reward
+def span_reward(completions, **kwargs):
+    return [[(0, 1, -1.0)] for _ in completions]
+
+
+def test_marked_function_refused_outside_gspo_token():
+    check_token_reward_level([span_reward], "sequence_token")
+    check_token_reward_level(lambda **k: [], "sequence")
+    for level in ("sequence", "token"):
+        with pytest.raises(TokenRewardError, match=rf"'span_reward'.*sequence_token.*not '{level}'"):
+            check_token_reward_level([span_reward], level)
+
+
+def test_collector_converts_outputs(tokenizer):
+    eos = tokenizer.eos_token_id
+    texts = ["abc", "de", "", "xyz"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    collector = TokenRewardCollector(tokenizer, ids, texts, "sequence_token")
+
+    def mixed(completions, **kwargs):
+        return [[(1, 3, -1.0)], [0.5, 0.0, 1.0], None, 2.0]
+
+    wrapped = collector.wrap(1, mixed, "mixed")
+    assert wrapped.__name__ == "mixed"
+    assert wrapped(completions=texts) == [-1.0, 1.5, None, 2.0]  # sums of spans / token lists; scalars unchanged
+    assert collector.token_values[1] == [[0.0, -1.0, -1.0, 0.0], [0.5, 0.0, 1.0], None, None]
+    matrix = collector.token_reward_matrix([0.0, 2.0], width=5)
+    assert matrix.tolist() == [[0, -2, -2, 0, 0], [1, 0, 2, 0, 0], [0] * 5, [0] * 5]
+
+    scalar = collector.wrap(0, lambda completions, **k: [1.0, float("nan"), float("inf"), None], "plain")
+    out = scalar(completions=texts)
+    assert out[0] == 1.0 and math.isnan(out[1]) and math.isnan(out[2]) and out[3] is None
+    assert collector.non_finite == {"plain": (1, 1, 4)}
+    assert 0 not in collector.token_values  # a plain function keeps the plain path
+
+
+def test_collector_errors_name_function_and_completion(tokenizer):
+    ids = [tokenizer("ab", add_special_tokens=False)["input_ids"]] * 2
+    collector = TokenRewardCollector(tokenizer, ids, ["ab", "ab"], "sequence_token")
+    with pytest.raises(TokenRewardError, match=r"'short', completion 1: 1 per-token values"):
+        collector.wrap(0, lambda completions, **k: [[1, 2], [1]], "short")(completions=["ab", "ab"])
+    with pytest.raises(TokenRewardError, match=r"'far', completion 0: span \(0, 5, 1.0\) lies outside"):
+        collector.wrap(0, lambda completions, **k: [[(0, 5, 1.0)], 0.0], "far")(completions=["ab", "ab"])
+    sequence = TokenRewardCollector(tokenizer, ids, ["ab", "ab"], "sequence")
+    with pytest.raises(TokenRewardError, match=r"'spans'.*sequence_token.*completion 1"):
+        sequence.wrap(0, lambda completions, **k: [1.0, [(0, 1, 1.0)]], "spans")(completions=["ab", "ab"])
+
+
+def test_checked_wrapper_passes_token_level_outputs_and_keeps_the_marker():
+    from trl_gspo.rewards import wrap_reward_checked
+
+    checked = wrap_reward_checked(span_reward)
+    assert checked.returns_token_rewards is True
+    assert checked(completions=["ab", "c"]) == [[(0, 1, -1.0)], [(0, 1, -1.0)]]
+    with pytest.raises(TokenRewardError, match="'span_reward'"):
+        check_token_reward_level([checked], "sequence")
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf")])
+def test_token_advantage_weight_is_validated(weight, tmp_path):
+    from trl_gspo import GSPOConfig
+
+    with pytest.raises(ValueError, match=rf"token_advantage_weight={weight}"):
+        GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage_weight=weight)
+
+
+def naive_mismatch_total(text, gold):
+    """Number of mistakes: wrong positions, one for any surplus, one for stopping short (-1 for an empty text)."""
+    if not text:
+        return -1.0
+    wrong = sum(a != b for a, b in zip(text, gold))
+    return -float(wrong + (len(text) > len(gold)) + (len(text) < len(gold)))
+
+
+def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
+    from trl_gspo.rewards import mismatch_spans
+    from trl_gspo.tasks import get_task
+
+    assert get_task("place").span_reward == "mismatch_spans"
+    assert mismatch_spans(["abxde", "abcde", "abxdeff", "ab", ""], ["abxde"] * 5) == [
+        [],
+        [(2, 3, -1.0)],
+        [(5, 7, -1.0)],
+        [(1, 2, -1.0)],
+        -1.0,
+    ]
+    rng = random.Random(1)
+    for _ in range(200):
+        gold = "".join(rng.choice("abc") for _ in range(5))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 7)))
+        (out,) = mismatch_spans([text], [gold])
+        total = out if isinstance(out, float) else sum(v for _, _, v in out)
+        assert total == naive_mismatch_total(text, gold)
+        if not isinstance(out, float):  # valid spans: inside the text, disjoint
+            spans_to_token_values(out, [(k, k + 1) for k in range(len(text))], len(text), "mismatch_spans", 0)
+
+
+def test_tensor_and_numpy_outputs_are_accepted():
+    import numpy as np
+
+    assert output_kind(torch.tensor(1.5), "f", 0) == "scalar"
+    assert output_kind(np.float32(1.5), "f", 0) == "scalar"
+    assert output_kind(torch.tensor([1.0, 0.0]), "f", 0) == "tokens"
+    assert output_kind(np.array([1.0, 0.0]), "f", 0) == "tokens"
+    assert output_kind(np.array([[0, 1, -1.0]]), "f", 0) == "spans"
+
+
+def test_summed_reward_is_the_sequence_reward_gspo_token_sees(tokenizer):
+    from trl_gspo.token_rewards import summed_reward
+
+    def mixed(completions, **kwargs):
+        return [[(0, 1, -1.0), (1, 2, 0.25)], [0.5, 0.5, 1.0], None, 3.0]
+
+    texts = ["ab", "cd", "", "x"]
+    summed = summed_reward(mixed)
+    assert summed.__name__ == "mixed_sum"
+    assert summed(completions=texts) == [-0.75, 2.0, None, 3.0]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    collector = TokenRewardCollector(tokenizer, ids, texts, "sequence_token")
+    assert collector.wrap(0, mixed, "mixed")(completions=texts) == summed(completions=texts)

@@ -1,0 +1,183 @@
+"""GSPOTrainer with token and span rewards (GSPO-token), mixed with plain rewards, and the checks on reward values."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from conftest import completion_length_reward, prompt_dataset, small_config
+
+import trl_gspo.trainer as trainer_module
+from trl_gspo import GSPOTrainer
+from trl_gspo.objective import compute_policy_objective
+from trl_gspo.token_rewards import TokenRewardError, token_level_reward
+
+
+def first_char_span(completions, **kwargs):
+    """-1 on the first character of every non-empty completion, 0.5 on the rest; a number for an empty one."""
+    texts = [c[-1]["content"] for c in completions]
+    return [[(0, 1, -1.0), (1, len(t), 0.5)] if len(t) > 1 else 0.0 for t in texts]
+
+
+def make_trainer(make_model, tokenizer, tmp_path, reward_funcs, **overrides):
+    overrides.setdefault("importance_sampling_level", "sequence_token")
+    return GSPOTrainer(
+        model=make_model("qwen2"),
+        reward_funcs=reward_funcs,
+        args=small_config(tmp_path, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+def rollout_rows(trainer, prompts=2):
+    rows = [trainer.train_dataset[i] for i in range(prompts)]
+    return [row for row in rows for _ in range(trainer.num_generations)]
+
+
+def parameters(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_model, tokenizer, tmp_path):
+    trainer = make_trainer(
+        make_model, tokenizer, tmp_path, [completion_length_reward, first_char_span], token_advantage_weight=0.5
+    )
+    trainer.model.train()
+    torch.manual_seed(0)
+    rows = rollout_rows(trainer)
+    out = trainer._generate_and_score_completions(rows)
+    advantages, mask = out["advantages"], out["completion_mask"].float()
+    assert advantages.shape == out["completion_ids"].shape
+
+    # naive float64 reference: TRL's sequence advantage from the plain reward plus the spans' sums, then the token part
+    texts = tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    G, B = trainer.num_generations, len(rows)
+    seq_rewards = []
+    token_rewards = []
+    for i, text in enumerate(texts):
+        ids = out["completion_ids"][i, : int(mask[i].sum())].tolist()
+        values, position = [], 0
+        for token_id in ids:  # each token's characters, decoded on its own; special tokens (eos, unk) have none
+            chars = len(tokenizer.decode([token_id], skip_special_tokens=True))
+            values.append(0.0 if chars == 0 or len(text) < 2 else (-1.0 if position == 0 else 0.5))
+            position += chars
+        token_rewards.append(values)
+        seq_rewards.append(float(len(text) % 4) + (-0.5 if len(text) > 1 else 0.0))
+    expected = torch.zeros(B, advantages.size(1), dtype=torch.float64)
+    for g in range(0, B, G):
+        group = seq_rewards[g : g + G]
+        mean = sum(group) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1))
+        tokens = [v for values in token_rewards[g : g + G] for v in values]
+        t_mean = sum(tokens) / len(tokens)
+        t_std = math.sqrt(sum((v - t_mean) ** 2 for v in tokens) / (len(tokens) - 1))
+        for i in range(g, g + G):
+            for t, v in enumerate(token_rewards[i]):
+                token_part = 0.0 if t_std == 0 else (v - t_mean) / (t_std + 1e-4)
+                expected[i, t] = (seq_rewards[i] - mean) / (std + 1e-4) + 0.5 * token_part
+    torch.testing.assert_close(advantages.double() * mask, expected, atol=1e-4, rtol=1e-4)
+    assert (advantages * mask).std(dim=1).max() > 0.1  # the token component really varies along sequences
+
+    # the loss GSPOTrainer computes on this rollout equals the objective called directly with these (B, T) advantages
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, out)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+            torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
+            out["completion_ids"].size(1),
+        )
+    direct = compute_policy_objective(
+        "sequence_token", logps, logps, advantages, mask, trainer.epsilon_low, trainer.epsilon_high
+    ).loss
+    sequence_only = compute_policy_objective(
+        "sequence_token", logps, logps, advantages[:, 0], mask, trainer.epsilon_low, trainer.epsilon_high
+    ).loss
+    torch.testing.assert_close(loss.detach(), direct, atol=1e-6, rtol=1e-6)
+    assert abs(loss.item() - sequence_only.item()) > 1e-3  # (B,) advantages would have given another loss
+
+    # diagnostics and the token component were logged for this rollout
+    metrics = trainer._metrics["train"]
+    for name in ("diversity/distinct_fraction", "length/group_mean", "signal/zero_variance_groups"):
+        assert len(metrics[name]) == 1
+    assert metrics["token_rewards/component_abs_mean"][0] > 0
+
+
+def test_training_with_mixed_rewards_runs_and_changes_the_model(make_model, tokenizer, tmp_path):
+    # per-token lists and spans from two functions next to a plain reward; 2 optimizer steps per rollout, so the
+    # (B, T) advantages travel through TRL's shuffle and split
+    @token_level_reward
+    def per_token(completion_ids, **kwargs):
+        return [[0.1 * (t % 3) for t in range(len(ids))] for ids in completion_ids]
+
+    trainer = make_trainer(
+        make_model,
+        tokenizer,
+        tmp_path,
+        [completion_length_reward, first_char_span, per_token],
+        steps_per_generation=2,
+        max_steps=2,
+    )
+    before = parameters(trainer.model)
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    logged = trainer.state.log_history[0]
+    assert "rewards/per_token/mean" in logged and "diversity/distinct_2" in logged
+
+
+def test_token_reward_under_sequence_level_is_refused(make_model, tokenizer, tmp_path):
+    with pytest.raises(TokenRewardError, match=r"'per_token_marked'.*importance_sampling_level='sequence_token'"):
+
+        @token_level_reward
+        def per_token_marked(completion_ids, **kwargs):
+            return [[0.0] * len(ids) for ids in completion_ids]
+
+        make_trainer(make_model, tokenizer, tmp_path, [per_token_marked], importance_sampling_level="sequence")
+
+    # an unmarked function is caught at its first output, before any parameter changes
+    trainer = make_trainer(
+        make_model,
+        tokenizer,
+        tmp_path,
+        [completion_length_reward, first_char_span],
+        importance_sampling_level="sequence",
+    )
+    before = parameters(trainer.model)
+    with pytest.raises(TokenRewardError, match=r"'first_char_span'.*not 'sequence'.*completion \d"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_nan_and_inf_rewards_warn_once_and_no_finite_reward_is_refused(make_model, tokenizer, tmp_path):
+    def half_nan(completions, **kwargs):
+        return [float("nan") if i % 2 else 1.0 for i in range(len(completions))]
+
+    def one_inf(completions, **kwargs):
+        return [float("inf")] + [float(i % 3) for i in range(1, len(completions))]
+
+    trainer = make_trainer(make_model, tokenizer, tmp_path, [half_nan, one_inf], max_steps=2)
+    with mock.patch.object(trainer_module.logger, "warning") as warning:
+        trainer.train()
+    messages = [call.args[0] for call in warning.call_args_list if "returned NaN" in call.args[0]]
+    assert len(messages) == 2  # once per function, although both misbehave at every rollout
+    assert any("'half_nan' returned NaN for 50.0% and +-inf for 0.0%" in m for m in messages)
+    # one inf among the 32 completions of a rollout (8 per step x 4 steps per rollout)
+    assert any("'one_inf' returned NaN for 0.0% and +-inf for 3.1% of the 32" in m for m in messages)
+    assert all(math.isfinite(v) for e in trainer.state.log_history for k, v in e.items() if k == "loss")
+
+    def all_nan(completions, **kwargs):
+        return [float("nan")] * len(completions)
+
+    def all_none(completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = make_trainer(make_model, tokenizer, tmp_path, [all_nan, all_none], importance_sampling_level="sequence")
+    before = parameters(trainer.model)
+    with pytest.raises(
+        ValueError,
+        match=r"no reward function \('all_nan', 'all_none'\) gave any of the 32 completions of this rollout",
+    ):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))

@@ -1,0 +1,393 @@
+"""GSPO vs GSPO-token vs GRPO on one built-in task: same warm-started model, prompts, seeds and step budget.
+
+For every seed the task's splits and the warm-started model (trl_gspo.tasks.prepare_model, cached) are shared by
+all arms; each arm then trains a fresh copy with GSPOTrainer, its held-out greedy accuracy is recorded every
+`eval_every` steps, and its log history is kept. The arms (`ARMS`):
+
+    gspo        importance_sampling_level="sequence", clip 3e-4 / 4e-4, sequence reward exact_match
+    gspo_token  "sequence_token" (GSPO-token), clip 3e-4 / 4e-4, exact_match plus the task's span reward
+                (Task.span_reward, e.g. mismatch_spans) when it has one, else exact_match alone
+    grpo        "token" (GRPO), clip 0.2 / 0.27, exact_match
+    gspo_dense  "sequence", clip 3e-4 / 4e-4, exact_match plus the span reward summed into a number
+                (token_rewards.summed_reward): the same reward information as gspo_token without the per-token
+                credit, so gspo_token vs gspo_dense isolates where the credit goes
+
+Everything else is shared (trl_gspo.tasks defaults; `TrainSettings`): 64 completions per optimizer step (8 prompts
+x 8), 4 optimizer steps per rollout, temperature 0.5, learning rate decayed linearly to 0, no KL, loss_type "grpo"
+(one weight per sequence) for every arm.
+
+`write_report` writes `comparison.md` (a table: held-out accuracy before -> after, final rollout reward, token- and
+sequence-weighted clip fractions, diversity, length, wall time; mean +- std over seeds) and `comparison.png`
+(reward and held-out accuracy over steps, both clip fractions, distinct fraction, mean length, wall time). TRL's
+GRPO loss logs only the token-weighted clip fraction (`clip_ratio/region_mean` counts tokens there); its
+sequence-weighted fraction is n/a.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .rewards import exact_match, get_reward_func
+from .token_rewards import summed_reward
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    importance_sampling_level: str
+    epsilon: float
+    epsilon_high: float
+    use_span_reward: bool = False
+    span_reward_summed: bool = False  # the span reward as one number per completion (sequence-level arms)
+
+
+ARMS = {
+    "gspo": Arm("GSPO (sequence reward)", "sequence", 3e-4, 4e-4),
+    "gspo_token": Arm("GSPO-token (span reward)", "sequence_token", 3e-4, 4e-4, use_span_reward=True),
+    "grpo": Arm("GRPO (token level, 0.2/0.27)", "token", 0.2, 0.27),
+    "gspo_dense": Arm("GSPO (span reward summed)", "sequence", 3e-4, 4e-4, True, span_reward_summed=True),
+}
+DEFAULT_ARMS = ("gspo", "gspo_token", "grpo")
+
+# (token-weighted, sequence-weighted) clip-fraction keys per importance-sampling level; None: not logged
+CLIP_KEYS = {
+    "sequence": ("gspo/clipped_token_fraction", "clip_ratio/region_mean"),
+    "sequence_token": ("gspo/clipped_token_fraction", "clip_ratio/region_mean"),
+    "token": ("clip_ratio/region_mean", None),
+}
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 300
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 64
+    num_generations: int = 8
+    steps_per_generation: int = 4
+    max_completion_length: int = 8
+    temperature: float = 0.5
+    logging_steps: int = 4
+    eval_every: int = 50
+    test_rows: int = 256
+    monitor_rows: int = 128
+    threads: int = 1
+    token_advantage_weight: float = 1.0  # lambda of GSPO-token's token component (GSPOConfig)
+    target_accuracy: float = 0.3
+    split_sizes: dict | None = None
+    model_kwargs: dict | None = field(default=None)
+
+
+def arm_reward_funcs(arm: Arm, task) -> list[Callable]:
+    funcs = [exact_match]
+    if arm.use_span_reward and task.span_reward:
+        span = get_reward_func(task.span_reward)
+        funcs.append(summed_reward(span) if arm.span_reward_summed else span)
+    return funcs
+
+
+def _heldout_callback(tokenizer, rows, every):
+    from transformers import TrainerCallback
+
+    from .tasks import greedy_accuracy
+
+    class HeldoutAccuracy(TrainerCallback):
+        """Greedy accuracy on `rows` before training and every `every` steps, into state.log_history."""
+
+        def _record(self, state, model):
+            state.log_history.append(
+                {"heldout_accuracy": greedy_accuracy(model, tokenizer, rows), "step": state.global_step}
+            )
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._record(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                self._record(state, model)
+
+    return HeldoutAccuracy()
+
+
+def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: TrainSettings, output_dir) -> dict:
+    """Train one arm from the warm-started model in `model_dir`; return its log history, accuracy and wall time."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import GSPOConfig
+    from .tasks import greedy_accuracy
+    from .trainer import GSPOTrainer
+
+    arm = ARMS[arm_name]
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    test_rows = splits["test"][: settings.test_rows]
+    config = GSPOConfig(
+        output_dir=str(Path(output_dir) / f"{arm_name}-seed{seed}"),
+        importance_sampling_level=arm.importance_sampling_level,
+        epsilon=arm.epsilon,
+        epsilon_high=arm.epsilon_high,
+        beta=0.0,
+        loss_type="grpo",
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        num_generations=settings.num_generations,
+        steps_per_generation=settings.steps_per_generation,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="linear",
+        max_steps=settings.steps,
+        logging_steps=settings.logging_steps,
+        token_advantage_weight=settings.token_advantage_weight,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = GSPOTrainer(
+        model=model,
+        reward_funcs=arm_reward_funcs(arm, task),
+        args=config,
+        train_dataset=Dataset.from_list(splits["train"]),
+        processing_class=tokenizer,
+        callbacks=[_heldout_callback(tokenizer, test_rows[: settings.monitor_rows], settings.eval_every)],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {
+        "arm": arm_name,
+        "seed": seed,
+        "train_seconds": seconds,
+        "accuracy_after": greedy_accuracy(trainer.model, tokenizer, test_rows),
+        "test_rows": len(test_rows),
+        "log_history": trainer.state.log_history,
+    }
+
+
+def run_comparison(
+    task_name: str,
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    settings: TrainSettings,
+    output_dir,
+    cache_dir=".cache/trl_gspo",
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Every arm on every seed (seed-major: one warm start per seed, shared by its arms); results saved as JSON."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .tasks import get_task, greedy_accuracy, make_splits, prepare_model
+
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; expected some of {sorted(ARMS)}")
+    torch.set_num_threads(settings.threads)
+    task = get_task(task_name)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:
+        splits = make_splits(task, seed, settings.split_sizes)
+        model_dir, _ = prepare_model(
+            task.name,
+            seed=seed,
+            cache_dir=cache_dir,
+            split_sizes=settings.split_sizes,
+            model_kwargs=settings.model_kwargs,
+            target_accuracy=settings.target_accuracy,
+            log=log,
+        )
+        test_rows = splits["test"][: settings.test_rows]
+        before = greedy_accuracy(
+            AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), test_rows
+        )
+        for arm_name in arms:
+            log(f"== {task.name} seed {seed}: {ARMS[arm_name].label}, {settings.steps} steps")
+            result = run_arm(arm_name, task, seed, model_dir, splits, settings, output_dir)
+            result["accuracy_before"] = before
+            log(
+                f"   held-out accuracy {before:.3f} -> {result['accuracy_after']:.3f} "
+                f"({result['train_seconds']:.0f} s of training)"
+            )
+            results.append(result)
+            (output_dir / "results.json").write_text(
+                json.dumps({"task": task.name, "settings": asdict(settings), "runs": results}, indent=1)
+            )
+    return results
+
+
+# --- summaries and figures (pure functions of the results) ------------------------------------------------------
+
+
+def series(log_history: Sequence[dict], key: str | None) -> tuple[list[int], list[float]]:
+    """(steps, values) of the entries with a finite number under `key`; empty for key None."""
+    steps, values = [], []
+    for entry in log_history if key else ():
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            steps.append(entry.get("step", 0))
+            values.append(float(value))
+    return steps, values
+
+
+def late_mean(log_history: Sequence[dict], key: str | None, fraction: float = 0.25) -> float:
+    """Mean of the last `fraction` of the logged values of `key` (NaN if none): the end-of-training level."""
+    _, values = series(log_history, key)
+    if not values:
+        return math.nan
+    tail = values[-max(1, round(len(values) * fraction)) :]
+    return sum(tail) / len(tail)
+
+
+def run_mean(log_history: Sequence[dict], key: str | None) -> float:
+    _, values = series(log_history, key)
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize_run(result: dict) -> dict[str, float]:
+    """One run's table row: accuracy before/after, final reward, clip fractions (whole run), diversity, length."""
+    history = result["log_history"]
+    token_key, sequence_key = CLIP_KEYS[ARMS[result["arm"]].importance_sampling_level]
+    return {
+        "accuracy_before": result["accuracy_before"],
+        "accuracy_after": result["accuracy_after"],
+        "final_exact_match": late_mean(history, "rewards/exact_match/mean"),
+        "token_clip_fraction": run_mean(history, token_key),
+        "sequence_clip_fraction": run_mean(history, sequence_key),
+        "distinct_fraction": late_mean(history, "diversity/distinct_fraction"),
+        "length_mean": late_mean(history, "length/group_mean"),
+        "train_seconds": result["train_seconds"],
+    }
+
+
+COLUMNS = {
+    "accuracy_before": ("held-out acc. before", "{:.3f}"),
+    "accuracy_after": ("held-out acc. after", "{:.3f}"),
+    "final_exact_match": ("rollout exact match (last 25%)", "{:.3f}"),
+    "token_clip_fraction": ("clipped tokens", "{:.4f}"),
+    "sequence_clip_fraction": ("clipped sequences", "{:.4f}"),
+    "distinct_fraction": ("distinct completions / group (last 25%)", "{:.3f}"),
+    "length_mean": ("mean length (last 25%)", "{:.2f}"),
+    "train_seconds": ("train wall time (s)", "{:.0f}"),
+}
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "n/a"
+    if len(finite) == 1:
+        return fmt.format(finite[0])
+    return f"{fmt.format(statistics.fmean(finite))} ± {fmt.format(statistics.stdev(finite))}"
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """Arms as rows, COLUMNS as columns, mean ± std over seeds (std only with 2 or more seeds)."""
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    header = ["arm", "seeds", *(label for label, _ in COLUMNS.values())]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in arms:
+        runs = [r for r in results if r["arm"] == arm]
+        rows = [summarize_run(r) for r in runs]
+        cells = [ARMS[arm].label, ",".join(str(r["seed"]) for r in runs)]
+        cells += [_mean_std([row[key] for row in rows], fmt) for key, (_, fmt) in COLUMNS.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(results: Sequence[dict]) -> str:
+    """Held-out accuracy after training, one row per seed, one column per arm."""
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    seeds = list(dict.fromkeys(r["seed"] for r in results))
+    lines = ["| seed | before | " + " | ".join(ARMS[a].label for a in arms) + " |", "|" + "---|" * (len(arms) + 2)]
+    for seed in seeds:
+        by_arm = {r["arm"]: r for r in results if r["seed"] == seed}
+        before = next(iter(by_arm.values()))["accuracy_before"]
+        cells = [f"{by_arm[a]['accuracy_after']:.3f}" if a in by_arm else "" for a in arms]
+        lines.append(f"| {seed} | {before:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_curve(runs: Sequence[dict], key: str | None) -> tuple[list[int], list[float]]:
+    """Mean over runs at the steps every run logged."""
+    curves = [dict(zip(*series(r["log_history"], key))) for r in runs]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return common, [sum(c[s] for c in curves) / len(curves) for s in common]
+
+
+def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> Path:
+    """2 x 4 panels, one line per arm (mean over seeds): reward, held-out accuracy, token- and sequence-weighted
+    clip fractions, distinct fraction, mean length, length spread, wall time (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    panels = [
+        ("rollout exact match", lambda level: "rewards/exact_match/mean"),
+        ("held-out greedy accuracy", lambda level: "heldout_accuracy"),
+        ("clipped fraction, tokens (paper's count)", lambda level: CLIP_KEYS[level][0]),
+        ("clipped fraction, sequences", lambda level: CLIP_KEYS[level][1]),
+        ("distinct completions per group", lambda level: "diversity/distinct_fraction"),
+        ("mean completion length (tokens)", lambda level: "length/group_mean"),
+        ("length std inside groups", lambda level: "length/group_std"),
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    flat = list(axes.flat)
+    for ax, (name, key_for) in zip(flat, panels):
+        for arm in arms:
+            runs = [r for r in results if r["arm"] == arm]
+            steps, values = _mean_curve(runs, key_for(ARMS[arm].importance_sampling_level))
+            if steps:
+                ax.plot(steps, values, marker="o" if name.startswith("held-out") else None, label=ARMS[arm].label)
+        if "clipped" in name:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    seconds = [[r["train_seconds"] for r in results if r["arm"] == arm] for arm in arms]
+    flat[-1].bar(range(len(arms)), [statistics.fmean(s) for s in seconds])
+    flat[-1].set_xticks(range(len(arms)), arms)
+    flat[-1].set_title("train wall time per run (s)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Sequence[dict], output_dir, command: str, task_name: str, settings: TrainSettings) -> Path:
+    """comparison.md (command, settings, tables) and comparison.png in `output_dir`; returns the markdown path."""
+    output_dir = Path(output_dir)
+    figure = plot_comparison(
+        results, output_dir / "comparison.png", title=f"{task_name}: {settings.steps} steps per run, mean over seeds"
+    )
+    text = "\n\n".join(
+        [
+            f"# GSPO vs GSPO-token vs GRPO on `{task_name}`",
+            f"Command: `{command}`",
+            f"Settings: `{json.dumps(asdict(settings))}`",
+            markdown_table(results),
+            "Held-out accuracy after training, per seed:\n\n" + per_seed_table(results),
+            f"![comparison]({figure.name})",
+        ]
+    )
+    path = output_dir / "comparison.md"
+    path.write_text(text + "\n")
+    return path

@@ -1,0 +1,388 @@
+"""Token and span rewards for GSPO-token, and the checks on every reward a reward function returns.
+
+A reward function follows TRL's calling convention and returns one entry per completion. Each entry may be:
+
+- a number: a sequence reward, as in TRL. ``None`` means "cannot score this completion": it is left out of the
+  group baseline (TRL). ``NaN`` is treated like ``None`` and ``+-inf`` too (an infinite reward has no finite
+  advantage), but both are usually a bug: `GSPOTrainer` warns once per reward function with the share of such
+  values, and refuses a step in which no reward function gave any completion a finite reward.
+- a span list ``[(start_char, end_char, value), ...]`` over the completion's text (the string the reward function
+  was given): ``value`` rewards the characters ``text[start_char:end_char]``. Spans must lie inside the text
+  (``0 <= start_char < end_char <= len(text)``), must not overlap each other (touching is fine), and their values
+  must be finite. An empty list means "no token-level detail".
+- a per-token list ``[v_1, ..., v_L]``: one finite value per completion token, ``L`` the number of generated tokens
+  (the closing eos included, as in ``completion_ids``).
+
+Spans become token values through the tokenizer's character offsets (`token_char_offsets`). Overlap rule: a token
+whose character range ``[a, b)`` intersects a span's ``[start_char, end_char)`` (``a < end_char`` and
+``start_char < b``) carries the span's whole value; a token touching two adjacent spans carries the sum of both;
+tokens without characters (eos, other special tokens) carry none.
+
+From token values to advantages (GSPO-token, ``importance_sampling_level="sequence_token"``)
+-------------------------------------------------------------------------------------------
+Let ``r^k_it`` be the value of token t of completion i under reward function k (0 where k returned a number or
+``None`` for completion i), and ``w_k`` the trainer's ``reward_weights``. A token-level output also counts as a
+sequence reward: its sum (the sum of the span values, or of the per-token list) is what TRL sees for function k.
+So the sequence advantage ``A_i`` is TRL's, computed from these sums and the plain numbers, group-normalised as
+usual. The per-token advantage is
+
+    r_it  = sum_k w_k r^k_it
+    A_it  = A_i + lambda * (r_it - mu_g) / (sigma_g + 1e-4)
+
+where ``mu_g`` and ``sigma_g`` are the mean and the (unbiased) standard deviation of ``r_it`` over every loss token
+(completion mask times tool mask) of the G completions of the prompt (group g), and ``lambda`` is
+``GSPOConfig.token_advantage_weight``. A group whose tokens all carry the same value gets a token component of
+exactly 0, so a run whose reward functions all return numbers trains exactly as GSPO. The token component moves
+credit inside the group towards the tokens that earned it: a wrong character in an otherwise right answer gets a
+lower advantage than the characters around it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from trl.trainer.utils import is_async_callable
+
+from .rewards import completion_text
+
+# Added to the group standard deviation, as TRL does for the sequence advantage.
+TOKEN_STD_EPS = 1e-4
+# Attribute a reward function may carry to declare that it returns spans or per-token lists; GSPOTrainer then
+# checks importance_sampling_level at construction rather than at the first step.
+TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
+TOKEN_LEVEL = "sequence_token"
+
+
+class TokenRewardError(ValueError):
+    """A reward function returned a token-level reward that cannot be used; the message names it and the index."""
+
+
+def token_level_reward(func: Callable) -> Callable:
+    """Mark `func` as returning span lists or per-token lists (see the module docstring); returns `func`.
+
+    Marked functions are refused at trainer construction unless importance_sampling_level="sequence_token".
+    """
+    setattr(func, TOKEN_LEVEL_ATTRIBUTE, True)
+    return func
+
+
+def is_marked_token_level(func: Any) -> bool:
+    return bool(getattr(func, TOKEN_LEVEL_ATTRIBUTE, False))
+
+
+def check_token_reward_level(reward_funcs: Any, importance_sampling_level: str) -> None:
+    """Raise TokenRewardError if a marked token-level reward function meets a level other than GSPO-token."""
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    for func in funcs:
+        if is_marked_token_level(func) and importance_sampling_level != TOKEN_LEVEL:
+            raise TokenRewardError(token_level_mismatch_message(reward_name(func), importance_sampling_level))
+
+
+def token_level_mismatch_message(name: str, importance_sampling_level: str) -> str:
+    return (
+        f"reward function {name!r} returns token-level rewards (spans or per-token lists), which need per-token "
+        f"advantages: set importance_sampling_level='sequence_token' (GSPO-token), not "
+        f"{importance_sampling_level!r}, or return one number per completion."
+    )
+
+
+def reward_name(func: Any) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real)
+
+
+def output_kind(value: Any, name: str, index: int) -> str:
+    """'scalar' (a number or None), 'spans' or 'tokens'; TokenRewardError for anything else.
+
+    A list (or tuple) of numbers is a per-token list, a list of 3-item sequences a span list; an empty list is an
+    empty span list.
+    """
+    if value is None or _is_number(value):
+        return "scalar"
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":  # tensors and arrays as lists
+        value = value.tolist()
+        if _is_number(value):
+            return "scalar"
+    if isinstance(value, (list, tuple)):
+        if all(_is_number(v) for v in value):
+            return "tokens" if value else "spans"
+        if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in value):
+            return "spans"
+    raise TokenRewardError(
+        f"reward function {name!r} returned {value!r} for completion {index}: expected a number, None, a list of "
+        "(start_char, end_char, value) spans, or a list of per-token values."
+    )
+
+
+def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """Character range [start, end) of each completion token inside `text`, its decoded completion.
+
+    First the fast tokenizer's ``offset_mapping`` of `text`, used when re-encoding `text` gives back the completion's
+    tokens (special tokens such as eos skipped: they get an empty range). Otherwise, when the sampled tokenization
+    differs from the canonical one, the ranges come from decoding growing prefixes of the completion. Raises
+    ValueError if neither reproduces `text`.
+    """
+    ids = [int(i) for i in completion_ids]
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    kept = [i for i in ids if i not in special]
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        encoded = None
+    if encoded is not None and list(encoded["input_ids"]) == kept:
+        mapping = iter(encoded["offset_mapping"])
+        offsets, position = [], 0
+        for token_id in ids:
+            if token_id in special:
+                offsets.append((position, position))
+            else:
+                start, end = next(mapping)
+                offsets.append((start, end))
+                position = end
+        return offsets
+    offsets, previous = [], 0
+    for k in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        end = len(prefix) if text.startswith(prefix) else previous  # an incomplete multi-byte character: wait
+        offsets.append((previous, max(previous, end)))
+        previous = max(previous, end)
+    if previous != len(text):
+        raise ValueError(
+            f"cannot map the completion's {len(ids)} tokens onto its text {text!r}: decoding them gives "
+            f"{tokenizer.decode(ids, skip_special_tokens=True)!r}."
+        )
+    return offsets
+
+
+def spans_to_token_values(
+    spans: Sequence[Sequence[Any]], offsets: Sequence[tuple[int, int]], text_length: int, name: str, index: int
+) -> list[float]:
+    """Token values from character spans under the overlap rule (module docstring); validates the spans."""
+    checked = []
+    for span in spans:
+        start, end, value = span
+        if not (isinstance(start, numbers.Integral) and isinstance(end, numbers.Integral)):
+            raise TokenRewardError(
+                f"reward function {name!r}, completion {index}: span {tuple(span)!r} needs integer character positions."
+            )
+        if not 0 <= start < end <= text_length:
+            raise TokenRewardError(
+                f"reward function {name!r}, completion {index}: span {tuple(span)!r} lies outside the text of "
+                f"{text_length} characters (need 0 <= start_char < end_char <= {text_length})."
+            )
+        if not (_is_number(value) and math.isfinite(value)):
+            raise TokenRewardError(
+                f"reward function {name!r}, completion {index}: span {tuple(span)!r} has a non-finite value."
+            )
+        checked.append((int(start), int(end), float(value)))
+    checked.sort()
+    for (s0, e0, _), (s1, e1, _) in zip(checked, checked[1:]):
+        if s1 < e0:
+            raise TokenRewardError(
+                f"reward function {name!r}, completion {index}: spans [{s0}, {e0}) and [{s1}, {e1}) overlap; spans "
+                "must be disjoint (adjacent is fine)."
+            )
+    values = [0.0] * len(offsets)
+    for start, end, value in checked:
+        for t, (a, b) in enumerate(offsets):
+            if a < b and a < end and start < b:  # tokens without characters carry nothing
+                values[t] += value
+    return values
+
+
+def check_token_values(values: Sequence[Any], num_tokens: int, name: str, index: int) -> list[float]:
+    """The per-token list as floats; TokenRewardError for a wrong length or a non-finite value."""
+    if len(values) != num_tokens:
+        raise TokenRewardError(
+            f"reward function {name!r}, completion {index}: {len(values)} per-token values for a completion of "
+            f"{num_tokens} tokens (eos included)."
+        )
+    floats = [float(v) for v in values]
+    bad = next((t for t, v in enumerate(floats) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise TokenRewardError(
+            f"reward function {name!r}, completion {index}: per-token value {floats[bad]} at token {bad} is not finite."
+        )
+    return floats
+
+
+def token_advantage_component(
+    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
+) -> torch.Tensor:
+    """(N, T) group-normalised token component (r_it - mu_g) / (sigma_g + eps), 0 off the mask.
+
+    Args:
+        token_rewards: (N, T) r_it, rows grouped by prompt in consecutive blocks of `num_generations` (TRL's order).
+        mask: (N, T) 1 on the loss tokens.
+        num_generations: G, the group size.
+
+    mu_g and sigma_g (unbiased) are taken over the masked tokens of group g; a group with fewer than two masked
+    tokens, or whose tokens all carry the same value, gets exactly 0.
+    """
+    rows, width = token_rewards.shape
+    if rows % num_generations:
+        raise ValueError(
+            f"token_advantage_component: {rows} rows are not a whole number of groups of {num_generations}"
+        )
+    r = token_rewards.double().reshape(-1, num_generations * width)
+    m = mask.double().reshape(-1, num_generations * width)
+    count = m.sum(-1, keepdim=True)
+    mean = (r * m).sum(-1, keepdim=True) / count.clamp(min=1.0)
+    centred = (r - mean) * m
+    std = ((centred**2).sum(-1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()
+    masked_max = torch.where(m.bool(), r, torch.full_like(r, -math.inf)).amax(-1, keepdim=True)
+    masked_min = torch.where(m.bool(), r, torch.full_like(r, math.inf)).amin(-1, keepdim=True)
+    spread = masked_max - masked_min
+    constant = (count < 2) | ~(spread > 0)
+    component = torch.where(constant, torch.zeros_like(centred), centred / (std + eps))
+    return component.reshape(rows, width).to(token_rewards.dtype)
+
+
+class TokenRewardCollector:
+    """Adapts reward functions for one scoring call: token-level outputs are kept here, TRL gets numbers.
+
+    `wrap` returns a callable with the reward function's name and calling convention (async stays async). The
+    wrapped call validates every entry (see the module docstring), stores the per-token values of token-level
+    entries, hands TRL their sum, turns NaN and +-inf into NaN (TRL's "cannot score") and counts them for the
+    trainer's warning.
+
+    Attributes after the call:
+        token_values: {function index: [per-token values or None, one per completion]}, token-level functions only.
+        non_finite: {function name: (number of NaN, number of +-inf, number of completions)}.
+    """
+
+    def __init__(self, tokenizer, completion_ids: Sequence[Sequence[int]], completions: Sequence[Any], level: str):
+        self.tokenizer = tokenizer
+        self.completion_ids = completion_ids
+        self.texts = [completion_text(c) for c in completions]
+        self.level = level
+        self.token_values: dict[int, list[list[float] | None]] = {}
+        self.non_finite: dict[str, tuple[int, int, int]] = {}
+        self._offsets: dict[int, list[tuple[int, int]]] = {}
+
+    def offsets(self, index: int) -> list[tuple[int, int]]:
+        if index not in self._offsets:
+            self._offsets[index] = token_char_offsets(self.tokenizer, self.completion_ids[index], self.texts[index])
+        return self._offsets[index]
+
+    def convert(self, func_index: int, name: str, outputs: Sequence[Any]) -> list[Any]:
+        """Validate one function's outputs; return what TRL expects (numbers or None), keep the token values."""
+        if len(outputs) != len(self.texts):
+            return list(outputs)  # TRL raises its own error naming the function
+        scalars, token_values = [], []
+        nan_count = inf_count = 0
+        for index, value in enumerate(outputs):
+            kind = output_kind(value, name, index)
+            if kind == "scalar":
+                value = None if value is None else float(value)  # also unwraps 0-d tensors and numpy scalars
+                if value is not None and math.isnan(value):
+                    nan_count += 1
+                elif value is not None and math.isinf(value):
+                    inf_count += 1
+                    value = float("nan")
+                scalars.append(value)
+                token_values.append(None)
+                continue
+            if self.level != TOKEN_LEVEL:
+                raise TokenRewardError(
+                    token_level_mismatch_message(name, self.level) + f" (first seen at completion {index})"
+                )
+            if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+                value = value.tolist()
+            num_tokens = len(self.completion_ids[index])
+            if kind == "tokens":
+                values = check_token_values(value, num_tokens, name, index)
+                total = sum(values)
+            else:
+                try:
+                    offsets = self.offsets(index)
+                except ValueError as error:
+                    raise TokenRewardError(f"reward function {name!r}, completion {index}: {error}") from error
+                values = spans_to_token_values(value, offsets, len(self.texts[index]), name, index)
+                total = sum(float(span[2]) for span in value)
+            scalars.append(total)
+            token_values.append(values)
+        if any(v is not None for v in token_values):
+            self.token_values[func_index] = token_values
+        if nan_count or inf_count:
+            self.non_finite[name] = (nan_count, inf_count, len(outputs))
+        return scalars
+
+    def wrap(self, func_index: int, func: Callable, name: str) -> Callable:
+        if is_async_callable(func):
+
+            async def wrapped_async(*args, **kwargs):
+                return self.convert(func_index, name, await func(*args, **kwargs))
+
+            wrapped_async.__name__ = name
+            return wrapped_async
+
+        def wrapped(*args, **kwargs):
+            return self.convert(func_index, name, func(*args, **kwargs))
+
+        wrapped.__name__ = name
+        return wrapped
+
+    def token_reward_matrix(self, weights: Sequence[float], width: int) -> torch.Tensor:
+        """(B, width) float32 sum_k w_k r^k_it over the token-level functions; 0 past each completion's tokens."""
+        matrix = torch.zeros(len(self.texts), width, dtype=torch.float32)
+        for func_index, per_completion in self.token_values.items():
+            for i, values in enumerate(per_completion):
+                if values is not None:
+                    matrix[i, : len(values)] += float(weights[func_index]) * torch.tensor(values[:width])
+        return matrix
+
+
+def non_finite_warning(name: str, nan_count: int, inf_count: int, total: int) -> str:
+    return (
+        f"reward function {name!r} returned NaN for {nan_count / total:.1%} and +-inf for {inf_count / total:.1%} of "
+        f"the {total} completions of this rollout. Both are treated like None (cannot score: left out of the group "
+        "baseline, no advantage). Return None for a completion you cannot score; NaN or inf usually means a bug. "
+        "This warning is shown once per reward function."
+    )
+
+
+def no_finite_reward_message(names: Sequence[str], total: int) -> str:
+    return (
+        f"no reward function ({', '.join(map(repr, names))}) gave any of the {total} completions of this rollout a "
+        "finite reward (all None, NaN or inf): training on it would update on nothing. Refusing it before any parameter changes; check the reward "
+        "functions."
+    )
+
+
+class _SummedReward:
+    """A token-level reward function collapsed to one number per completion; see `summed_reward`."""
+
+    def __init__(self, func: Callable):
+        self.func = func
+        self.__name__ = f"{reward_name(func)}_sum"
+
+    def __call__(self, *, completions, **kwargs) -> list[float | None]:
+        outputs = self.func(completions=completions, **kwargs)
+        summed = []
+        for index, value in enumerate(outputs):
+            kind = output_kind(value, self.__name__, index)
+            if kind == "scalar":
+                summed.append(value)
+            elif kind == "tokens":
+                summed.append(float(sum(value)))
+            else:
+                summed.append(float(sum(span[2] for span in value)))
+        return summed
+
+
+def summed_reward(func: Callable) -> Callable:
+    """The sequence-level version of a token-level reward: each completion's spans or token values summed.
+
+    It is exactly the sequence reward GSPO-token sees for `func` (module docstring), without the per-token detail:
+    train GSPO with it to compare the same reward information with and without per-token credit. Named
+    `<name>_sum`; picklable if `func` is.
+    """
+    return _SummedReward(func)
