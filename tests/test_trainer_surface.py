@@ -82,6 +82,9 @@ def test_banner_names_world_backend_precision_and_gspo_settings(tmp_path):
         on_policy = small_config(tmp_path, steps_per_generation=1, bf16=True)
     line = start_banner(1, "single process", "bf16", on_policy)
     assert "mixed precision bf16 |" in line and "1 optimizer steps per rollout (on-policy" in line
+    assert line.endswith("(on-policy: the ratio is 1)")  # no switch on, none named
+    switched = small_config(tmp_path, padding_free=True, importance_sampling_level="sequence_token")
+    assert start_banner(1, "single process", "no", switched).endswith("| padding_free, token_advantage_weight=1")
 
 
 def test_distributed_backend_names():

@@ -2,10 +2,13 @@
 
 GSPO run: world size 2, backend DDP, mixed precision bf16 (from the launch config / ACCELERATE_MIXED_PRECISION:
 it overrides bf16=False in the config) | importance_sampling_level='sequence', clip range [1-0.0003, 1+0.0004],
-4 optimizer steps per rollout (off-policy)
+4 optimizer steps per rollout (off-policy) | padding_free
 """
 
 from __future__ import annotations
+
+# GSPOConfig switches named in the line when they are on
+SWITCHES = ("padding_free", "use_rollout_logprobs", "routing_replay")
 
 
 def distributed_backend(accelerator) -> str:
@@ -38,8 +41,12 @@ def start_banner(world_size: int, backend: str, mixed_precision: str, args) -> s
     steps = optimizer_steps_per_rollout(args)
     policy = "on-policy: the ratio is 1" if args.is_on_policy else "off-policy"
     clip_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    return (
+    line = (
         f"GSPO run: world size {world_size}, backend {backend}, mixed precision {precision} | "
         f"importance_sampling_level={args.importance_sampling_level!r}, clip range [1-{args.epsilon:g}, "
         f"1+{clip_high:g}], {steps:g} optimizer steps per rollout ({policy})"
     )
+    options = [name for name in SWITCHES if getattr(args, name, False)]
+    if args.importance_sampling_level == "sequence_token":
+        options.append(f"token_advantage_weight={args.token_advantage_weight:g}")
+    return line + (" | " + ", ".join(options) if options else "")
