@@ -97,11 +97,29 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    # MoE routing (trl_gspo/moe.py); no effect on dense models except routing_replay, which they refuse
+    log_routing_drift: bool = field(
+        default=True,
+        metadata={
+            "help": "MoE models: log moe/routing_drift/{token_layer,token_any_layer}, the fraction of completion "
+            "(token, layer) pairs and of tokens whose top-k experts changed between the pi_old pass and the "
+            "policy pass. Needs an off-policy schedule (there is no pi_old pass otherwise)."
+        },
+    )
+    routing_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "MoE models: reuse the experts chosen in the pi_old pass in the policy pass (R2 routing replay), "
+            "with weights from the current router logits so the router still learns. Refused for dense models."
+        },
+    )
+
     def __post_init__(self):
         self._validate_gspo_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
         super().__post_init__()
+        self._validate_routing_fields()
         self._warn_on_suspicious_setup()
 
     @property
@@ -178,6 +196,18 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(
                 f"GSPOConfig.vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} weights tokens, "
                 "but GSPO ('sequence') has one term per sequence. Use 'sequence_mask' or 'sequence_truncate'."
+            )
+
+    def _validate_routing_fields(self):
+        """routing_replay needs a pi_old pass to record: refused when TRL runs none (every step on-policy)."""
+        pi_old_pass_runs = not self.is_on_policy or (self.use_vllm and self.vllm_importance_sampling_correction)
+        if self.routing_replay and not pi_old_pass_runs:
+            raise ValueError(
+                f"GSPOConfig.routing_replay=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
+                f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every "
+                "step is on-policy, TRL runs no pi_old pass and there is no routing to replay. Set "
+                "steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), or "
+                "routing_replay=False."
             )
 
     def _warn_on_suspicious_setup(self):

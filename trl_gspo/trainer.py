@@ -13,6 +13,7 @@ router aux loss, and gradient-accumulation scaling. What it refuses is refused b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import textwrap
 from pathlib import Path
@@ -23,6 +24,7 @@ from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import GSPOConfig
+from .moe import ROUTING_KEY, RouterHooks, drift_fractions, find_routers, router_logits_off, routing_drift_counts
 from .objective import compute_policy_objective, length_normalized_is_weight
 
 logger = logging.get_logger(__name__)
@@ -49,6 +51,9 @@ TRL_PRIVATE_API = {
         "mask",
         "off_policy_threshold",
     ),
+    # MoE routing (trl_gspo/moe.py): the rollout (pi_old pass inside it) and the policy pass
+    "_generate_and_score_completions": ("inputs",),
+    "training_step": ("model", "inputs", "num_items_in_batch"),
 }
 
 # Saved in each checkpoint folder, one per rank: the rollout the run is in the middle of.
@@ -127,6 +132,7 @@ class GSPOTrainer(GRPOTrainer):
                 f"{args.steps_per_generation}). Pass a GSPOConfig to silence this."
             )
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        self._moe_setup_routing()
 
     def _save_checkpoint(self, model, trial):
         """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly.
@@ -333,6 +339,111 @@ class GSPOTrainer(GRPOTrainer):
             metrics["gspo/seq_ratio/std"].append(std)
             metrics["gspo/seq_ratio/min"].append(ratio_min)
             metrics["gspo/seq_ratio/max"].append(ratio_max)
+
+
+    # ---- MoE routing (trl_gspo/moe.py): no router logits in generate(), routing drift metric, routing replay ----
+
+    def _moe_setup_routing(self):
+        """Hook the routers when the drift metric or replay needs them; refuse replay on a dense model."""
+        self._moe_hooks, self._moe_record_armed, self._moe_recorded = None, False, None
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        routers = find_routers(unwrapped)
+        if self.args.routing_replay and not routers:
+            model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
+            raise ValueError(
+                f"GSPOConfig.routing_replay=True needs a Mixture-of-Experts model with *TopKRouter modules "
+                f"(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE); this model ({type(unwrapped).__name__}, model_type="
+                f"{model_type!r}) has none. Set routing_replay=False."
+            )
+        if routers and (self.args.log_routing_drift or self.args.routing_replay):
+            self._moe_hooks = RouterHooks(routers)
+
+    def _moe_pi_old_pass_runs(self) -> bool:
+        """Whether GRPOTrainer computes old_per_token_logps in this rollout (its own condition)."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        correction = self.use_vllm and self.vllm_importance_sampling_correction
+        return self.args.gradient_accumulation_steps % generate_every != 0 or correction
+
+    def _generate_and_score_completions(self, inputs):
+        """GRPOTrainer's rollout, with MoE routing glue around it (see `_moe_rollout`)."""
+        with self._moe_rollout():
+            output = super()._generate_and_score_completions(inputs)
+        return self._moe_attach_routing(output)
+
+    @contextlib.contextmanager
+    def _moe_rollout(self):
+        """Generation without router logits (the config's output_router_logits crashes cached decoding on padded
+        batches; the training forward asks for them itself), and the next pi_old pass armed for recording."""
+        if self._moe_hooks is not None:
+            self._moe_hooks.clear()
+            self._moe_record_armed = self._moe_pi_old_pass_runs()
+        try:
+            with router_logits_off(self.accelerator.unwrap_model(self.model)):
+                yield
+        finally:
+            self._moe_record_armed = False
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """GRPOTrainer's, recording the routing when this is the pi_old pass of a rollout.
+
+        That pass is the first one on the policy model after generation (TRL runs it before the reference pass,
+        which with PEFT uses the same model with adapters disabled); `_moe_rollout` arms it only when TRL runs it.
+        """
+        if not (self._moe_record_armed and model is self.model):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._moe_record_armed = False
+        with self._moe_hooks.recording():
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._moe_recorded = self._moe_hooks.recorded(*input_ids.shape)
+        return result
+
+    def _moe_attach_routing(self, output: dict) -> dict:
+        """Put the recorded pi_old routing (B, L, layers, k) into the rollout batch, where it follows its rows."""
+        recorded = self._moe_recorded
+        if recorded is not None:
+            self._moe_recorded = None
+            output[ROUTING_KEY] = recorded
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPOTrainer's, with the policy pass observing (drift metric) or replaying the recorded routing."""
+        routing = inputs.get(ROUTING_KEY) if self._moe_hooks is not None else None
+        if routing is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._moe_hooks.start_policy_pass(routing, replay=self.args.routing_replay)
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.log_routing_drift:
+            self._log_routing_drift(inputs, routing)
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """GRPOTrainer's; the replay state is dropped only here, after backward (checkpointing recomputes)."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self._moe_hooks is not None:
+                self._moe_hooks.clear()
+
+    def _log_routing_drift(self, inputs, routing):
+        """Log how much the routing moved between the pi_old pass and this policy pass, on completion tokens.
+
+          moe/routing_drift/token_layer       fraction of (completion token, MoE layer) pairs whose top-k expert
+                                              set differs from the pi_old pass (the paper: ~10% per update)
+          moe/routing_drift/token_any_layer   fraction of completion tokens that changed in at least one layer
+        Both count the *natural* routing of the current router, also under routing_replay (what replay undid).
+        """
+        prompt_length = inputs["prompt_ids"].size(1)
+        current = self._moe_hooks.observed(routing.size(0), routing.size(1))
+        counts = routing_drift_counts(
+            routing[:, prompt_length:], current[:, prompt_length:], inputs["completion_mask"]
+        )
+        mode = "train" if self.model.training else "eval"
+        for name, value in drift_fractions(self.accelerator.reduce(counts, reduction="sum")).items():
+            self._metrics[mode][name].append(value)
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.
