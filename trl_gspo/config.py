@@ -61,6 +61,12 @@ class GSPOConfig(GRPOConfig):
             With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
             all tokens, which collapses long sequences.
+        log_routing_drift (`bool`, defaults to `True`):
+            MoE models: log `moe/routing_drift/token_layer` and `moe/routing_drift/token_any_layer` (see
+            docs/MOE.md). Ignored by dense models and when no pi_old pass runs (on-policy schedule).
+        routing_replay (`bool`, defaults to `False`):
+            MoE models: replay the pi_old pass's experts in the policy pass (R2), weights from the current router.
+            Refused with an on-policy schedule here, and for a dense model by the trainer.
 
     Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
     `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain

@@ -9,6 +9,12 @@ What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
 normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
 router aux loss, and gradient-accumulation scaling. What it refuses is refused by GSPOConfig at construction.
+
+MoE models (trl_gspo/moe.py, the `_moe_*` methods): generation runs with the config's `output_router_logits` off
+(it crashes cached decoding on padded batches); hooks on the routers record the routing in the pi_old pass
+(`_get_per_token_logps_and_entropies`, armed by `_generate_and_score_completions`), and the policy pass
+(`compute_loss`) logs the routing drift and, with `routing_replay`, replays it until `training_step`'s backward
+has finished.
 """
 
 from __future__ import annotations
@@ -100,7 +106,9 @@ class GSPOTrainer(GRPOTrainer):
 
     Takes exactly GRPOTrainer's arguments and is a drop-in replacement for it. `args` may be a GSPOConfig, a
     GRPOConfig (upgraded with GSPOConfig.from_grpo_config: the fields you set are kept, the rest take GSPO's
-    defaults) or None (GSPOConfig defaults). Overrides `_compute_loss` only; see the module docstring.
+    defaults) or None (GSPOConfig defaults). Overrides `_compute_loss` for the algorithm, and for MoE routing
+    `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`, `compute_loss` and `training_step`
+    (thin wrappers around GRPOTrainer's); see the module docstring and TRL_PRIVATE_API.
     """
 
     _tag_names = ["trl", "gspo", "trl-gspo"]
