@@ -284,6 +284,22 @@ def test_lora_with_reference_pass_on_the_same_model(tmp_path, tokenizer, make_mo
     assert all("kl" in entry and "moe/routing_drift/token_layer" in entry for entry in logs)
 
 
+def test_evaluation_replays_and_leaves_the_hooks_idle(tmp_path, tokenizer, make_model):
+    """Evaluation has no backward (hence no training_step): the replay state must still be dropped, or a later
+    generate() (e.g. in a callback) would be forced onto the evaluation batch's experts."""
+    model = make_model("qwen3_moe")
+    args = small_config(tmp_path, steps_per_generation=2, routing_replay=True, per_device_eval_batch_size=8)
+    trainer = GSPOTrainer(
+        model, completion_length_reward, args=args, train_dataset=prompt_dataset(), eval_dataset=prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_moe/routing_drift/token_layer"] == 0.0  # no update between pi_old and policy pass
+    assert trainer._moe_hooks._mode == "idle" and trainer._moe_hooks._replay is None
+    batch = tokenizer(["1+1=", "123+456="], return_tensors="pt", padding=True)
+    model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
 def test_dense_model_with_routing_replay_is_refused_at_construction(tmp_path, tokenizer, make_model):
     args = small_config(tmp_path, routing_replay=True)
     with pytest.raises(ValueError, match="model_type='qwen2'.*routing_replay=False"):

@@ -426,6 +426,8 @@ class GSPOTrainer(GRPOTrainer):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.args.log_routing_drift:
             self._log_routing_drift(inputs, routing)
+        if not torch.is_grad_enabled():  # evaluation: no backward follows, so no training_step to clear the state
+            self._moe_hooks.clear()
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch):
