@@ -74,6 +74,12 @@ class GSPOConfig(GRPOConfig):
             With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
             all tokens, which collapses long sequences.
+        log_routing_drift (`bool`, defaults to `True`):
+            MoE models: log `moe/routing_drift/token_layer` and `moe/routing_drift/token_any_layer` (see
+            docs/MOE.md). Ignored by dense models and when no pi_old pass runs (on-policy schedule).
+        routing_replay (`bool`, defaults to `False`):
+            MoE models: replay the pi_old pass's experts in the policy pass (R2), weights from the current router.
+            Refused with an on-policy schedule here, and for a dense model by the trainer.
 
         padding_free (`bool`, defaults to `False`):
             Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
@@ -168,6 +174,23 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    # MoE routing (trl_gspo/moe.py); no effect on dense models except routing_replay, which they refuse
+    log_routing_drift: bool = field(
+        default=True,
+        metadata={
+            "help": "MoE models: log moe/routing_drift/{token_layer,token_any_layer}, the fraction of completion "
+            "(token, layer) pairs and of tokens whose top-k experts changed between the pi_old pass and the "
+            "policy pass. Needs an off-policy schedule (there is no pi_old pass otherwise)."
+        },
+    )
+    routing_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "MoE models: reuse the experts chosen in the pi_old pass in the policy pass (R2 routing replay), "
+            "with weights from the current router logits so the router still learns. Refused for dense models."
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
             self.bf16 = default_bf16(self.use_cpu)
@@ -177,6 +200,7 @@ class GSPOConfig(GRPOConfig):
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
         super().__post_init__()
         self._validate_rollout_logprobs_fields()
+        self._validate_routing_fields()
         self._warn_on_suspicious_setup()
 
     @property
@@ -311,6 +335,29 @@ class GSPOConfig(GRPOConfig):
                 f"{refuse} with vLLM and {truncating}: vLLM's log-probs are then of the truncated distribution, and "
                 "a ratio against them measures the kept probability mass, not a policy change (TRL issue 6789)."
             )
+
+    def _validate_routing_fields(self):
+        """routing_replay needs a pi_old pass to record: refused when TRL runs none (every step on-policy)."""
+        pi_old_pass_runs = not self.is_on_policy or (self.use_vllm and self.vllm_importance_sampling_correction)
+        if self.routing_replay and not pi_old_pass_runs:
+            raise ValueError(
+                f"GSPOConfig.routing_replay=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
+                f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every "
+                "step is on-policy, TRL runs no pi_old pass and there is no routing to replay. Set "
+                "steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), or "
+                "routing_replay=False."
+            )
+        for switch in ("use_rollout_logprobs", "padding_free"):
+            if self.routing_replay and getattr(self, switch):
+                why = (
+                    "there is no pi_old forward whose routing could be recorded"
+                    if switch == "use_rollout_logprobs"
+                    else "the routing record is kept in the padded (B, L) layout, which packed passes do not have"
+                )
+                raise ValueError(
+                    f"GSPOConfig.routing_replay=True cannot be combined with {switch}=True: {why}. Set one of them "
+                    "to False."
+                )
 
     def _warn_on_suspicious_setup(self):
         if not self.is_sequence_level:

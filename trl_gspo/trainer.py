@@ -21,10 +21,17 @@ Speed options (off by default), each in its own module with the trainer as glue:
   log-probs under transformers generation, `_generate` keeps them, and the pi_old pass of
   `_generate_and_score_completions` is answered with them instead of a forward (checked every
   `rollout_logprobs_check_interval` rollouts).
+
+MoE models (trl_gspo/moe.py, the `_moe_*` methods): generation runs with the config's `output_router_logits` off
+(it crashes cached decoding on padded batches); hooks on the routers record the routing in the pi_old pass
+(`_get_per_token_logps_and_entropies`, armed by `_generate_and_score_completions`), and the policy pass
+(`compute_loss`) logs the routing drift and, with `routing_replay`, replays it until `training_step`'s backward
+has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import textwrap
 from pathlib import Path
@@ -40,6 +47,7 @@ from .banner import distributed_backend, start_banner
 from .config import GSPOConfig
 from .diagnostics import rollout_diagnostics
 from .grpo_upgrade import upgrade_grpo_config
+from .moe import ROUTING_KEY, RouterHooks, drift_fractions, find_routers, router_logits_off, routing_drift_counts
 from .objective import compute_policy_objective, length_normalized_is_weight
 from .packing import packed_logps_and_entropies, packing_support_problem
 from .rollout_buffer import load_rollout_buffer
@@ -87,6 +95,8 @@ TRL_PRIVATE_API = {
     ),
     # token/span rewards, reward checks and rollout diagnostics (also read: _tokenizer, reward_weights, _metrics)
     "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
+    # MoE routing (trl_gspo/moe.py): the policy pass's backward clears the replay state
+    "training_step": ("model", "inputs", "num_items_in_batch"),
 }
 
 # Saved in each checkpoint folder, one per rank: the rollout the run is in the middle of.
@@ -147,6 +157,9 @@ class GSPOTrainer(GRPOTrainer):
     per function, a step with no finite reward refused), `_calculate_rewards` and `_generate_and_score_completions`
     are overridden thinly (see `_score_token_rewards`, `_log_rollout_diagnostics`). Private GRPOTrainer attributes
     read besides TRL_PRIVATE_API: `_tokenizer`, `reward_weights`, `_metrics`.
+
+    MoE models: `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`, `compute_loss` and
+    `training_step` also carry the routing glue (drift metric, routing replay; trl_gspo/moe.py).
     """
 
     _tag_names = ["trl", "gspo", "trl-gspo"]
@@ -178,6 +191,7 @@ class GSPOTrainer(GRPOTrainer):
         self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
         self.packed_layout = None  # (PackedBatch, start) of the latest padding-free forward
         self._rollouts_seen = 0
+        self._moe_setup_routing()
         self._print_start_banner()
 
     def _print_start_banner(self):
@@ -244,6 +258,17 @@ class GSPOTrainer(GRPOTrainer):
         Used by every pass: the policy (in _compute_loss), pi_old and the reference (in GRPOTrainer's
         _generate_and_score_completions).
         """
+        if self._moe_record_armed and model is self.model:
+            return self._moe_recorded_pass(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
         if self._pending_rollout_logprobs is not None and model is self.model and not compute_entropy:
             return self._rollout_logprobs_as_pi_old(model, input_ids, attention_mask, logits_to_keep, batch_size)
         if not self.args.padding_free:
@@ -311,17 +336,18 @@ class GSPOTrainer(GRPOTrainer):
         return result
 
     def _generate_and_score_completions(self, inputs):
-        """GRPOTrainer's rollout, then per-token advantages (GSPO-token) and the rollout diagnostics.
-
-        Rollout log-probs never outlive it (see _rollout_logprobs_as_pi_old).
+        """GRPOTrainer's rollout, then per-token advantages (GSPO-token), the rollout diagnostics and, for MoE
+        models, the pi_old routing record (see `_moe_rollout`). Rollout log-probs never outlive it (see
+        _rollout_logprobs_as_pi_old).
         """
-        try:
-            output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._pending_rollout_logprobs = None
+        with self._moe_rollout():
+            try:
+                output = super()._generate_and_score_completions(inputs)
+            finally:
+                self._pending_rollout_logprobs = None
         self._score_token_rewards(output)
         self._log_rollout_diagnostics(output)
-        return output
+        return self._moe_attach_routing(output)
 
     def _rollout_logprobs_as_pi_old(self, model, input_ids, attention_mask, logits_to_keep, batch_size):
         """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
@@ -639,6 +665,109 @@ class GSPOTrainer(GRPOTrainer):
             metrics["gspo/seq_ratio/std"].append(std)
             metrics["gspo/seq_ratio/min"].append(ratio_min)
             metrics["gspo/seq_ratio/max"].append(ratio_max)
+
+    # ---- MoE routing (trl_gspo/moe.py): no router logits in generate(), routing drift metric, routing replay ----
+
+    def _moe_setup_routing(self):
+        """Hook the routers when the drift metric or replay needs them; refuse replay on a dense model."""
+        self._moe_hooks, self._moe_record_armed, self._moe_recorded = None, False, None
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        routers = find_routers(unwrapped)
+        if self.args.routing_replay and not routers:
+            model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
+            raise ValueError(
+                f"GSPOConfig.routing_replay=True needs a Mixture-of-Experts model with *TopKRouter modules "
+                f"(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE); this model ({type(unwrapped).__name__}, model_type="
+                f"{model_type!r}) has none. Set routing_replay=False."
+            )
+        speed_options = [name for name in ("padding_free", "use_rollout_logprobs") if getattr(self.args, name)]
+        if routers and self.args.log_routing_drift and speed_options:  # routing_replay is refused by GSPOConfig
+            logger.warning(
+                f"moe/routing_drift is not logged with {speed_options}: the routing record needs an unpacked pi_old "
+                "forward. Set log_routing_drift=False to silence this."
+            )
+        elif routers and (self.args.log_routing_drift or self.args.routing_replay):
+            self._moe_hooks = RouterHooks(routers)
+
+    def _moe_pi_old_pass_runs(self) -> bool:
+        """Whether GRPOTrainer computes old_per_token_logps in this rollout (its own condition)."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        correction = self.use_vllm and self.vllm_importance_sampling_correction
+        return self.args.gradient_accumulation_steps % generate_every != 0 or correction
+
+    @contextlib.contextmanager
+    def _moe_rollout(self):
+        """Generation without router logits (the config's output_router_logits crashes cached decoding on padded
+        batches; the training forward asks for them itself), and the next pi_old pass armed for recording."""
+        if self._moe_hooks is not None:
+            self._moe_hooks.clear()
+            self._moe_record_armed = self._moe_pi_old_pass_runs()
+        try:
+            with router_logits_off(self.accelerator.unwrap_model(self.model)):
+                yield
+        finally:
+            self._moe_record_armed = False
+
+    def _moe_recorded_pass(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """GRPOTrainer's log-prob pass, recording the routing: called for the pi_old pass of a rollout.
+
+        That pass is the first one on the policy model after generation (TRL runs it before the reference pass,
+        which with PEFT uses the same model with adapters disabled); `_moe_rollout` arms it only when TRL runs it.
+        Never packed: the hooks are off under padding_free (see `_moe_setup_routing`).
+        """
+        self._moe_record_armed = False
+        with self._moe_hooks.recording():
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._moe_recorded = self._moe_hooks.recorded(*input_ids.shape)
+        return result
+
+    def _moe_attach_routing(self, output: dict) -> dict:
+        """Put the recorded pi_old routing (B, L, layers, k) into the rollout batch, where it follows its rows."""
+        recorded = self._moe_recorded
+        if recorded is not None:
+            self._moe_recorded = None
+            output[ROUTING_KEY] = recorded
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPOTrainer's, with the policy pass observing (drift metric) or replaying the recorded routing."""
+        routing = inputs.get(ROUTING_KEY) if self._moe_hooks is not None else None
+        if routing is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._moe_hooks.start_policy_pass(routing, replay=self.args.routing_replay)
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.log_routing_drift:
+            self._log_routing_drift(inputs, routing)
+        if not torch.is_grad_enabled():  # evaluation: no backward follows, so no training_step to clear the state
+            self._moe_hooks.clear()
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """GRPOTrainer's; the replay state is dropped only here, after backward (checkpointing recomputes)."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self._moe_hooks is not None:
+                self._moe_hooks.clear()
+
+    def _log_routing_drift(self, inputs, routing):
+        """Log how much the routing moved between the pi_old pass and this policy pass, on completion tokens.
+
+          moe/routing_drift/token_layer       fraction of (completion token, MoE layer) pairs whose top-k expert
+                                              set differs from the pi_old pass (the paper: ~10% per update)
+          moe/routing_drift/token_any_layer   fraction of completion tokens that changed in at least one layer
+        Both count the *natural* routing of the current router, also under routing_replay (what replay undid).
+        """
+        prompt_length = inputs["prompt_ids"].size(1)
+        current = self._moe_hooks.observed(routing.size(0), routing.size(1))
+        counts = routing_drift_counts(
+            routing[:, prompt_length:], current[:, prompt_length:], inputs["completion_mask"]
+        )
+        mode = "train" if self.model.training else "eval"
+        for name, value in drift_fractions(self.accelerator.reduce(counts, reduction="sum")).items():
+            self._metrics[mode][name].append(value)
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.

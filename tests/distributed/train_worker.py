@@ -1,14 +1,26 @@
-"""Worker for tests/test_distributed.py: a fixed-seed tiny GSPO run under whatever `accelerate launch` set up.
+"""Worker for tests/test_distributed.py and tests/test_launch_configs.py: a fixed-seed tiny GSPO run under whatever
+`accelerate launch` set up.
 
-Writes {"world_size", "distributed_type", "losses", "rollout_mismatch"} to the JSON path given as argv[1] (main process only).
-argv[2]: a DeepSpeed config (JSON) or "null"; argv[3]: extra GSPOConfig fields (JSON), e.g. {"padding_free": true}.
+    train_worker.py OUT.json [DEEPSPEED_CONFIG_JSON | "" | null] [OPTIONS_JSON]
+
+OPTIONS: {"model_type": "qwen3"|"qwen3_moe", "lora": bool, ...}: every other key is a GSPOConfig field (e.g.
+"routing_replay", "padding_free", "use_rollout_logprobs"). Writes (main process only) {"world_size",
+"distributed_type", "losses", "logs", "rollout_mismatch", "sharding"}: `sharding` says what the backend really did
+with the parameters (FSDP2: DTensor shards; ZeRO-3: partitioned parameters and where they live).
+
+On CPU, accelerate builds a MULTI_CPU state and then silently ignores an FSDP config (it only turns FSDP on from
+MULTI_GPU): when the launcher asked for FSDP (ACCELERATE_USE_FSDP) and there is no GPU, the backend choice is
+built on CPU (gloo) and then marked MULTI_GPU before the accelerator state is built, so the FSDP plugin is really
+applied (the test asserts the parameters are DTensor shards).
 """
 
 import json
+import os
 import sys
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 from datasets import Dataset
 
 from trl_gspo import GSPOConfig, GSPOTrainer
@@ -19,12 +31,63 @@ def reward(completions, **kwargs):
     return [float(len(c[-1]["content"]) % 4) for c in completions]
 
 
-def main(out_path, deepspeed_config=None, extra_fields=None):
+def force_fsdp_on_cpu():
+    """Mark the (singleton) CPU process state MULTI_GPU so that the Accelerator built next applies FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    state = PartialState(cpu=True)
+    state.distributed_type = DistributedType.MULTI_GPU
+
+
+def skip_deepspeed_shm_op():
+    """DeepSpeed on CPU builds (C++ compile, minutes under load, rebuilt whenever another venv touched the shared
+    cache) a shared-memory all-reduce op that only speeds up collectives; without it, it uses torch.distributed."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        import deepspeed.comm.torch
+
+        deepspeed.comm.torch.build_shm_op = lambda: None
+
+
+def local_numel(param) -> int:
+    """Elements this process holds: its DTensor shard (FSDP2), its ZeRO-3 partition, or the whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.to_local().numel()
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.numel()
+    return param.numel()
+
+
+def describe_sharding(trainer) -> dict:
+    """What the backend did to the parameters, read from the model itself."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.model_wrapped.parameters())
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    ds_config = plugin.deepspeed_config if plugin is not None else {}
+    return {
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "zero_stage": ds_config.get("zero_optimization", {}).get("stage"),
+        "offload_param": ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device"),
+        "offload_optimizer": ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device"),
+        "dtensor_params": sum(isinstance(p, DTensor) for p in params),
+        "zero3_partitioned_params": sum(hasattr(p, "ds_id") for p in params),
+        "num_params": len(params),
+        "local_numel": sum(local_numel(p) for p in params),
+        "full_numel": sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in params),
+    }
+
+
+def main(out_path, deepspeed_config=None, options=None):
+    options = dict(options or {})
+    model_type, lora = options.pop("model_type", "qwen3"), options.pop("lora", False)
     torch.set_num_threads(1)
+    skip_deepspeed_shm_op()
     tokenizer = build_char_tokenizer()
-    model = build_tiny_causal_lm(tokenizer, hidden_size=32, seed=0)
+    model = build_tiny_causal_lm(tokenizer, model_type=model_type, hidden_size=32, seed=0)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i % 7}="}] for i in range(32)]})
-    world = PartialState().num_processes
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GSPOConfig(
         output_dir="/tmp/trl_gspo_dist",
         per_device_train_batch_size=8 // world,  # the same global batch whatever the world size
@@ -39,28 +102,40 @@ def main(out_path, deepspeed_config=None, extra_fields=None):
         bf16=False,
         seed=0,
         deepspeed=deepspeed_config,
-        **(extra_fields or {}),
+        **options,
     )
-    trainer = GSPOTrainer(model, reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    force_fsdp_on_cpu()  # after the training arguments, which rebuild the process state
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    trainer = GSPOTrainer(
+        model, reward, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     trainer.train()
+    sharding = describe_sharding(trainer)
     if trainer.accelerator.is_main_process:
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        logs = [h for h in trainer.state.log_history if "loss" in h]
         state = trainer.accelerator.state
         with open(out_path, "w") as f:
             json.dump(
                 {
                     "world_size": state.num_processes,
                     "distributed_type": str(state.distributed_type),
-                    "losses": losses,
+                    "losses": [h["loss"] for h in logs],
+                    "logs": logs,
                     "rollout_mismatch": [
                         h["gspo/rollout_logprobs/seq_abs_log_ratio_max"]
                         for h in trainer.state.log_history
                         if "gspo/rollout_logprobs/seq_abs_log_ratio_max" in h
                     ],
+                    "sharding": sharding,
                 },
                 f,
             )
 
 
 if __name__ == "__main__":
-    main(*[sys.argv[1], *(json.loads(arg) for arg in sys.argv[2:])])
+    deepspeed = json.loads(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else None
+    main(sys.argv[1], deepspeed, json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)

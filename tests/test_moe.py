@@ -1,0 +1,347 @@
+"""Routing drift metric and routing replay (trl_gspo/moe.py and its GSPOTrainer glue), issue 7 §2-3.
+
+Pure functions against naive float64/loop references; the hooks on real tiny Qwen3-MoE and Mixtral models (exact
+replay, experts kept after a router perturbation, router gradients, gradient checkpointing); and the trainer:
+recording only in the pi_old pass, the record following TRL's shuffle and split, LoRA with a reference pass on
+the same model, and a clear error for a dense model.
+"""
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+from conftest import completion_length_reward, prompt_dataset, small_config
+
+from trl_gspo import GSPOConfig, GSPOTrainer
+from trl_gspo.moe import (
+    ROUTING_KEY,
+    RouterHooks,
+    drift_fractions,
+    find_routers,
+    index_dtype,
+    replay_weights,
+    routing_drift_counts,
+)
+
+MOE_TYPES = ["qwen3_moe", "mixtral"]
+
+
+# ---- pure functions ------------------------------------------------------------------------------------------
+
+
+def naive_drift(recorded, current, mask):
+    """Loop over tokens and layers with Python sets."""
+    changed_pairs = pairs = changed_tokens = tokens = 0
+    batch, length, layers, _ = recorded.shape
+    for b, t in itertools.product(range(batch), range(length)):
+        if not mask[b, t]:
+            continue
+        tokens += 1
+        flags = [set(recorded[b, t, i].tolist()) != set(current[b, t, i].tolist()) for i in range(layers)]
+        pairs += layers
+        changed_pairs += sum(flags)
+        changed_tokens += any(flags)
+    return [changed_pairs, pairs, changed_tokens, tokens]
+
+
+def test_routing_drift_counts_match_a_set_loop():
+    generator = torch.Generator().manual_seed(0)
+    recorded = torch.stack([torch.randperm(6, generator=generator)[:2] for _ in range(3 * 5 * 4)]).view(3, 5, 4, 2)
+    current = recorded.clone()
+    current[..., [0, 1]] = current[..., [1, 0]]  # same sets in another order: not a change
+    flip = torch.rand(3, 5, 4, generator=generator) < 0.3
+    current[..., 0] = torch.where(flip, (current[..., 0] + 1) % 6, current[..., 0])
+    mask = torch.rand(3, 5, generator=generator) < 0.7
+    counts = routing_drift_counts(recorded.to(torch.uint8), current, mask.int())
+    expected = naive_drift(recorded, current, mask)
+    assert counts.tolist() == expected
+    assert 0 < expected[0] < expected[1]  # the data has both changed and unchanged pairs
+    fractions = drift_fractions(counts)
+    assert fractions["moe/routing_drift/token_layer"] == expected[0] / expected[1]
+    assert fractions["moe/routing_drift/token_any_layer"] == expected[2] / expected[3]
+    assert drift_fractions(torch.zeros(4)) == {}
+
+
+def test_index_dtype_holds_every_expert():
+    for experts in (2, 128, 256, 257, 2**15, 2**15 + 1):
+        dtype = index_dtype(experts)
+        assert torch.tensor(experts - 1).to(dtype).item() == experts - 1
+
+
+@pytest.mark.parametrize("model_type,norm", [("qwen3_moe", True), ("qwen3_moe", False), ("mixtral", True)])
+def test_replay_weights_reproduce_the_router_bit_for_bit(make_model, model_type, norm):
+    extra = {"norm_topk_prob": norm} if model_type == "qwen3_moe" else {}
+    router = find_routers(make_model(model_type, **extra))[0]
+    torch.nn.init.normal_(router.weight)
+    hidden = torch.randn(7, router.hidden_dim)
+    logits, weights, indices = router(hidden)
+    assert torch.equal(
+        replay_weights(logits, indices, getattr(router, "norm_topk_prob", True), weights.dtype), weights
+    )
+    # and a float64 reference for indices the router did not choose
+    other = (indices + 1) % router.num_experts
+    reference = torch.softmax(logits.double(), -1).gather(-1, other)
+    if norm:
+        reference = reference / reference.sum(-1, keepdim=True)
+    torch.testing.assert_close(replay_weights(logits, other, norm, torch.float32).double(), reference)
+
+
+# ---- hooks on real models --------------------------------------------------------------------------------------
+
+
+def padded_batch(tokenizer):
+    return tokenizer(["1+1=", "123+456=7", "42="], return_tensors="pt", padding=True)
+
+
+def record(model, batch):
+    hooks = RouterHooks(find_routers(model))
+    with torch.no_grad(), hooks.recording():
+        logits = model(**batch).logits
+    return hooks, hooks.recorded(*batch["input_ids"].shape), logits
+
+
+def experts_inputs(model):
+    """Capture the top-k indices each experts module is called with."""
+    seen = []
+    handles = [
+        block.experts.register_forward_hook(lambda module, args, out: seen.append(args[1].clone()))
+        for block in model.modules()
+        if hasattr(block, "experts") and hasattr(block, "gate")
+    ]
+    return seen, handles
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_replay_without_update_gives_identical_logits(tokenizer, make_model, model_type):
+    model = make_model(model_type)
+    batch = padded_batch(tokenizer)
+    hooks, routing, reference = record(model, batch)
+    assert routing.shape == (3, batch["input_ids"].size(1), 2, 2) and routing.dtype == torch.uint8
+    hooks.start_policy_pass(routing, replay=True)
+    with torch.no_grad():
+        replayed = model(**batch).logits
+    assert torch.equal(replayed, reference)
+    assert torch.equal(hooks.observed(*batch["input_ids"].shape).to(torch.uint8), routing)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_replay_keeps_recorded_experts_after_router_perturbation_and_router_learns(tokenizer, make_model, model_type):
+    model = make_model(model_type)
+    batch = padded_batch(tokenizer)
+    hooks, routing, _ = record(model, batch)
+    routers = find_routers(model)
+    with torch.no_grad():
+        for router in routers:
+            router.weight.add_(torch.randn_like(router.weight))
+    seen, handles = experts_inputs(model)
+    hooks.start_policy_pass(routing, replay=True)
+    model(**batch).logits.square().mean().backward()
+    natural = hooks.observed(*batch["input_ids"].shape)
+    assert not torch.equal(natural.to(torch.uint8), routing), "the perturbation must change the natural routing"
+    used = torch.stack([s.view(*batch["input_ids"].shape, -1) for s in seen], dim=2)
+    assert torch.equal(used.to(torch.uint8), routing)
+    for router in routers:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_replay_under_gradient_checkpointing_matches_plain_backward(tokenizer, make_model, model_type):
+    """Checkpointing re-runs the routers in backward: they must replay again, so the gradients are the same."""
+    batch = padded_batch(tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(model_type)
+        hooks, routing, _ = record(model, batch)
+        with torch.no_grad():
+            for router in find_routers(model):
+                router.weight.add_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(1)))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        calls = []
+        count = find_routers(model)[0].register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        hooks.start_policy_pass(routing, replay=True)
+        model(**batch).logits.square().mean().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append([p.grad.clone() for p in model.parameters()])
+        count.remove()
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_replay_refuses_a_routing_of_the_wrong_shape(tokenizer, make_model):
+    model = make_model("qwen3_moe")
+    batch = padded_batch(tokenizer)
+    hooks, routing, _ = record(model, batch)
+    hooks.start_policy_pass(routing[:2], replay=True)
+    with pytest.raises(RuntimeError, match="routing replay: layer 0 routes"):
+        model(**batch)
+
+
+# ---- the trainer --------------------------------------------------------------------------------------------------
+
+
+def train(tmp_path, model, tokenizer, **overrides):
+    args = small_config(tmp_path, **overrides)
+    trainer = GSPOTrainer(
+        model, completion_length_reward, args=args, train_dataset=prompt_dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@contextlib.contextmanager
+def spy_recordings(recordings):
+    original = RouterHooks.recorded
+
+    def spy(self, batch_size, seq_len):
+        out = original(self, batch_size, seq_len)
+        recordings.append(out)
+        return out
+
+    RouterHooks.recorded = spy
+    try:
+        yield
+    finally:
+        RouterHooks.recorded = original
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_no_update_means_no_drift_and_ratio_one_through_shuffle_and_split(tmp_path, tokenizer, make_model, model_type):
+    """lr=0, 4 micro-batches per rollout (steps_per_generation 4 > gradient accumulation 2): the recorded routing
+    must travel with its rows through TRL's shuffle and split, or drift would be > 0 and the replayed experts
+    would belong to other rows (ratio != 1)."""
+    for replay in (False, True):
+        recordings = []
+        with spy_recordings(recordings):
+            trainer, logs = train(
+                tmp_path,
+                make_model(model_type),
+                tokenizer,
+                learning_rate=0.0,
+                per_device_train_batch_size=4,
+                gradient_accumulation_steps=2,
+                steps_per_generation=4,
+                max_steps=2,
+                routing_replay=replay,
+            )
+        assert len(recordings) == 1  # one rollout: 16 rows; recorded once (pi_old pass), not in generate()
+        assert recordings[0].size(0) == 16
+        for entry in logs:
+            assert entry["moe/routing_drift/token_layer"] == 0.0
+            assert entry["moe/routing_drift/token_any_layer"] == 0.0
+            assert entry["gspo/seq_ratio/min"] == entry["gspo/seq_ratio/max"] == 1.0
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_drift_is_logged_and_replay_changes_the_ratio(tmp_path, tokenizer, make_model, model_type):
+    _, plain = train(tmp_path, make_model(model_type), tokenizer, steps_per_generation=4)
+    _, replayed = train(tmp_path, make_model(model_type), tokenizer, steps_per_generation=4, routing_replay=True)
+    # step 1 of each rollout is before any update; later steps see a moved router
+    assert plain[0]["moe/routing_drift/token_layer"] == 0.0
+    assert all(
+        0 < entry["moe/routing_drift/token_layer"] <= entry["moe/routing_drift/token_any_layer"] <= 1
+        for entry in plain[1:]
+    )
+    # same data and step 1; afterwards replay forces the recorded experts, so the ratios differ
+    assert plain[0]["loss"] == replayed[0]["loss"]
+    assert any(
+        p["gspo/seq_ratio/std"] != r["gspo/seq_ratio/std"] for p, r in zip(plain[1:], replayed[1:], strict=True)
+    )
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_trainer_replay_under_gradient_checkpointing_matches_plain_run(tmp_path, tokenizer, make_model, model_type):
+    """The trainer keeps the replay state until backward is done: with checkpointing the routers re-run in
+    backward and must replay again, so the run matches a run without checkpointing."""
+    runs = [
+        train(
+            tmp_path,
+            make_model(model_type),
+            tokenizer,
+            steps_per_generation=4,
+            routing_replay=True,
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )[1]
+        for checkpointing in (False, True)
+    ]
+    for plain, checkpointed in zip(*runs, strict=True):
+        assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+        assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_lora_with_reference_pass_on_the_same_model(tmp_path, tokenizer, make_model):
+    """beta > 0 with PEFT: the reference pass runs on the policy model with adapters disabled, after the pi_old
+    pass; only the pi_old pass is recorded (else the record would have twice the rows and replay would fail)."""
+    from peft import LoraConfig
+
+    recordings = []
+    model = make_model("qwen3_moe")
+    with spy_recordings(recordings):
+        args = small_config(tmp_path, steps_per_generation=2, max_steps=2, beta=0.04, routing_replay=True)
+        trainer = GSPOTrainer(
+            model,
+            completion_length_reward,
+            args=args,
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        )
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(recordings) == 1 and recordings[0].size(0) == 16
+    assert all("kl" in entry and "moe/routing_drift/token_layer" in entry for entry in logs)
+
+
+def test_evaluation_replays_and_leaves_the_hooks_idle(tmp_path, tokenizer, make_model):
+    """Evaluation has no backward (hence no training_step): the replay state must still be dropped, or a later
+    generate() (e.g. in a callback) would be forced onto the evaluation batch's experts."""
+    model = make_model("qwen3_moe")
+    args = small_config(tmp_path, steps_per_generation=2, routing_replay=True, per_device_eval_batch_size=8)
+    trainer = GSPOTrainer(
+        model,
+        completion_length_reward,
+        args=args,
+        train_dataset=prompt_dataset(),
+        eval_dataset=prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_moe/routing_drift/token_layer"] == 0.0  # no update between pi_old and policy pass
+    assert trainer._moe_hooks._mode == "idle" and trainer._moe_hooks._replay is None
+    batch = tokenizer(["1+1=", "123+456="], return_tensors="pt", padding=True)
+    model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+def test_dense_model_with_routing_replay_is_refused_at_construction(tmp_path, tokenizer, make_model):
+    args = small_config(tmp_path, routing_replay=True)
+    with pytest.raises(ValueError, match="model_type='qwen2'.*routing_replay=False"):
+        GSPOTrainer(
+            make_model("qwen2"),
+            completion_length_reward,
+            args=args,
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_dense_model_logs_no_routing_metrics(tmp_path, tokenizer, make_model):
+    trainer, logs = train(tmp_path, make_model("qwen2"), tokenizer, max_steps=2)
+    assert trainer._moe_hooks is None
+    assert not any(key.startswith("moe/") for entry in logs for key in entry)
+
+
+def test_routing_replay_on_policy_is_refused_by_the_config(tmp_path):
+    with pytest.raises(ValueError, match="routing_replay=True .* on-policy"):
+        GSPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, steps_per_generation=1, routing_replay=True)
+
+
+def test_drift_off_and_no_replay_adds_no_hooks_and_no_batch_key(tmp_path, tokenizer, make_model):
+    trainer, logs = train(tmp_path, make_model("mixtral"), tokenizer, max_steps=1, log_routing_drift=False)
+    assert trainer._moe_hooks is None
+    assert ROUTING_KEY not in trainer._buffered_inputs[0]
+    assert not any(key.startswith("moe/") for entry in logs for key in entry)
