@@ -345,3 +345,20 @@ def test_drift_off_and_no_replay_adds_no_hooks_and_no_batch_key(tmp_path, tokeni
     assert trainer._moe_hooks is None
     assert ROUTING_KEY not in trainer._buffered_inputs[0]
     assert not any(key.startswith("moe/") for entry in logs for key in entry)
+
+
+@pytest.mark.parametrize("switch", ["padding_free", "use_rollout_logprobs"])
+def test_routing_replay_with_a_speed_option_is_refused_by_the_config(tmp_path, switch):
+    with pytest.raises(ValueError, match=f"routing_replay=True cannot be combined with {switch}=True"):
+        small_config(tmp_path, routing_replay=True, **{switch: True})
+
+
+@pytest.mark.parametrize("switch", ["padding_free", "use_rollout_logprobs"])
+def test_drift_is_off_with_a_speed_option_and_the_run_says_so(tmp_path, tokenizer, make_model, switch, caplog):
+    """No routing record exists there (packed or no pi_old forward): no hooks, no moe/ metrics, one warning."""
+    with caplog.at_level("WARNING"):
+        trainer, logs = train(tmp_path, make_model("qwen3_moe"), tokenizer, max_steps=1, **{switch: True})
+    assert trainer._moe_hooks is None
+    assert ROUTING_KEY not in trainer._buffered_inputs[0]
+    assert not any(key.startswith("moe/") for entry in logs for key in entry)
+    assert any("moe/routing_drift is not logged" in record.getMessage() for record in caplog.records)
