@@ -245,7 +245,9 @@ class GSPOTrainer(GRPOTrainer):
         _generate_and_score_completions).
         """
         if self._pending_rollout_logprobs is not None and model is self.model and not compute_entropy:
-            return self._rollout_logprobs_as_pi_old(model, input_ids, attention_mask, logits_to_keep, batch_size)
+            return self._rollout_logprobs_as_pi_old(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
+            )
         if not self.args.padding_free:
             return super()._get_per_token_logps_and_entropies(
                 model,
@@ -323,13 +325,16 @@ class GSPOTrainer(GRPOTrainer):
         self._log_rollout_diagnostics(output)
         return output
 
-    def _rollout_logprobs_as_pi_old(self, model, input_ids, attention_mask, logits_to_keep, batch_size):
+    def _rollout_logprobs_as_pi_old(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
+    ):
         """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
         args.rollout_logprobs_check_interval rollouts, checked against a recomputed pi_old.
 
         GRPOTrainer's first log-prob pass of the policy model without entropy inside _generate_and_score_completions
         is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
-        (vLLM's None) falls back to the forward. Metrics (`gspo/rollout_logprobs/`, per check):
+        (vLLM's None) on any process falls back to the forward on every process. Values off the loss mask are 0.
+        Metrics (`gspo/rollout_logprobs/`, per check):
           seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| rollout vs recomputed, mean and max over
                                          the sequences of all processes (positions with a rollout log-prob of exactly 0, TRL's filler for
                                          tool-result tokens, are left out)
@@ -343,11 +348,14 @@ class GSPOTrainer(GRPOTrainer):
         mask = attention_mask[:, -logits_to_keep:].bool()
         self._rollouts_seen += 1
         interval = self.args.rollout_logprobs_check_interval
-        missing = bool(torch.isnan(rollout[mask]).any())
+        # every process takes the same branch: the forward below is collective under ZeRO-3 / FSDP
+        local_missing = torch.isnan(rollout[mask]).any().float()
+        missing = bool(self.accelerator.reduce(local_missing, reduction="max") > 0)
+        rollout = rollout.masked_fill(~mask, 0.0)  # a None off the mask (e.g. a masked truncated completion): no NaN
         if not missing and not (interval and (self._rollouts_seen - 1) % interval == 0):
             return rollout, None, None
         recomputed, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, batch_size
+            model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
         )
         metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["gspo/rollout_logprobs/fallback"].append(float(missing))
