@@ -416,7 +416,9 @@ class GSPOTrainer(GRPOTrainer):
         processes (groups may straddle them), then sliced back to this process's rows, like TRL's advantages. It is
         exactly 0 when no reward function returned token-level values, so plain rewards train as GSPO. The (B, T)
         tensor has the batch first and travels through TRL's shuffle and split with the rest of the rollout.
-        Logs `token_rewards/component_abs_mean`: mean |token component| over loss tokens (0 without token rewards).
+        Completions without a finite reward (TRL's unscorable rows, advantage 0) are left out of the group statistics
+        and get no token component. Logs `token_rewards/component_abs_mean`: mean |token component| over the loss
+        tokens of the scorable completions of all processes (0 without token rewards).
         """
         if self.args.importance_sampling_level != "sequence_token":
             return
@@ -430,12 +432,15 @@ class GSPOTrainer(GRPOTrainer):
         local = self._token_rewards.token_reward_matrix(self.reward_weights.tolist(), width).to(advantages.device)
         local = torch.stack([local, mask.float()])  # (2, B, T): token rewards and mask, gathered together
         gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
-        component = token_advantage_component(gathered[:, 0], gathered[:, 1], group_size)
+        # unscorable completions (no finite reward, gathered like the rewards) keep TRL's advantage of 0
+        scorable = ~torch.isnan(self._rewards_per_func).all(dim=1).to(gathered.device)
+        all_mask = gathered[:, 1] * scorable.unsqueeze(1)
+        all_component = token_advantage_component(gathered[:, 0], all_mask, group_size)
         start = self.accelerator.process_index * rows
-        component = component[start : start + rows, :width]
+        component = all_component[start : start + rows, :width]
         output["advantages"] = advantages.unsqueeze(1) + self.args.token_advantage_weight * component * mask
         self._metrics[mode]["token_rewards/component_abs_mean"].append(
-            ((component.abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+            ((all_component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)).item()
         )
 
     def _log_rollout_diagnostics(self, output):
