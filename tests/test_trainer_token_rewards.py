@@ -240,3 +240,27 @@ def test_component_abs_mean_is_over_all_processes(make_model, tokenizer, tmp_pat
     out["advantages"] = out["advantages"][:, 0]
     trainer._score_token_rewards(out)
     assert trainer._metrics["train"]["token_rewards/component_abs_mean"][1] == pytest.approx(own / 2, rel=1e-5)
+
+
+def test_diagnostics_count_truncated_completions_under_mask_truncated_completions(make_model, tokenizer, tmp_path):
+    """Masked truncated completions still have their sampled length and tokens in the diagnostics."""
+    trainer = make_trainer(
+        make_model,
+        tokenizer,
+        tmp_path,
+        [completion_length_reward],
+        importance_sampling_level="sequence",
+        mask_truncated_completions=True,
+    )
+    trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rollout_rows(trainer))
+    ids = out["completion_ids"].tolist()
+    eos = tokenizer.eos_token_id
+    lengths = [row.index(eos) + 1 if eos in row else len(row) for row in ids]
+    truncated = [eos not in row for row in ids]
+    assert any(truncated) and out["completion_mask"][torch.tensor(truncated)].sum() == 0
+    G = trainer.num_generations
+    group_means = [sum(lengths[g : g + G]) / G for g in range(0, len(ids), G)]
+    metrics = trainer._metrics["train"]
+    assert metrics["length/group_mean"] == [pytest.approx(sum(group_means) / len(group_means))]

@@ -452,9 +452,8 @@ class GSPOTrainer(GRPOTrainer):
         """
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        lengths = output["completion_mask"].sum(1).tolist()
-        local = [ids[:n] for ids, n in zip(output["completion_ids"].tolist(), lengths)]
-        sequences = gather_object(local)
+        # the sampled ids, not completion_mask: mask_truncated_completions zeroes the mask of truncated completions
+        sequences = gather_object([list(ids) for ids in self._token_rewards.completion_ids])
         weighted = self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device).unsqueeze(0)
         unscorable = torch.isnan(self._rewards_per_func).all(dim=1)
         rewards = weighted.nansum(dim=1).masked_fill(unscorable, float("nan")).tolist()
