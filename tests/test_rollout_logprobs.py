@@ -294,3 +294,14 @@ def test_truncated_completion_with_a_none_trains_with_finite_gradients(make_mode
     assert torch.isfinite(batch["old_per_token_logps"]).all()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_eval_rollouts_do_not_advance_the_check_schedule(make_model, tokenizer, tmp_path):
+    """Interval 2: train rollout 1 is checked, an eval rollout comes between, train rollout 2 is not checked."""
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=2)
+    mask = torch.ones(2, 2, dtype=torch.long)
+    for training in (True, False, True):
+        trainer.model.train(training)
+        pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, -4.0]], mask)
+    assert trainer._rollouts_seen == 2
+    assert len(trainer._metrics["train"]["gspo/rollout_logprobs/seq_abs_log_ratio_mean"]) == 1

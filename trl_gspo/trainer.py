@@ -329,7 +329,8 @@ class GSPOTrainer(GRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
     ):
         """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
-        args.rollout_logprobs_check_interval rollouts, checked against a recomputed pi_old.
+        args.rollout_logprobs_check_interval train rollouts, checked against a recomputed pi_old (an eval rollout
+        does not advance the schedule: it is checked when the latest train rollout was).
 
         GRPOTrainer's first log-prob pass of the policy model without entropy inside _generate_and_score_completions
         is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
@@ -346,7 +347,8 @@ class GSPOTrainer(GRPOTrainer):
         logprobs, self._pending_rollout_logprobs = self._pending_rollout_logprobs, None
         rollout = pad_rollout_logprobs(logprobs, logits_to_keep, input_ids.device)
         mask = attention_mask[:, -logits_to_keep:].bool()
-        self._rollouts_seen += 1
+        if self.model.training:  # the check schedule counts train rollouts only
+            self._rollouts_seen += 1
         interval = self.args.rollout_logprobs_check_interval
         # every process takes the same branch: the forward below is collective under ZeRO-3 / FSDP
         local_missing = torch.isnan(rollout[mask]).any().float()
