@@ -305,3 +305,20 @@ def test_eval_rollouts_do_not_advance_the_check_schedule(make_model, tokenizer, 
         pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, -4.0]], mask)
     assert trainer._rollouts_seen == 2
     assert len(trainer._metrics["train"]["gspo/rollout_logprobs/seq_abs_log_ratio_mean"]) == 1
+
+
+def test_mismatch_has_the_sign_of_the_objectives_ratio(make_model, tokenizer, tmp_path, monkeypatch):
+    """Rollout log-probs 3.5e-4 above the recomputed ones: the first step's log s_i is -3.5e-4, below
+    log(1 - 3e-4) (outside the band), although +3.5e-4 would lie inside log(1 + 4e-4)."""
+    from trl import GRPOTrainer
+
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=1)
+
+    def recomputed_pi_old(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        return torch.full((input_ids.size(0), logits_to_keep), -2.0), None, None
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recomputed_pi_old)
+    pi_old_pass(trainer, [[-2.0 + 3.5e-4] * 3] * 2, torch.ones(2, 3, dtype=torch.long))
+    metrics = trainer._metrics["train"]
+    assert metrics["gspo/rollout_logprobs/seq_abs_log_ratio_max"] == [pytest.approx(3.5e-4, rel=1e-3)]
+    assert metrics["gspo/rollout_logprobs/outside_clip_band"] == [1.0]

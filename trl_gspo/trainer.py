@@ -336,10 +336,11 @@ class GSPOTrainer(GRPOTrainer):
         is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
         (vLLM's None) on any process falls back to the forward on every process. Values off the loss mask are 0.
         Metrics (`gspo/rollout_logprobs/`, per check):
-          seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| rollout vs recomputed, mean and max over
+          seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| recomputed vs rollout, mean and max over
                                          the sequences of all processes (positions with a rollout log-prob of exactly 0, TRL's filler for
                                          tool-result tokens, are left out)
-          outside_clip_band              fraction of sequences whose mismatch alone leaves [log(1-eps_low),
+          outside_clip_band              fraction of sequences whose log-ratio mean_t(recomputed - rollout), the
+                                         log s_i of the first step, leaves [log(1-eps_low),
                                          log(1+eps_high)]
           clip_band_log_high             log(1 + eps_high), to read the two above against
           fallback                       1 when a batch had missing rollout log-probs and used the forward
@@ -363,7 +364,8 @@ class GSPOTrainer(GRPOTrainer):
         metrics["gspo/rollout_logprobs/fallback"].append(float(missing))
         if missing:
             return recomputed, None, None
-        ratios = self.accelerator.gather(sequence_log_ratios(rollout, recomputed, mask & (rollout != 0)))
+        # log s_i the objective sees at the rollout's first step: pi_theta = recomputed pi_old over the rollout's
+        ratios = self.accelerator.gather(sequence_log_ratios(recomputed, rollout, mask & (rollout != 0)))
         stats = rollout_mismatch(ratios, self.epsilon_low, self.epsilon_high)
         for name, value in stats.items():
             metrics[f"gspo/rollout_logprobs/{name}"].append(value)
