@@ -322,3 +322,26 @@ def test_mismatch_has_the_sign_of_the_objectives_ratio(make_model, tokenizer, tm
     metrics = trainer._metrics["train"]
     assert metrics["gspo/rollout_logprobs/seq_abs_log_ratio_max"] == [pytest.approx(3.5e-4, rel=1e-3)]
     assert metrics["gspo/rollout_logprobs/outside_clip_band"] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "sampling, refused",
+    [
+        (dict(top_k=1), "top_k=1"),
+        (dict(generation_kwargs={"top_k": 1}), "top_k"),
+        (dict(top_k=-1), None),
+        (dict(generation_kwargs={"top_k": -1}), None),
+        (dict(min_p=0.0), None),
+        (dict(top_p=1.0), None),
+    ],
+)
+def test_vllm_top_k_of_one_truncates(tmp_path, sampling, refused):
+    """top_k is an int, off at 0 and -1: top_k=1 (== 1.0 in Python) keeps one token and is refused with vLLM."""
+    from trl_gspo import GSPOConfig
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, use_vllm=True, use_rollout_logprobs=True)
+    if refused is None:
+        GSPOConfig(**common, vllm_importance_sampling_correction=False, **sampling)
+        return
+    with pytest.raises(ValueError, match=rf"vLLM and .*{refused}"):
+        GSPOConfig(**common, vllm_importance_sampling_correction=False, **sampling)
