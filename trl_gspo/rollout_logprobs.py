@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .objective import masked_token_diff
+
 # generation_kwargs that change the sampling distribution before SampledTokenLogProbs sees it
 DISTRIBUTION_CHANGING_KWARGS = (
     "repetition_penalty",
@@ -118,10 +120,8 @@ def sequence_log_ratios(logps: torch.Tensor, other_logps: torch.Tensor, mask: to
 
     The trainer passes (recomputed pi_old, rollout log-probs): the log s_i of the first optimizer step.
     """
-    mask = mask.float()
-    lengths = mask.sum(-1)
-    diff = torch.where(mask.bool(), logps.float() - other_logps.float(), 0.0)
-    ratios = diff.sum(-1) / lengths.clamp(min=1.0)
+    lengths = mask.float().sum(-1)
+    ratios = masked_token_diff(logps, other_logps, mask).sum(-1) / lengths.clamp(min=1.0)
     return torch.where(lengths > 0, ratios, torch.full_like(ratios, math.nan))
 
 
