@@ -52,44 +52,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from transformers import ProgressCallback, TrainerCallback  # noqa: E402
+from transformers import ProgressCallback  # noqa: E402
+
+from trl_gspo.tasks import HeldoutAccuracyCallback  # noqa: E402
 
 # How the quick form (--quick, used by tests/test_demo.py) differs from the full demo.
 QUICK = {"steps": 240, "learning_rate": 2e-4, "test_rows": 256, "monitor_rows": 64, "eval_every": 60}
 FULL = {"test_rows": 512, "monitor_rows": 128, "eval_every": 25}
-
-
-class HeldoutAccuracyCallback(TrainerCallback):
-    """Every `every` optimizer steps (and before the first), log greedy exact-match accuracy on `rows`.
-
-    The value goes into `state.log_history` as `{"heldout_accuracy": ..., "step": ...}`, the form `Trainer.log`
-    writes, so it is saved in trainer_state.json and drawn by trl_gspo.plotting.
-    """
-
-    def __init__(self, tokenizer, rows, every: int, log=print):
-        self.tokenizer, self.rows, self.every, self.log = tokenizer, list(rows), every, log
-        self.history: list[tuple[int, float]] = []
-
-    def _record(self, state, model):
-        from trl_gspo.tasks import greedy_accuracy
-
-        accuracy = greedy_accuracy(model, self.tokenizer, self.rows)
-        state.log_history.append({"heldout_accuracy": accuracy, "step": state.global_step})
-        self.history.append((state.global_step, accuracy))
-        reward = next((e["reward"] for e in reversed(state.log_history) if "reward" in e), None)
-        reward_text = "" if reward is None else f", mean rollout reward {reward:.3f}"
-        self.log(
-            f"[held-out] step {state.global_step}/{state.max_steps}: greedy accuracy {accuracy:.3f} "
-            f"on {len(self.rows)} test prompts{reward_text}"
-        )
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 0:
-            self._record(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self._record(state, model)
 
 
 class CompactProgressCallback(ProgressCallback):

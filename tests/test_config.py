@@ -5,7 +5,13 @@ import warnings
 import pytest
 from trl import GRPOConfig
 
-from trl_gspo import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning, GSPOPrecisionWarning
+from trl_gspo import (
+    GSPOClipRangeWarning,
+    GSPOConfig,
+    GSPOOnPolicyWarning,
+    GSPOPrecisionWarning,
+    GSPOUnusedSettingWarning,
+)
 
 
 def make(tmp_path, **kwargs):
@@ -248,3 +254,32 @@ def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
         "steps_per_generation",
     }
     assert "importance_sampling_level='sequence'" in defaults and "steps_per_generation=4" in defaults
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(token_advantage_weight=0.5), r"token_advantage_weight=0.5 is only used with .*'sequence_token'"),
+        (
+            dict(token_advantage_weight=0.5, importance_sampling_level="token", epsilon=0.2),
+            r"token_advantage_weight=0.5 .* not 'token'",
+        ),
+        (dict(padding_free_row_tokens=64), r"padding_free_row_tokens=64 needs padding_free=True"),
+        (
+            dict(rollout_logprobs_check_interval=1),
+            r"rollout_logprobs_check_interval=1 needs use_rollout_logprobs=True",
+        ),
+    ],
+)
+def test_settings_without_effect_warn(tmp_path, fields, message):
+    with pytest.warns(GSPOUnusedSettingWarning, match=message):
+        make(tmp_path, **fields)
+
+
+def test_settings_with_effect_do_not_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GSPOUnusedSettingWarning)
+        make(tmp_path)
+        make(tmp_path, token_advantage_weight=0.5, importance_sampling_level="sequence_token")
+        make(tmp_path, padding_free=True, padding_free_row_tokens=64)
+        make(tmp_path, use_rollout_logprobs=True, rollout_logprobs_check_interval=1)

@@ -193,3 +193,155 @@ def test_missing_rollout_logprobs_raise(make_model, tokenizer, tmp_path):
     trainer = rollout_trainer(make_model, tokenizer, tmp_path, no_logprobs)
     with pytest.raises(RuntimeError, match="returned no log-probs"):
         trainer.train()
+
+
+def pi_old_trainer(make_model, tokenizer, tmp_path, **overrides):
+    overrides.setdefault("rollout_logprobs_check_interval", 0)
+    trainer = GSPOTrainer(
+        model=make_model("qwen3"),
+        reward_funcs=completion_length_reward,
+        args=small_config(tmp_path, use_rollout_logprobs=True, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    return trainer
+
+
+def pi_old_pass(trainer, rollout_logprobs, completion_mask, **model_inputs):
+    """One pi_old pass (as GRPOTrainer runs it) over 3 prompt tokens and the completion, answered by the rollout."""
+    rows, width = completion_mask.shape
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, trainer.model.config.vocab_size, (rows, 3 + width), generator=generator)
+    attention_mask = torch.cat([torch.ones(rows, 3, dtype=torch.long), completion_mask], dim=1)
+    trainer._pending_rollout_logprobs = rollout_logprobs
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, width, rows, **model_inputs
+    )
+    return logps
+
+
+def test_a_missing_value_on_another_process_falls_back_everywhere(make_model, tokenizer, tmp_path, monkeypatch):
+    """The flag is reduced (max) over processes before branching: no process skips a collective forward."""
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path)
+    reductions = []
+
+    def other_process_has_a_none(tensor, reduction="mean"):
+        reductions.append(reduction)
+        return torch.ones_like(tensor)
+
+    monkeypatch.setattr(trainer.accelerator, "reduce", other_process_has_a_none)
+    logps = pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, -4.0]], torch.ones(2, 2, dtype=torch.long))
+    assert reductions == ["max"]
+    assert trainer._metrics["train"]["gspo/rollout_logprobs/fallback"] == [1.0]
+    assert not torch.any(logps == torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]))  # the recomputed pi_old
+
+
+def test_model_inputs_reach_the_check_forward(make_model, tokenizer, tmp_path, monkeypatch):
+    """pixel_values and the like are passed to the forward that checks (or replaces) the rollout log-probs."""
+    from trl import GRPOTrainer
+
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=1)
+    seen = []
+
+    def forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **model_inputs):
+        seen.append(model_inputs)
+        return torch.full((input_ids.size(0), logits_to_keep), -1.0), None, None
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", forward)
+    pixel_values = torch.ones(2, 3)
+    pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, None]], torch.ones(2, 2, dtype=torch.long), pixel_values=pixel_values)
+    assert len(seen) == 1 and seen[0]["pixel_values"] is pixel_values
+
+
+def test_a_none_off_the_mask_does_not_reach_the_objective(make_model, tokenizer, tmp_path):
+    """mask_truncated_completions zeroes a truncated completion's mask; its None must not become pi_old NaN."""
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    logps = pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, None, -0.5]], mask)
+    assert logps.tolist() == [[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0]]
+    assert "gspo/rollout_logprobs/fallback" not in trainer._metrics["train"]
+
+
+def test_truncated_completion_with_a_none_trains_with_finite_gradients(make_model, tokenizer, tmp_path):
+    """End to end under GSPO-token: a rollout_func marks a token of a truncated completion None; pi_old stays finite."""
+    eos = tokenizer.eos_token_id
+
+    def rollout_func(prompts, trainer):
+        completions = [[7, 8, eos] if i % 2 else [7, 8, 9, 10] for i in range(len(prompts))]
+        logprobs = [[-1.0] * 3 if i % 2 else [-1.0, None, -1.0, -1.0] for i in range(len(prompts))]
+        return {"prompt_ids": [[5, 6]] * len(prompts), "completion_ids": completions, "logprobs": logprobs}
+
+    trainer = GSPOTrainer(
+        model=make_model("qwen3"),
+        reward_funcs=completion_length_reward,
+        args=small_config(
+            tmp_path,
+            max_steps=1,
+            max_completion_length=4,
+            use_rollout_logprobs=True,
+            rollout_logprobs_check_interval=0,
+            mask_truncated_completions=True,
+            importance_sampling_level="sequence_token",
+        ),
+        train_dataset=prompt_dataset("standard"),
+        processing_class=tokenizer,
+        rollout_func=rollout_func,
+    )
+    trainer.train()
+    batch = trainer._buffered_inputs[0]
+    assert not batch["completion_mask"].all()  # the truncated completions are masked
+    assert torch.isfinite(batch["old_per_token_logps"]).all()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_eval_rollouts_do_not_advance_the_check_schedule(make_model, tokenizer, tmp_path):
+    """Interval 2: train rollout 1 is checked, an eval rollout comes between, train rollout 2 is not checked."""
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=2)
+    mask = torch.ones(2, 2, dtype=torch.long)
+    for training in (True, False, True):
+        trainer.model.train(training)
+        pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, -4.0]], mask)
+    assert trainer._rollouts_seen == 2
+    assert len(trainer._metrics["train"]["gspo/rollout_logprobs/seq_abs_log_ratio_mean"]) == 1
+
+
+def test_mismatch_has_the_sign_of_the_objectives_ratio(make_model, tokenizer, tmp_path, monkeypatch):
+    """Rollout log-probs 3.5e-4 above the recomputed ones: the first step's log s_i is -3.5e-4, below
+    log(1 - 3e-4) (outside the band), although +3.5e-4 would lie inside log(1 + 4e-4)."""
+    from trl import GRPOTrainer
+
+    trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=1)
+
+    def recomputed_pi_old(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        return torch.full((input_ids.size(0), logits_to_keep), -2.0), None, None
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recomputed_pi_old)
+    pi_old_pass(trainer, [[-2.0 + 3.5e-4] * 3] * 2, torch.ones(2, 3, dtype=torch.long))
+    metrics = trainer._metrics["train"]
+    assert metrics["gspo/rollout_logprobs/seq_abs_log_ratio_max"] == [pytest.approx(3.5e-4, rel=1e-3)]
+    assert metrics["gspo/rollout_logprobs/outside_clip_band"] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "sampling, refused",
+    [
+        (dict(top_k=1), "top_k=1"),
+        (dict(generation_kwargs={"top_k": 1}), "top_k"),
+        (dict(top_k=-1), None),
+        (dict(generation_kwargs={"top_k": -1}), None),
+        (dict(min_p=0.0), None),
+        (dict(top_p=1.0), None),
+    ],
+)
+def test_vllm_top_k_of_one_truncates(tmp_path, sampling, refused):
+    """top_k is an int, off at 0 and -1: top_k=1 (== 1.0 in Python) keeps one token and is refused with vLLM."""
+    from trl_gspo import GSPOConfig
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, use_vllm=True, use_rollout_logprobs=True)
+    if refused is None:
+        GSPOConfig(**common, vllm_importance_sampling_correction=False, **sampling)
+        return
+    with pytest.raises(ValueError, match=rf"vLLM and .*{refused}"):
+        GSPOConfig(**common, vllm_importance_sampling_correction=False, **sampling)

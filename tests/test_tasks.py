@@ -264,3 +264,26 @@ def test_prepare_model_refuses_a_model_type_whose_tokenizer_does_not_reload(tmp_
             log=None,
         )
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left to be reused
+
+
+def test_heldout_accuracy_callback_schedule_and_log(monkeypatch):
+    """Before the first step, every `every` steps and at the last; entries in log_history, history and the log."""
+    from types import SimpleNamespace
+
+    import trl_gspo.tasks as tasks
+
+    measured = iter([0.25, 0.5, 0.75, 1.0])
+    monkeypatch.setattr(tasks, "greedy_accuracy", lambda model, tokenizer, rows: next(measured))
+    lines = []
+    callback = tasks.HeldoutAccuracyCallback(None, [{"prompt": "p"}] * 3, every=2, log=lines.append)
+    state = SimpleNamespace(global_step=0, max_steps=5, log_history=[])
+    callback.on_train_begin(None, state, None)
+    for step in range(1, 6):
+        state.global_step = step
+        state.log_history.append({"reward": step / 10, "step": step})
+        callback.on_step_end(None, state, None)
+    assert callback.history == [(0, 0.25), (2, 0.5), (4, 0.75), (5, 1.0)]
+    heldout = [e for e in state.log_history if "heldout_accuracy" in e]
+    assert heldout == [{"heldout_accuracy": a, "step": s} for s, a in callback.history]
+    assert lines[-1] == "[held-out] step 5/5: greedy accuracy 1.000 on 3 test prompts, mean rollout reward 0.500"
+    assert lines[0] == "[held-out] step 0/5: greedy accuracy 0.250 on 3 test prompts"

@@ -181,3 +181,86 @@ def test_nan_and_inf_rewards_warn_once_and_no_finite_reward_is_refused(make_mode
     ):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_unscorable_completions_get_no_token_component(make_model, tokenizer, tmp_path):
+    """A completion every reward function declined (None) keeps advantage 0 on every token and is left out of its
+    group's token statistics; float64 reference. The logged component mean covers all processes' rows."""
+
+    def per_token_or_none(completion_ids, **kwargs):
+        return [
+            None if i % 4 == 1 else [0.1 * ((t + i) % 3) for t in range(len(ids))]
+            for i, ids in enumerate(completion_ids)
+        ]
+
+    trainer = make_trainer(make_model, tokenizer, tmp_path, [per_token_or_none])
+    trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rollout_rows(trainer))
+    advantages, mask = out["advantages"].double(), out["completion_mask"].double()
+    G, B = trainer.num_generations, advantages.size(0)
+    token_rewards = [
+        None if i % 4 == 1 else [0.1 * ((t + i) % 3) for t in range(int(mask[i].sum()))] for i in range(B)
+    ]
+    expected = torch.zeros_like(advantages)
+    abs_sum = count = 0.0
+    for g in range(0, B, G):
+        scored = [i for i in range(g, g + G) if token_rewards[i] is not None]
+        sums = {i: sum(token_rewards[i]) for i in scored}
+        mean = sum(sums.values()) / len(scored)
+        std = math.sqrt(sum((r - mean) ** 2 for r in sums.values()) / (len(scored) - 1))
+        tokens = [v for i in scored for v in token_rewards[i]]
+        t_mean = sum(tokens) / len(tokens)
+        t_std = math.sqrt(sum((v - t_mean) ** 2 for v in tokens) / (len(tokens) - 1))
+        for i in scored:
+            for t, v in enumerate(token_rewards[i]):
+                expected[i, t] = (sums[i] - mean) / (std + 1e-4) + (v - t_mean) / (t_std + 1e-4)
+                abs_sum, count = abs_sum + abs(v - t_mean) / (t_std + 1e-4), count + 1
+    assert mask[1::G].sum() > 0  # the unscorable completions have loss tokens
+    torch.testing.assert_close(advantages * mask, expected, atol=1e-4, rtol=1e-4)
+    assert trainer._metrics["train"]["token_rewards/component_abs_mean"] == [pytest.approx(abs_sum / count, rel=1e-4)]
+
+
+def test_component_abs_mean_is_over_all_processes(make_model, tokenizer, tmp_path, monkeypatch):
+    """Process 1 of 2 (the gather doubles the batch): the metric is the mean over both processes' rows."""
+    trainer = make_trainer(make_model, tokenizer, tmp_path, [completion_length_reward, first_char_span])
+    trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rollout_rows(trainer))
+    own = trainer._metrics["train"]["token_rewards/component_abs_mean"][0]
+    assert own > 0
+    # the same rollout seen from process 1, with process 0's rows carrying no token rewards (component 0)
+    trainer._rewards_per_func = trainer._rewards_per_func.repeat(2, 1)
+
+    def gather(local):  # (B, 2, T): token rewards and mask
+        return torch.cat([torch.stack([torch.zeros_like(local[:, 0]), local[:, 1]], dim=1), local])
+
+    monkeypatch.setattr(trainer.accelerator, "gather", gather)
+    monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 1))
+    out["advantages"] = out["advantages"][:, 0]
+    trainer._score_token_rewards(out)
+    assert trainer._metrics["train"]["token_rewards/component_abs_mean"][1] == pytest.approx(own / 2, rel=1e-5)
+
+
+def test_diagnostics_count_truncated_completions_under_mask_truncated_completions(make_model, tokenizer, tmp_path):
+    """Masked truncated completions still have their sampled length and tokens in the diagnostics."""
+    trainer = make_trainer(
+        make_model,
+        tokenizer,
+        tmp_path,
+        [completion_length_reward],
+        importance_sampling_level="sequence",
+        mask_truncated_completions=True,
+    )
+    trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rollout_rows(trainer))
+    ids = out["completion_ids"].tolist()
+    eos = tokenizer.eos_token_id
+    lengths = [row.index(eos) + 1 if eos in row else len(row) for row in ids]
+    truncated = [eos not in row for row in ids]
+    assert any(truncated) and out["completion_mask"][torch.tensor(truncated)].sum() == 0
+    G = trainer.num_generations
+    group_means = [sum(lengths[g : g + G]) / G for g in range(0, len(ids), G)]
+    metrics = trainer._metrics["train"]
+    assert metrics["length/group_mean"] == [pytest.approx(sum(group_means) / len(group_means))]

@@ -5,7 +5,13 @@
 - `trl_gspo.trainer.GSPOTrainer`: GRPOTrainer with the GSPO objective (a drop-in replacement).
 """
 
-from .config import GSPOClipRangeWarning, GSPOConfig, GSPOOnPolicyWarning, GSPOPrecisionWarning
+from .config import (
+    GSPOClipRangeWarning,
+    GSPOConfig,
+    GSPOOnPolicyWarning,
+    GSPOPrecisionWarning,
+    GSPOUnusedSettingWarning,
+)
 from .objective import compute_policy_objective, sequence_log_ratio
 from .trainer import GSPOTrainer
 
@@ -16,6 +22,7 @@ __all__ = [
     "GSPOConfig",
     "GSPOOnPolicyWarning",
     "GSPOPrecisionWarning",
+    "GSPOUnusedSettingWarning",
     "GSPOTrainer",
     "compute_policy_objective",
     "sequence_log_ratio",

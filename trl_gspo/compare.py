@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .plotting import series
 from .rewards import exact_match, get_reward_func
 from .token_rewards import summed_reward
 
@@ -91,29 +92,6 @@ def arm_reward_funcs(arm: Arm, task) -> list[Callable]:
     return funcs
 
 
-def _heldout_callback(tokenizer, rows, every):
-    from transformers import TrainerCallback
-
-    from .tasks import greedy_accuracy
-
-    class HeldoutAccuracy(TrainerCallback):
-        """Greedy accuracy on `rows` before training and every `every` steps, into state.log_history."""
-
-        def _record(self, state, model):
-            state.log_history.append(
-                {"heldout_accuracy": greedy_accuracy(model, tokenizer, rows), "step": state.global_step}
-            )
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self._record(state, model)
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % every == 0 or state.global_step == state.max_steps:
-                self._record(state, model)
-
-    return HeldoutAccuracy()
-
-
 def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: TrainSettings, output_dir) -> dict:
     """Train one arm from the warm-started model in `model_dir`; return its log history, accuracy and wall time."""
     import torch
@@ -121,7 +99,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import GSPOConfig
-    from .tasks import greedy_accuracy
+    from .tasks import HeldoutAccuracyCallback, greedy_accuracy
     from .trainer import GSPOTrainer
 
     arm = ARMS[arm_name]
@@ -159,7 +137,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
         args=config,
         train_dataset=Dataset.from_list(splits["train"]),
         processing_class=tokenizer,
-        callbacks=[_heldout_callback(tokenizer, test_rows[: settings.monitor_rows], settings.eval_every)],
+        callbacks=[HeldoutAccuracyCallback(tokenizer, test_rows[: settings.monitor_rows], settings.eval_every)],
     )
     start = time.perf_counter()
     trainer.train()
@@ -228,17 +206,6 @@ def run_comparison(
 
 
 # --- summaries and figures (pure functions of the results) ------------------------------------------------------
-
-
-def series(log_history: Sequence[dict], key: str | None) -> tuple[list[int], list[float]]:
-    """(steps, values) of the entries with a finite number under `key`; empty for key None."""
-    steps, values = [], []
-    for entry in log_history if key else ():
-        value = entry.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            steps.append(entry.get("step", 0))
-            values.append(float(value))
-    return steps, values
 
 
 def late_mean(log_history: Sequence[dict], key: str | None, fraction: float = 0.25) -> float:

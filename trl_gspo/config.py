@@ -17,10 +17,19 @@ PAPER_MINIBATCHES_PER_ROLLOUT = 4
 # Above this a sequence-level clip range looks like a token-level (GRPO) one: the sequence ratio is a geometric
 # mean over hundreds of tokens and moves far less than a token ratio, so such a clip never fires.
 GRPO_LIKE_EPSILON = 0.05
+ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
 
 # loss_type values and why they cannot aggregate a sequence-level ratio.
 _LENGTH_WEIGHTED_LOSSES = ("dapo", "bnpo", "dr_grpo")
 _OTHER_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo")
+
+
+def truncates(key: str, value) -> bool:
+    """Whether a sampling setting truncates the distribution: top_k (an int) is off at 0 or -1, so top_k=1 (== 1.0
+    in Python) truncates; the float settings (top_p, min_p, typical_p, cutoffs) are off at 0 or 1.0."""
+    if value is None:
+        return False
+    return value not in ((0, -1) if key == "top_k" else (0, 1.0))
 
 
 def default_bf16(use_cpu: bool) -> bool:
@@ -38,6 +47,10 @@ class GSPOPrecisionWarning(UserWarning):
 
 class GSPOClipRangeWarning(UserWarning):
     """A sequence-level clip range of GRPO's magnitude, which the sequence ratio never reaches."""
+
+
+class GSPOUnusedSettingWarning(UserWarning):
+    """A GSPO field set to a non-default value that the rest of the configuration never reads."""
 
 
 @dataclass
@@ -167,7 +180,7 @@ class GSPOConfig(GRPOConfig):
         },
     )
     rollout_logprobs_check_interval: int = field(
-        default=10,
+        default=ROLLOUT_LOGPROBS_CHECK_INTERVAL,
         metadata={
             "help": "With use_rollout_logprobs: every this many rollouts, also run the pi_old forward and log the "
             "sequence-level mismatch (gspo/rollout_logprobs/*). 0 never checks."
@@ -202,6 +215,7 @@ class GSPOConfig(GRPOConfig):
         self._validate_rollout_logprobs_fields()
         self._validate_routing_fields()
         self._warn_on_suspicious_setup()
+        self._warn_on_unused_settings()
 
     @property
     def is_sequence_level(self) -> bool:
@@ -324,11 +338,11 @@ class GSPOConfig(GRPOConfig):
                 f"{refuse} with {changed}: these change the sampling distribution, so the rollout log-probs are not "
                 "those of the policy the trainer computes pi_old from. Remove them or set use_rollout_logprobs=False."
             )
-        truncating = [key for key in TRUNCATING_KWARGS if generation.get(key) not in (None, 0, 1.0)]
+        truncating = [key for key in TRUNCATING_KWARGS if truncates(key, generation.get(key))]
         truncating += [
             f"{key}={value}"
             for key, value in (("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p))
-            if value not in (None, 0, -1, 1.0)
+            if truncates(key, value)
         ]
         if self.use_vllm and truncating:
             raise ValueError(
@@ -358,6 +372,23 @@ class GSPOConfig(GRPOConfig):
                     f"GSPOConfig.routing_replay=True cannot be combined with {switch}=True: {why}. Set one of them "
                     "to False."
                 )
+
+    def _warn_on_unused_settings(self):
+        """Warn (not refuse: a recipe override may set them harmlessly) about GSPO fields nothing reads."""
+        unused = []
+        if self.token_advantage_weight != 1.0 and self.importance_sampling_level != "sequence_token":
+            unused.append(
+                f"token_advantage_weight={self.token_advantage_weight} is only used with importance_sampling_level="
+                f"'sequence_token', not {self.importance_sampling_level!r}"
+            )
+        if self.padding_free_row_tokens is not None and not self.padding_free:
+            unused.append(f"padding_free_row_tokens={self.padding_free_row_tokens} needs padding_free=True")
+        if self.rollout_logprobs_check_interval != ROLLOUT_LOGPROBS_CHECK_INTERVAL and not self.use_rollout_logprobs:
+            unused.append(
+                f"rollout_logprobs_check_interval={self.rollout_logprobs_check_interval} needs use_rollout_logprobs=True"
+            )
+        for message in unused:
+            warnings.warn(f"GSPOConfig: {message}; it has no effect here.", GSPOUnusedSettingWarning, stacklevel=3)
 
     def _warn_on_suspicious_setup(self):
         if not self.is_sequence_level:

@@ -35,8 +35,8 @@ MAX_UNIT_REWARD_STD = 0.5 * math.sqrt(2) + 1e-9
 SEQ_RATIO_KEYS = ("gspo/seq_ratio/min", "gspo/seq_ratio/mean", "gspo/seq_ratio/max")
 
 
-def series(log_history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of every entry that logged a finite number under ``key``, in log order."""
+def series(log_history: Sequence[dict], key: str | None) -> tuple[list[float], list[float]]:
+    """(steps, values) of every entry that logged a finite number under ``key``, in log order; empty for None."""
     steps, values = [], []
     for entry in log_history:
         value = entry.get(key)

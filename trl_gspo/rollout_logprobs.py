@@ -12,8 +12,10 @@ Sources, all arriving as the per-token `logprobs` lists of GRPOTrainer's `_gener
 - a custom `rollout_func`: its `logprobs`, as returned.
 
 `sequence_log_ratios` and `rollout_mismatch` compare the rollout log-probs with a recomputed pi_old at the sequence
-level, the level GSPO clips at: per sequence the length-normalised log-ratio mean_t(rollout - recomputed), reported
-as the mean and max of its absolute value and the fraction of sequences whose mismatch alone leaves the clip band.
+level, the level GSPO clips at: per sequence the length-normalised log-ratio mean_t(recomputed - rollout), which is
+the log s_i the objective sees at the rollout's first step (pi_theta = the recomputed pi_old, the rollout as pi_old),
+reported as the mean and max of its absolute value and the fraction of sequences whose mismatch alone leaves the
+asymmetric clip band.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from contextlib import contextmanager
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from .objective import masked_token_diff
 
 # generation_kwargs that change the sampling distribution before SampledTokenLogProbs sees it
 DISTRIBUTION_CHANGING_KWARGS = (
@@ -111,12 +115,13 @@ def pad_rollout_logprobs(logprobs: list[list[float | None]], width: int, device)
     return table.to(device)
 
 
-def sequence_log_ratios(rollout: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) length-normalised log-ratio sum_t mask * (rollout - recomputed) / sum_t mask; NaN for an empty row."""
-    mask = mask.float()
-    lengths = mask.sum(-1)
-    diff = torch.where(mask.bool(), rollout.float() - recomputed.float(), 0.0)
-    ratios = diff.sum(-1) / lengths.clamp(min=1.0)
+def sequence_log_ratios(logps: torch.Tensor, other_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) length-normalised log-ratio sum_t mask * (logps - other_logps) / sum_t mask; NaN for an empty row.
+
+    The trainer passes (recomputed pi_old, rollout log-probs): the log s_i of the first optimizer step.
+    """
+    lengths = mask.float().sum(-1)
+    ratios = masked_token_diff(logps, other_logps, mask).sum(-1) / lengths.clamp(min=1.0)
     return torch.where(lengths > 0, ratios, torch.full_like(ratios, math.nan))
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from .rewards import exact_match
 
@@ -474,3 +475,37 @@ def ensure_task_assets(
         how = "found it in the cache" if info["cached"] else "built it"
         log(f"model_name_or_path={str(model_path)!r} does not exist: {how} ({folder}, warm-started on {task})")
     return folder
+
+
+class HeldoutAccuracyCallback(TrainerCallback):
+    """Every `every` optimizer steps (and before the first), log greedy exact-match accuracy on `rows`.
+
+    The value goes into `state.log_history` as `{"heldout_accuracy": ..., "step": ...}`, the form `Trainer.log`
+    writes, so it is saved in trainer_state.json and drawn by trl_gspo.plotting; `history` keeps (step, accuracy)
+    pairs. With `log`, each measurement is also reported as a line of text (with the latest mean rollout reward).
+    """
+
+    def __init__(self, tokenizer, rows, every: int, log: Callable[[str], None] | None = None):
+        self.tokenizer, self.rows, self.every, self.log = tokenizer, list(rows), every, log
+        self.history: list[tuple[int, float]] = []
+
+    def _record(self, state, model):
+        accuracy = greedy_accuracy(model, self.tokenizer, self.rows)
+        state.log_history.append({"heldout_accuracy": accuracy, "step": state.global_step})
+        self.history.append((state.global_step, accuracy))
+        if self.log is None:
+            return
+        reward = next((e["reward"] for e in reversed(state.log_history) if "reward" in e), None)
+        reward_text = "" if reward is None else f", mean rollout reward {reward:.3f}"
+        self.log(
+            f"[held-out] step {state.global_step}/{state.max_steps}: greedy accuracy {accuracy:.3f} "
+            f"on {len(self.rows)} test prompts{reward_text}"
+        )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # not again when resuming
+            self._record(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._record(state, model)

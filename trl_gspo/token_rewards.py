@@ -30,7 +30,9 @@ usual. The per-token advantage is
     A_it  = A_i + lambda * (r_it - mu_g) / (sigma_g + 1e-4)
 
 where ``mu_g`` and ``sigma_g`` are the mean and the (unbiased) standard deviation of ``r_it`` over every loss token
-(completion mask times tool mask) of the G completions of the prompt (group g), and ``lambda`` is
+(completion mask times tool mask) of the G completions of the prompt (group g), unscorable completions (no reward
+function returned a finite number for them; TRL gives them advantage 0) left out and given no token component, and
+``lambda`` is
 ``GSPOConfig.token_advantage_weight``. A group whose tokens all carry the same value gets a token component of
 exactly 0, so a run whose reward functions all return numbers trains exactly as GSPO. The token component moves
 credit inside the group towards the tokens that earned it: a wrong character in an otherwise right answer gets a

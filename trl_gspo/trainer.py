@@ -270,7 +270,9 @@ class GSPOTrainer(GRPOTrainer):
                 **model_inputs,
             )
         if self._pending_rollout_logprobs is not None and model is self.model and not compute_entropy:
-            return self._rollout_logprobs_as_pi_old(model, input_ids, attention_mask, logits_to_keep, batch_size)
+            return self._rollout_logprobs_as_pi_old(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
+            )
         if not self.args.padding_free:
             return super()._get_per_token_logps_and_entropies(
                 model,
@@ -349,17 +351,22 @@ class GSPOTrainer(GRPOTrainer):
         self._log_rollout_diagnostics(output)
         return self._moe_attach_routing(output)
 
-    def _rollout_logprobs_as_pi_old(self, model, input_ids, attention_mask, logits_to_keep, batch_size):
+    def _rollout_logprobs_as_pi_old(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
+    ):
         """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
-        args.rollout_logprobs_check_interval rollouts, checked against a recomputed pi_old.
+        args.rollout_logprobs_check_interval train rollouts, checked against a recomputed pi_old (an eval rollout
+        does not advance the schedule: it is checked when the latest train rollout was).
 
         GRPOTrainer's first log-prob pass of the policy model without entropy inside _generate_and_score_completions
         is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
-        (vLLM's None) falls back to the forward. Metrics (`gspo/rollout_logprobs/`, per check):
-          seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| rollout vs recomputed, mean and max over
+        (vLLM's None) on any process falls back to the forward on every process. Values off the loss mask are 0.
+        Metrics (`gspo/rollout_logprobs/`, per check):
+          seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| recomputed vs rollout, mean and max over
                                          the sequences of all processes (positions with a rollout log-prob of exactly 0, TRL's filler for
                                          tool-result tokens, are left out)
-          outside_clip_band              fraction of sequences whose mismatch alone leaves [log(1-eps_low),
+          outside_clip_band              fraction of sequences whose log-ratio mean_t(recomputed - rollout), the
+                                         log s_i of the first step, leaves [log(1-eps_low),
                                          log(1+eps_high)]
           clip_band_log_high             log(1 + eps_high), to read the two above against
           fallback                       1 when a batch had missing rollout log-probs and used the forward
@@ -367,19 +374,24 @@ class GSPOTrainer(GRPOTrainer):
         logprobs, self._pending_rollout_logprobs = self._pending_rollout_logprobs, None
         rollout = pad_rollout_logprobs(logprobs, logits_to_keep, input_ids.device)
         mask = attention_mask[:, -logits_to_keep:].bool()
-        self._rollouts_seen += 1
+        if self.model.training:  # the check schedule counts train rollouts only
+            self._rollouts_seen += 1
         interval = self.args.rollout_logprobs_check_interval
-        missing = bool(torch.isnan(rollout[mask]).any())
+        # every process takes the same branch: the forward below is collective under ZeRO-3 / FSDP
+        local_missing = torch.isnan(rollout[mask]).any().float()
+        missing = bool(self.accelerator.reduce(local_missing, reduction="max") > 0)
+        rollout = rollout.masked_fill(~mask, 0.0)  # a None off the mask (e.g. a masked truncated completion): no NaN
         if not missing and not (interval and (self._rollouts_seen - 1) % interval == 0):
             return rollout, None, None
         recomputed, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, batch_size
+            model, input_ids, attention_mask, logits_to_keep, batch_size, **model_inputs
         )
         metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["gspo/rollout_logprobs/fallback"].append(float(missing))
         if missing:
             return recomputed, None, None
-        ratios = self.accelerator.gather(sequence_log_ratios(rollout, recomputed, mask & (rollout != 0)))
+        # log s_i the objective sees at the rollout's first step: pi_theta = recomputed pi_old over the rollout's
+        ratios = self.accelerator.gather(sequence_log_ratios(recomputed, rollout, mask & (rollout != 0)))
         stats = rollout_mismatch(ratios, self.epsilon_low, self.epsilon_high)
         for name, value in stats.items():
             metrics[f"gspo/rollout_logprobs/{name}"].append(value)
@@ -434,7 +446,9 @@ class GSPOTrainer(GRPOTrainer):
         processes (groups may straddle them), then sliced back to this process's rows, like TRL's advantages. It is
         exactly 0 when no reward function returned token-level values, so plain rewards train as GSPO. The (B, T)
         tensor has the batch first and travels through TRL's shuffle and split with the rest of the rollout.
-        Logs `token_rewards/component_abs_mean`: mean |token component| over loss tokens (0 without token rewards).
+        Completions without a finite reward (TRL's unscorable rows, advantage 0) are left out of the group statistics
+        and get no token component. Logs `token_rewards/component_abs_mean`: mean |token component| over the loss
+        tokens of the scorable completions of all processes (0 without token rewards).
         """
         if self.args.importance_sampling_level != "sequence_token":
             return
@@ -448,12 +462,15 @@ class GSPOTrainer(GRPOTrainer):
         local = self._token_rewards.token_reward_matrix(self.reward_weights.tolist(), width).to(advantages.device)
         local = torch.stack([local, mask.float()])  # (2, B, T): token rewards and mask, gathered together
         gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
-        component = token_advantage_component(gathered[:, 0], gathered[:, 1], group_size)
+        # unscorable completions (no finite reward, gathered like the rewards) keep TRL's advantage of 0
+        scorable = ~torch.isnan(self._rewards_per_func).all(dim=1).to(gathered.device)
+        all_mask = gathered[:, 1] * scorable.unsqueeze(1)
+        all_component = token_advantage_component(gathered[:, 0], all_mask, group_size)
         start = self.accelerator.process_index * rows
-        component = component[start : start + rows, :width]
+        component = all_component[start : start + rows, :width]
         output["advantages"] = advantages.unsqueeze(1) + self.args.token_advantage_weight * component * mask
         self._metrics[mode]["token_rewards/component_abs_mean"].append(
-            ((component.abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+            ((all_component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)).item()
         )
 
     def _log_rollout_diagnostics(self, output):
@@ -465,9 +482,8 @@ class GSPOTrainer(GRPOTrainer):
         """
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        lengths = output["completion_mask"].sum(1).tolist()
-        local = [ids[:n] for ids, n in zip(output["completion_ids"].tolist(), lengths)]
-        sequences = gather_object(local)
+        # the sampled ids, not completion_mask: mask_truncated_completions zeroes the mask of truncated completions
+        sequences = gather_object([list(ids) for ids in self._token_rewards.completion_ids])
         weighted = self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device).unsqueeze(0)
         unscorable = torch.isnan(self._rewards_per_func).all(dim=1)
         rewards = weighted.nansum(dim=1).masked_fill(unscorable, float("nan")).tolist()
