@@ -2,7 +2,8 @@
 
 The trainer overrides one method for the algorithm, `_compute_loss`, and two for checkpoints (the rollout buffer
 is saved, so a resume inside a rollout is exact). Generation, rewards, advantages, batching, pi_old and
-reference log-probs, vLLM, PEFT, DeepSpeed/FSDP and checkpointing are GRPOTrainer's, untouched. With
+reference log-probs, vLLM, PEFT, DeepSpeed/FSDP and checkpointing are GRPOTrainer's; the features below wrap a
+few of its methods thinly (each calls GRPOTrainer's and delegates to its own module). With
 `importance_sampling_level="token"` the override hands the micro-batch to GRPOTrainer's own loss (plain GRPO).
 
 Token and span rewards (trl_gspo.token_rewards) and the rollout diagnostics (trl_gspo.diagnostics) add two thin
