@@ -5,7 +5,6 @@ No timing is asserted: the machine is shared and the numbers are only what they 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,20 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from trl_gspo.benchmarks import trainer_ab as bench
 from trl_gspo.objective import compute_policy_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("gspo_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
 
 
 def _finite_positive(x):
