@@ -95,7 +95,9 @@ def train_one(model_dir: Path, splits: dict, method: str, seed: int, steps: int,
         "drift_token_layer": mean("moe/routing_drift/token_layer", moved),
         "drift_token_any_layer": mean("moe/routing_drift/token_any_layer", moved),
         "clip_sequences": mean("clip_ratio/region_mean", moved) if method != "grpo" else None,
-        "clip_tokens": mean("gspo/clipped_token_fraction", moved) if method != "grpo" else mean("clip_ratio/region_mean", moved),
+        "clip_tokens": mean("gspo/clipped_token_fraction", moved)
+        if method != "grpo"
+        else mean("clip_ratio/region_mean", moved),
         "reward_first_rollout": logs[0]["reward"],
         "reward_last_rollout": [entry["reward"] for entry in logs if "reward" in entry][-1],
         "drift_curve": [(entry["step"], entry.get("moe/routing_drift/token_layer")) for entry in moved],
