@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .plotting import series
+from .plotting import save_figure, series
 from .rewards import exact_match, get_reward_func
 from .token_rewards import summed_reward
 
@@ -329,14 +329,7 @@ def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> 
     flat[-1].bar(range(len(arms)), [statistics.fmean(s) for s in seconds])
     flat[-1].set_xticks(range(len(arms)), arms)
     flat[-1].set_title("train wall time per run (s)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=90)
 
 
 def write_report(results: Sequence[dict], output_dir, command: str, task_name: str, settings: TrainSettings) -> Path:

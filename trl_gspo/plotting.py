@@ -173,12 +173,19 @@ def plot_run(
         ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
     for ax in flat[len(panels) :]:
         ax.set_visible(False)
+    return save_figure(fig, path, title, dpi=100)
+
+
+def save_figure(fig, path: str | os.PathLike, title: str | None = None, dpi: int = 100) -> Path:
+    """Title, lay out and write a figure to `path` (its folder made if missing), then free it; returns the path."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
