@@ -192,6 +192,7 @@ class GSPOTrainer(GRPOTrainer):
         self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
         self.packed_layout = None  # (PackedBatch, start) of the latest padding-free forward
         self._rollouts_seen = 0
+        self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
         self._moe_setup_routing()
         self._print_start_banner()
 
@@ -432,10 +433,9 @@ class GSPOTrainer(GRPOTrainer):
         inf would reach the advantages. None means "cannot score this completion" (left out of the group
         baseline); NaN and +-inf are treated the same way but warned about, as they usually are bugs.
         """
-        warned = self.__dict__.setdefault("_non_finite_reward_warned", set())
         for name, (nan_count, inf_count, total) in collector.non_finite.items():
-            if name not in warned:
-                warned.add(name)
+            if name not in self._non_finite_reward_warned:
+                self._non_finite_reward_warned.add(name)
                 logger.warning(non_finite_warning(name, nan_count, inf_count, total))
         if not torch.isfinite(rewards_per_func).any():
             raise ValueError(no_finite_reward_message(self.reward_func_names, rewards_per_func.size(0)))
