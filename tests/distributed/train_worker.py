@@ -134,6 +134,10 @@ def main(out_path, deepspeed_config=None, options=None):
                 },
                 f,
             )
+    # An orderly shutdown: left to interpreter exit, the gloo/DeepSpeed threads were once seen to abort a rank
+    # ("terminate called without an active exception") after training had finished.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
