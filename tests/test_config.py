@@ -217,7 +217,7 @@ def grpo(tmp_path, **kwargs):
     ],
 )
 def test_grpo_upgrade_keeps_the_clip_range_as_a_pair(tmp_path, grpo_kwargs, clip_range):
-    from trl_gspo.grpo_upgrade import upgrade_grpo_config
+    from trl_gspo.config import upgrade_grpo_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GSPOClipRangeWarning)  # 0.2-sized ranges warn, as they should
@@ -232,7 +232,7 @@ def test_grpo_upgrade_keeps_the_clip_range_as_a_pair(tmp_path, grpo_kwargs, clip
 
 
 def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
-    from trl_gspo.grpo_upgrade import upgrade_grpo_config
+    from trl_gspo.config import upgrade_grpo_config
 
     args = grpo(tmp_path, num_generations=4, learning_rate=3e-6, loss_type="grpo", bf16=False)
     config, notice = upgrade_grpo_config(args)

@@ -164,7 +164,7 @@ def test_training_run_is_the_padded_run(make_model, tokenizer, tmp_path, monkeyp
         calls.append(kwargs.get("compute_entropy", False))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("trl_gspo.trainer.packed_logps_and_entropies", counting)
+    monkeypatch.setattr("trl_gspo.packing.packed_logps_and_entropies", counting)
     logs = {}
     for padding_free in (False, True):
         trainer = build_trainer(make_model, tokenizer, tmp_path / str(padding_free), lora=True, max_steps=3, beta=0.04)

@@ -8,7 +8,7 @@ from conftest import completion_length_reward, prompt_dataset, small_config
 from transformers import LogitsProcessorList
 
 from trl_gspo import GSPOTrainer
-from trl_gspo.rollout_logprobs import SampledTokenLogProbs, pad_rollout_logprobs, rollout_mismatch, sequence_log_ratios
+from trl_gspo.rollout_logprobs import SampledTokenLogProbs, mismatch_log_ratios, pad_rollout_logprobs, rollout_mismatch
 
 
 def test_recorded_logprobs_equal_a_float64_recomputation(make_model, tokenizer):
@@ -52,7 +52,7 @@ def test_mismatch_against_a_direct_loop():
     mask = torch.ones(4, 6)
     mask[1, 3:] = 0
     mask[2] = 0  # empty: left out
-    per_sequence = sequence_log_ratios(rollout, recomputed, mask)
+    per_sequence = mismatch_log_ratios(rollout, recomputed, mask)
     assert math.isnan(per_sequence[2])
     stats = rollout_mismatch(per_sequence, 3e-4, 4e-4)
     ratios = [

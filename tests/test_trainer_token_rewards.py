@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
 
-import trl_gspo.trainer as trainer_module
+import trl_gspo.token_rewards as token_rewards_module
 from trl_gspo import GSPOTrainer
 from trl_gspo.objective import compute_policy_objective
 from trl_gspo.token_rewards import TokenRewardError, token_level_reward
@@ -158,7 +158,7 @@ def test_nan_and_inf_rewards_warn_once_and_no_finite_reward_is_refused(make_mode
         return [float("inf")] + [float(i % 3) for i in range(1, len(completions))]
 
     trainer = make_trainer(make_model, tokenizer, tmp_path, [half_nan, one_inf], max_steps=2)
-    with mock.patch.object(trainer_module.logger, "warning") as warning:
+    with mock.patch.object(token_rewards_module.logger, "warning") as warning:
         trainer.train()
     messages = [call.args[0] for call in warning.call_args_list if "returned NaN" in call.args[0]]
     assert len(messages) == 2  # once per function, although both misbehave at every rollout

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
-IMPORTANCE_SAMPLING_LEVELS = ("sequence", "sequence_token", "token")
-SEQUENCE_LEVELS = ("sequence", "sequence_token")
+from .objective import DEFAULT_LOG_RATIO_BOUND
+
+GSPO_TOKEN_LEVEL = "sequence_token"  # GSPO-token: the sequence ratio, per-token advantages
+IMPORTANCE_SAMPLING_LEVELS = ("sequence", GSPO_TOKEN_LEVEL, "token")
+SEQUENCE_LEVELS = ("sequence", GSPO_TOKEN_LEVEL)
 PAPER_EPSILON_LOW = 3e-4
 PAPER_EPSILON_HIGH = 4e-4
 PAPER_MINIBATCHES_PER_ROLLOUT = 4
@@ -18,6 +21,27 @@ PAPER_MINIBATCHES_PER_ROLLOUT = 4
 # mean over hundreds of tokens and moves far less than a token ratio, so such a clip never fires.
 GRPO_LIKE_EPSILON = 0.05
 ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
+
+# generation_kwargs that change the sampling distribution before SampledTokenLogProbs sees it
+DISTRIBUTION_CHANGING_KWARGS = (
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "bad_words_ids",
+    "sequence_bias",
+    "min_length",
+    "min_new_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "guidance_scale",
+    "temperature",
+)
+# generation_kwargs that truncate the distribution (after the record with transformers; inside vLLM's log-probs)
+TRUNCATING_KWARGS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+
 
 # loss_type values and why they cannot aggregate a sequence-level ratio.
 _LENGTH_WEIGHTED_LOSSES = ("dapo", "bnpo", "dr_grpo")
@@ -30,6 +54,17 @@ def truncates(key: str, value) -> bool:
     if value is None:
         return False
     return value not in ((0, -1) if key == "top_k" else (0, 1.0))
+
+
+def is_off_policy_schedule(args: GRPOConfig) -> bool:
+    """Whether some optimizer steps of a rollout see data from an older policy (any GRPOConfig)."""
+    return args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) != 0
+
+
+def pi_old_pass_runs(args: GRPOConfig) -> bool:
+    """Whether GRPOTrainer computes old_per_token_logps in a rollout (its own condition, for any GRPOConfig): when
+    the schedule is off-policy, or vLLM's importance correction needs pi_old to compare the engine's log-probs with."""
+    return is_off_policy_schedule(args) or (args.use_vllm and args.vllm_importance_sampling_correction)
 
 
 def default_bf16(use_cpu: bool) -> bool:
@@ -136,7 +171,8 @@ class GSPOConfig(GRPOConfig):
         metadata={"help": "Aggregation. Under a sequence-level ratio only 'grpo' (mean over sequences) is GSPO."},
     )
     log_ratio_bound: float = field(
-        default=10.0, metadata={"help": "Clamp of the log importance ratio before exp, so it cannot overflow."}
+        default=DEFAULT_LOG_RATIO_BOUND,
+        metadata={"help": "Clamp of the log importance ratio before exp, so it cannot overflow."},
     )
     token_advantage_weight: float = field(
         default=1.0,
@@ -224,8 +260,7 @@ class GSPOConfig(GRPOConfig):
     @property
     def is_on_policy(self) -> bool:
         """True when every optimizer step sees data from the current policy (TRL then skips pi_old)."""
-        generate_every = self.steps_per_generation * self.num_iterations
-        return self.gradient_accumulation_steps % generate_every == 0
+        return not is_off_policy_schedule(self)
 
     def _validate_gspo_fields(self):
         level = self.importance_sampling_level
@@ -305,8 +340,6 @@ class GSPOConfig(GRPOConfig):
             )
 
     def _validate_rollout_logprobs_fields(self):
-        from .rollout_logprobs import DISTRIBUTION_CHANGING_KWARGS, TRUNCATING_KWARGS
-
         if self.rollout_logprobs_check_interval < 0:
             raise ValueError(
                 f"GSPOConfig.rollout_logprobs_check_interval={self.rollout_logprobs_check_interval} must be >= 0 "
@@ -352,8 +385,7 @@ class GSPOConfig(GRPOConfig):
 
     def _validate_routing_fields(self):
         """routing_replay needs a pi_old pass to record: refused when TRL runs none (every step on-policy)."""
-        pi_old_pass_runs = not self.is_on_policy or (self.use_vllm and self.vllm_importance_sampling_correction)
-        if self.routing_replay and not pi_old_pass_runs:
+        if self.routing_replay and not pi_old_pass_runs(self):
             raise ValueError(
                 f"GSPOConfig.routing_replay=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
                 f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every "
@@ -427,10 +459,69 @@ class GSPOConfig(GRPOConfig):
     def from_grpo_config(cls, args: GRPOConfig) -> GSPOConfig:
         """A GSPOConfig that keeps every field the user set in `args` and takes GSPO's defaults elsewhere.
 
-        The rule (trl_gspo.grpo_upgrade): a field counts as set when it differs from GRPOConfig's default; the
+        The rule (`upgrade_grpo_config` below): a field counts as set when it differs from GRPOConfig's default; the
         clip range is kept as a pair (epsilon with epsilon_high, which defaults to epsilon in GRPOConfig) when
         either bound was set, else both take GSPO's 3e-4 / 4e-4.
         """
-        from .grpo_upgrade import upgrade_grpo_config
-
         return upgrade_grpo_config(args)[0]
+
+
+# --- A GRPOConfig handed to GSPOTrainer: which of its fields are kept, which take GSPO's defaults, the notice.
+# The rule (also in README.md, "Use it from Python"):
+# - a field counts as set by the user when it differs from GRPOConfig's default (a dataclass does not record which
+#   arguments were passed, so a value set on purpose to GRPOConfig's default counts as not set); set fields are kept;
+# - the clip range is one setting: when epsilon or epsilon_high was set, both are kept as GRPOConfig means them
+#   (epsilon_high=None is epsilon); when neither was, both take GSPO's 3e-4 / 4e-4;
+# - every other field takes GSPOConfig's default; the notice names the ones where that differs from GRPOConfig's.
+
+CLIP_FIELDS = ("epsilon", "epsilon_high")
+# Batch-shape fields TRL derives from the others: carried only when the user chose them.
+DERIVED_FIELDS = ("steps_per_generation", "generation_batch_size")
+# Fields whose GSPOConfig value differs from GRPOConfig's default (fixed defaults and derived ones).
+GSPO_DEFAULT_FIELDS = (
+    "importance_sampling_level",
+    "epsilon",
+    "epsilon_high",
+    "loss_type",
+    "steps_per_generation",
+    "bf16",
+)
+
+
+def user_set_fields(args: GRPOConfig) -> dict:
+    """The fields of `args` that differ from a fresh GRPOConfig's (same output_dir and use_cpu), clip range paired."""
+    # use_cpu goes into the reference: without it GRPOConfig's bf16 default fails on a CPU-only machine
+    reference = GRPOConfig(output_dir=args.output_dir, use_cpu=args.use_cpu)
+    kept = {}
+    for f in fields(GRPOConfig):
+        if not f.init or f.name in DERIVED_FIELDS:
+            continue
+        value = getattr(args, f.name)
+        if value != getattr(reference, f.name):
+            kept[f.name] = value
+    if args.steps_per_generation != args.gradient_accumulation_steps:
+        kept["steps_per_generation"] = args.steps_per_generation
+    if any(name in kept for name in CLIP_FIELDS):
+        kept["epsilon"] = args.epsilon
+        kept["epsilon_high"] = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    return kept
+
+
+def upgrade_grpo_config(args: GRPOConfig) -> tuple[GSPOConfig, str]:
+    """(the GSPOConfig for `args`, the notice naming the fields kept and the GSPO defaults taken)."""
+    kept = user_set_fields(args)
+    config = GSPOConfig(output_dir=args.output_dir, use_cpu=args.use_cpu, **kept)
+    took_defaults = {name: getattr(config, name) for name in GSPO_DEFAULT_FIELDS if name not in kept}
+    return config, upgrade_notice(kept, took_defaults)
+
+
+def upgrade_notice(kept: dict, took_defaults: dict) -> str:
+    def listing(values: dict) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in sorted(values.items())) or "none"
+
+    return (
+        "GSPOTrainer got a GRPOConfig and turned it into a GSPOConfig. Kept, as you set them: "
+        f"{listing(kept)}. Took GSPO's defaults: {listing(took_defaults)}. A field equal to GRPOConfig's default "
+        "counts as not set; the clip range is kept as a pair when either bound was set. Pass a GSPOConfig to "
+        "choose every value and silence this."
+    )

@@ -1,7 +1,7 @@
 """Mixture-of-Experts routing: no router logits in generate(), the routing drift metric, routing replay (R2).
 
-Pure functions (tested against naive references) and one hook manager, `RouterHooks`; GSPOTrainer only wires
-them into the rollout and the loss (see its `_moe_*` methods).
+Pure functions (tested against naive references), one hook manager, `RouterHooks`, and the trainer mixin
+`MoERoutingMixin` that wires them into the rollout and the loss (on GSPOTrainer or TRL's plain GRPOTrainer).
 
 How it works. transformers' MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE) route each token in a `*TopKRouter`
 module that returns (router_logits, top_k_weights, top_k_index); every experts implementation takes its
@@ -23,6 +23,11 @@ import contextlib
 
 import torch
 from torch import nn
+from transformers.utils import logging
+
+from .config import pi_old_pass_runs
+
+logger = logging.get_logger(__name__)
 
 # Batch key of the recorded pi_old routing (B, L, layers, k); its first dimension is the batch, so it travels
 # through TRL's shuffle_sequence_dict / split_tensor_dict with the rows it belongs to.
@@ -194,3 +199,123 @@ class RouterHooks:
             return router_logits, replay_weights(router_logits, forced, normalize, weights.dtype), forced
 
         return hook
+
+
+class MoERoutingMixin:
+    """Trainer mixin for MoE models: no router logits in generate(), the routing drift metric, routing replay (R2).
+
+    Composes with GSPOTrainer or TRL's plain GRPOTrainer (`class T(MoERoutingMixin, GRPOTrainer)`). Reads
+    `args.log_routing_drift` (default True) and `args.routing_replay` (default False); a dense model passes through
+    untouched. Overrides:
+      __init__                           hooks the routers; refuses replay on a dense model
+      _generate_and_score_completions    generation without router logits; arms the pi_old pass for recording;
+                                         puts the record into the rollout batch under ROUTING_KEY
+      _get_per_token_logps_and_entropies records the routing of the armed (pi_old) pass
+      compute_loss                       observes (drift) or replays the recorded routing in the policy pass
+      training_step                      drops the replay state after backward (checkpointing recomputes)
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._moe_hooks, self._moe_record_armed, self._moe_recorded = None, False, None
+        super().__init__(*args, **kwargs)
+        self._moe_setup_routing()
+
+    @property
+    def _routing_replay(self) -> bool:
+        return getattr(self.args, "routing_replay", False)
+
+    @property
+    def _log_routing_drift_on(self) -> bool:
+        return getattr(self.args, "log_routing_drift", True)
+
+    def _moe_setup_routing(self):
+        """Hook the routers when the drift metric or replay needs them; refuse replay on a dense model."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        routers = find_routers(unwrapped)
+        if self._routing_replay and not routers:
+            model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
+            raise ValueError(
+                f"routing_replay=True needs a Mixture-of-Experts model with *TopKRouter modules (Qwen3-MoE, "
+                f"Qwen2-MoE, Mixtral, OLMoE); this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
+                "has none. Set routing_replay=False."
+            )
+        speed_options = [name for name in ("padding_free", "use_rollout_logprobs") if getattr(self.args, name, False)]
+        if routers and self._log_routing_drift_on and speed_options:  # routing_replay is refused by GSPOConfig
+            logger.warning(
+                f"moe/routing_drift is not logged with {speed_options}: the routing record needs an unpacked pi_old "
+                "forward. Set log_routing_drift=False to silence this."
+            )
+        elif routers and (self._log_routing_drift_on or self._routing_replay):
+            self._moe_hooks = RouterHooks(routers)
+
+    def _generate_and_score_completions(self, inputs):
+        """The rollout without router logits in generation (the config's output_router_logits crashes cached decoding
+        on padded batches; the training forward asks for them itself), with the pi_old pass recorded."""
+        if self._moe_hooks is not None:
+            self._moe_hooks.clear()
+            self._moe_record_armed = pi_old_pass_runs(self.args)
+        try:
+            with router_logits_off(self.accelerator.unwrap_model(self.model)):
+                output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._moe_record_armed = False
+        recorded, self._moe_recorded = self._moe_recorded, None
+        if recorded is not None:  # (B, L, layers, k): its first dimension is the batch, so it follows its rows
+            output[ROUTING_KEY] = recorded
+        return output
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """The log-prob pass; the armed one (the rollout's pi_old pass) records the routing.
+
+        The pi_old pass is the first one on the policy model after generation (TRL runs it before the reference
+        pass, which with PEFT uses the same model with adapters disabled); it is armed only when TRL runs it.
+        """
+        if not (self._moe_record_armed and model is self.model):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._moe_record_armed = False
+        with self._moe_hooks.recording():
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._moe_recorded = self._moe_hooks.recorded(*input_ids.shape)
+        return result
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The trainer's, with the policy pass observing (drift metric) or replaying the recorded routing."""
+        routing = inputs.get(ROUTING_KEY) if self._moe_hooks is not None else None
+        if routing is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._moe_hooks.start_policy_pass(routing, replay=self._routing_replay)
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._log_routing_drift_on:
+            self._log_routing_drift(inputs, routing)
+        if not torch.is_grad_enabled():  # evaluation: no backward follows, so no training_step to clear the state
+            self._moe_hooks.clear()
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """The trainer's; the replay state is dropped only here, after backward (checkpointing recomputes)."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self._moe_hooks is not None:
+                self._moe_hooks.clear()
+
+    def _log_routing_drift(self, inputs, routing):
+        """Log how much the routing moved between the pi_old pass and this policy pass, on completion tokens.
+
+          moe/routing_drift/token_layer       fraction of (completion token, MoE layer) pairs whose top-k expert
+                                              set differs from the pi_old pass (the paper: ~10% per update)
+          moe/routing_drift/token_any_layer   fraction of completion tokens that changed in at least one layer
+        Both count the *natural* routing of the current router, also under routing_replay (what replay undid).
+        """
+        prompt_length = inputs["prompt_ids"].size(1)
+        current = self._moe_hooks.observed(routing.size(0), routing.size(1))
+        counts = routing_drift_counts(
+            routing[:, prompt_length:], current[:, prompt_length:], inputs["completion_mask"]
+        )
+        mode = "train" if self.model.training else "eval"
+        for name, value in drift_fractions(self.accelerator.reduce(counts, reduction="sum")).items():
+            self._metrics[mode][name].append(value)

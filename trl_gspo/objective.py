@@ -239,3 +239,106 @@ def compute_policy_objective(
         high_clipped=high_clipped,
         per_token_kl=per_token_kl,
     )
+
+
+# --- statistics of the objective, as logged (pure: the trainer only reduces them over processes) ---
+
+
+def objective_metric_sums(
+    out: ObjectiveOutput, entropies: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's statistics in a form that sums (and gathers) exactly over micro-batches and processes.
+
+    Returns:
+        sums: (7,) [low-clipped sequences, high-clipped sequences, non-empty sequences, clipped tokens, tokens,
+            sum of token entropies, sum of token KL]; a GSPO-token sequence counts as the fraction of its tokens
+            under the clip.
+        per_sequence: (B, 3) [low-clipped fraction, high-clipped fraction, s_i] of each sequence, NaN for empty
+            rows so that they never win a min or a max.
+    """
+    mask = mask.float()
+    lengths = out.lengths
+    if out.low_clipped.size(1) == 1:  # GSPO: one flag per sequence
+        per_seq_low = out.low_clipped.squeeze(1).float()
+        per_seq_high = out.high_clipped.squeeze(1).float()
+        clipped_tokens = ((per_seq_low + per_seq_high) * lengths).sum()
+    else:  # GSPO-token: per-token flags (the advantage sign may vary along a sequence)
+        per_seq_low = out.low_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+        per_seq_high = out.high_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+        clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
+    kl_sum = torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum()
+    sums = torch.stack(
+        [
+            per_seq_low.sum(),
+            per_seq_high.sum(),
+            (lengths > 0).float().sum(),
+            clipped_tokens,
+            lengths.sum(),
+            (entropies * mask).sum(),
+            kl_sum,
+        ]
+    )
+    keep = lengths > 0
+    nan = torch.full_like(per_seq_low, float("nan"))
+    per_sequence = torch.stack(
+        [
+            torch.where(keep, per_seq_low, nan),
+            torch.where(keep, per_seq_high, nan),
+            torch.where(keep, torch.exp(out.seq_log_ratio), nan),
+        ],
+        dim=1,
+    )
+    return sums, per_sequence
+
+
+def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor, with_kl: bool) -> dict[str, float]:
+    """The logged metrics from `objective_metric_sums` summed (`sums`) and concatenated (`per_sequence`) over
+    micro-batches or processes:
+
+      clip_ratio/{low,high,region}_mean   fraction of non-empty sequences whose clip is active (low: ratio below
+                                          1 - eps_low with A < 0; high: above 1 + eps_high with A > 0)
+      clip_ratio/low_min, high_max        extremes over sequences of the per-sequence clipped fraction
+      gspo/clipped_token_fraction         fraction of completion tokens under an active clip (the paper's count)
+      gspo/seq_ratio/{mean,std,min,max}   the sequence importance ratio s_i over non-empty sequences
+      entropy, kl                         token means (kl only when `with_kl`)
+    """
+    low, high, sequences, clipped, tokens, entropy, kl = sums.tolist()
+    sequences, tokens = max(sequences, 1.0), max(tokens, 1.0)
+    metrics = {
+        "clip_ratio/low_mean": low / sequences,
+        "clip_ratio/high_mean": high / sequences,
+        "clip_ratio/region_mean": (low + high) / sequences,
+        "gspo/clipped_token_fraction": clipped / tokens,
+        "entropy": entropy / tokens,
+    }
+    if with_kl:
+        metrics["kl"] = kl / tokens
+    # masked reductions rather than nanmin/nanmax, whose emptiness check syncs with the device
+    valid = ~torch.isnan(per_sequence[:, 2])
+    count = valid.sum().clamp(min=1)
+    seq_low, seq_high, ratios = (torch.where(valid, per_sequence[:, i], 0.0) for i in range(3))
+    mean = ratios.sum() / count
+    inf = torch.tensor(float("inf"), device=ratios.device)
+    n, low_min, high_max, mean, std, ratio_min, ratio_max = torch.stack(
+        [
+            valid.sum().float(),
+            torch.where(valid, seq_low, inf).min(),
+            torch.where(valid, seq_high, -inf).max(),
+            mean,
+            (torch.where(valid, (ratios - mean) ** 2, 0.0).sum() / count).sqrt(),
+            torch.where(valid, ratios, inf).min(),
+            torch.where(valid, ratios, -inf).max(),
+        ]
+    ).tolist()  # one device-to-host transfer
+    if n > 0:
+        metrics.update(
+            {
+                "clip_ratio/low_min": low_min,
+                "clip_ratio/high_max": high_max,
+                "gspo/seq_ratio/mean": mean,
+                "gspo/seq_ratio/std": std,
+                "gspo/seq_ratio/min": ratio_min,
+                "gspo/seq_ratio/max": ratio_max,
+            }
+        )
+    return metrics

@@ -246,3 +246,84 @@ def packed_logps_and_entropies(
     entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
     aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
     return logps, entropies, aux_loss
+
+
+class PaddingFreeMixin:
+    """Trainer mixin: every log-prob pass (policy, pi_old, reference) on packed rows, same (B, T) outputs.
+
+    Composes with GSPOTrainer or TRL's plain GRPOTrainer (`class T(PaddingFreeMixin, GRPOTrainer)`): on by
+    composition, unless `args.padding_free` is False; `args.padding_free_row_tokens` (optional) bounds the rows.
+    Refuses at construction a model (or ref_model) whose passes cannot be packed exactly. Overrides
+    `__init__` and `_get_per_token_logps_and_entropies`; keeps the latest layout in `packed_layout`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.packed_layout = None  # (PackedBatch, first sequence index) of the latest packed forward
+        super().__init__(*args, **kwargs)
+        if self._padding_free:
+            self._check_padding_free_supported()
+
+    @property
+    def _padding_free(self) -> bool:
+        return getattr(self.args, "padding_free", True)
+
+    def _check_padding_free_supported(self):
+        """Refuse a model whose passes cannot be packed (never a wrong result), naming why."""
+        models = [("model", self.accelerator.unwrap_model(self.model))]
+        if self.ref_model is not None:
+            models.append(("ref_model", self.accelerator.unwrap_model(self.ref_model)))
+        for name, candidate in models:
+            base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
+            problem = packing_support_problem(base)
+            if problem:
+                raise ValueError(
+                    f"padding_free=True cannot be used with this {name}: {problem}. Set padding_free=False."
+                )
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """GRPOTrainer's log-prob pass on packed rows (same (B, T) outputs, no padding)."""
+        if not self._padding_free:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+        extra = sorted(key for key, value in model_inputs.items() if value is not None)
+        if extra:  # vision-language inputs are refused at construction; never drop them silently
+            raise ValueError(f"padding_free=True cannot pack a batch with model inputs {extra}.")
+        return packed_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size=batch_size,
+            compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss,
+            max_row_tokens=getattr(self.args, "padding_free_row_tokens", None),
+            autocast=self.accelerator.autocast,
+            on_pack=self._remember_packing,
+        )
+
+    def _remember_packing(self, packed, start):
+        """Keep the layout of the latest packed forward: `self.packed_layout = (PackedBatch, first sequence index)`.
+
+        It stays until the next packed forward, i.e. through the backward of the policy pass (gradient
+        checkpointing recomputes the layers there); per-token hooks map packed positions back to (B, L) with
+        `PackedBatch.token_index`.
+        """
+        self.packed_layout = (packed, start)

@@ -47,16 +47,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+from transformers.utils import logging
 from trl.trainer.utils import is_async_callable
 
+from .config import GSPO_TOKEN_LEVEL
 from .rewards import completion_text
+
+logger = logging.get_logger(__name__)
 
 # Added to the group standard deviation, as TRL does for the sequence advantage.
 TOKEN_STD_EPS = 1e-4
 # Attribute a reward function may carry to declare that it returns spans or per-token lists; GSPOTrainer then
 # checks importance_sampling_level at construction rather than at the first step.
 TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
-TOKEN_LEVEL = "sequence_token"
 
 
 class TokenRewardError(ValueError):
@@ -80,7 +84,7 @@ def check_token_reward_level(reward_funcs: Any, importance_sampling_level: str) 
     """Raise TokenRewardError if a marked token-level reward function meets a level other than GSPO-token."""
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     for func in funcs:
-        if is_marked_token_level(func) and importance_sampling_level != TOKEN_LEVEL:
+        if is_marked_token_level(func) and importance_sampling_level != GSPO_TOKEN_LEVEL:
             raise TokenRewardError(token_level_mismatch_message(reward_name(func), importance_sampling_level))
 
 
@@ -292,7 +296,7 @@ class TokenRewardCollector:
                 scalars.append(value)
                 token_values.append(None)
                 continue
-            if self.level != TOKEN_LEVEL:
+            if self.level != GSPO_TOKEN_LEVEL:
                 raise TokenRewardError(
                     token_level_mismatch_message(name, self.level) + f" (first seen at completion {index})"
                 )
@@ -388,3 +392,121 @@ def summed_reward(func: Callable) -> Callable:
     `<name>_sum`; picklable if `func` is.
     """
     return _SummedReward(func)
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    all_token_rewards: torch.Tensor,
+    all_mask: torch.Tensor,
+    num_generations: int,
+    first_row: int,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO-token advantages of this process's rows, A_it = A_i + weight * component_it, and mean |component|.
+
+    Args:
+        advantages: (B,) this process's sequence advantages (TRL's); mask: (B, T) its loss tokens.
+        all_token_rewards, all_mask: (N, W) every process's weighted token rewards and loss masks (W >= T), rows in
+            TRL's order; unscorable completions' rows of all_mask are 0 (no component, left out of the statistics).
+        num_generations: G; groups may straddle processes, hence the statistics over all rows.
+        first_row: index of this process's first row in the N rows.
+    Returns ((B, T) advantages, () mean |component| over the masked tokens of all rows, 0 when there are none).
+    """
+    rows, width = mask.shape
+    component = token_advantage_component(all_token_rewards, all_mask, num_generations)
+    abs_mean = (component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)
+    local = component[first_row : first_row + rows, :width].to(advantages.dtype)
+    return advantages.unsqueeze(1) + weight * local * mask, abs_mean
+
+
+class TokenRewardsMixin:
+    """Trainer mixin: span and per-token rewards for GSPO-token, and the checks on every reward.
+
+    Reward functions may return span lists or per-token lists (module docstring) next to plain numbers; under
+    importance_sampling_level="sequence_token" they become (B, T) advantages. On any trainer every reward is
+    checked: NaN and +-inf warned once per function, a rollout with no finite reward refused. Overrides:
+      __init__                         refuses a marked token-level reward under another level
+      _calculate_rewards               token-level outputs taken out (TRL sees their sums), then the checks
+      _generate_and_score_completions  (B, T) advantages for GSPO-token
+    Also reads the private `_tokenizer`, `reward_weights`, `reward_func_names`, `_metrics`.
+    """
+
+    def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
+        if args is not None:
+            check_token_reward_level(reward_funcs, args.importance_sampling_level)
+        self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
+        self._token_rewards, self._rewards_per_func = None, None
+        super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """The trainer's rewards, with token-level outputs taken out and every reward checked.
+
+        Each callable reward function runs through a `TokenRewardCollector` adapter: TRL receives numbers (a token-
+        level output's sum; NaN for NaN and +-inf), the per-token values wait in `self._token_rewards`. A token-level
+        output under a level other than "sequence_token" raises TokenRewardError here, before any parameter changes.
+        """
+        collector = TokenRewardCollector(
+            self._tokenizer, completion_ids_list, completions, self.args.importance_sampling_level
+        )
+        reward_funcs = self.reward_funcs
+        self.reward_funcs = [
+            func if isinstance(func, nn.Module) else collector.wrap(i, func, name)
+            for i, (func, name) in enumerate(zip(reward_funcs, self.reward_func_names, strict=True))
+        ]
+        try:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = reward_funcs
+        self._token_rewards, self._rewards_per_func = collector, rewards_per_func
+        self._check_reward_values(rewards_per_func, collector)
+        return rewards_per_func
+
+    def _check_reward_values(self, rewards_per_func, collector):
+        """Warn once per reward function that returned NaN or +-inf; refuse a step without a single finite reward.
+
+        TRL sums rewards with nansum: a function returning NaN everywhere would train silently on nothing, and an
+        inf would reach the advantages. None means "cannot score this completion" (left out of the group
+        baseline); NaN and +-inf are treated the same way but warned about, as they usually are bugs.
+        """
+        for name, (nan_count, inf_count, total) in collector.non_finite.items():
+            if name not in self._non_finite_reward_warned:
+                self._non_finite_reward_warned.add(name)
+                logger.warning(non_finite_warning(name, nan_count, inf_count, total))
+        if not torch.isfinite(rewards_per_func).any():
+            raise ValueError(no_finite_reward_message(self.reward_func_names, rewards_per_func.size(0)))
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.importance_sampling_level == GSPO_TOKEN_LEVEL:
+            self._score_token_rewards(output)
+        return output
+
+    def _score_token_rewards(self, output):
+        """Replace the (B,) advantages by (B, T) ones (`token_advantages`), groups normalised over all processes.
+
+        The (B, T) tensor has the batch first and travels through TRL's shuffle and split with the rest of the
+        rollout. Logs `token_rewards/component_abs_mean` (0 without token rewards, where A_it = A_i exactly).
+        """
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = output["advantages"]
+        mask = (
+            output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output["tool_mask"]
+        )
+        width = output["completion_ids"].size(1)
+        local = self._token_rewards.token_reward_matrix(self.reward_weights.tolist(), width).to(advantages.device)
+        local = torch.stack([local, mask.float()])  # (2, B, T): token rewards and mask, gathered together
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
+        # unscorable completions (no finite reward, gathered like the rewards) keep TRL's advantage of 0
+        scorable = ~torch.isnan(self._rewards_per_func).all(dim=1).to(gathered.device)
+        output["advantages"], abs_mean = token_advantages(
+            advantages,
+            mask,
+            gathered[:, 0],
+            gathered[:, 1] * scorable.unsqueeze(1),
+            group_size,
+            self.accelerator.process_index * advantages.size(0),
+            self.args.token_advantage_weight,
+        )
+        self._metrics[mode]["token_rewards/component_abs_mean"].append(abs_mean.item())
