@@ -99,7 +99,9 @@ def test_padding_free_on_plain_grpo_trainer_gives_trls_losses(make_model, tokeni
             processing_class=tokenizer,
         )
         trainer.train()
-        logs[cls] = [(h["loss"], h["entropy"], h["clip_ratio/region_mean"]) for h in trainer.state.log_history if "loss" in h]
+        logs[cls] = [
+            (h["loss"], h["entropy"], h["clip_ratio/region_mean"]) for h in trainer.state.log_history if "loss" in h
+        ]
     assert len(logs[GRPOTrainer]) == 3
     for padded, packed in zip(logs[GRPOTrainer], logs[PaddingFreeGRPOTrainer], strict=True):
         for a, b in zip(padded, packed, strict=True):
@@ -127,3 +129,21 @@ def test_moe_drift_on_plain_grpo_trainer(make_model, tokenizer, tmp_path, model_
     assert logs[0]["moe/routing_drift/token_layer"] == 0.0  # before any update
     assert all(0 < h["moe/routing_drift/token_layer"] <= h["moe/routing_drift/token_any_layer"] for h in logs[1:])
     assert "aux_loss" in logs[0]  # TRL's own loss kept its load-balancing term
+
+
+def test_moe_and_padding_free_on_plain_grpo_trainer_turn_the_drift_metric_off(make_model, tokenizer, tmp_path, caplog):
+    """A GRPOConfig has no padding_free field: the composed mixin is on, so the routing record (unpacked) is off."""
+
+    class Both(MoERoutingMixin, PaddingFreeMixin, GRPOTrainer):
+        pass
+
+    trainer = Both(
+        model=make_model("qwen3_moe"),
+        reward_funcs=completion_length_reward,
+        args=GRPOConfig(output_dir=str(tmp_path), steps_per_generation=2, **BATCH),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    assert trainer._moe_hooks is None
+    trainer.train()  # packed passes, no routing record
+    assert not any("moe/" in key for entry in trainer.state.log_history for key in entry)

@@ -239,7 +239,15 @@ class MoERoutingMixin:
                 f"Qwen2-MoE, Mixtral, OLMoE); this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
                 "has none. Set routing_replay=False."
             )
-        speed_options = [name for name in ("padding_free", "use_rollout_logprobs") if getattr(self.args, name, False)]
+        # the switches of the composed mixins (a GRPOConfig has no such fields: a composed padding-free mixin is on)
+        speed_options = [
+            name
+            for name, active in (
+                ("padding_free", getattr(self, "_padding_free", False)),
+                ("use_rollout_logprobs", getattr(self, "_use_rollout_logprobs", False)),
+            )
+            if active
+        ]
         if routers and self._log_routing_drift_on and speed_options:  # routing_replay is refused by GSPOConfig
             logger.warning(
                 f"moe/routing_drift is not logged with {speed_options}: the routing record needs an unpacked pi_old "
