@@ -50,7 +50,7 @@ from .diagnostics import rollout_diagnostics
 from .grpo_upgrade import upgrade_grpo_config
 from .moe import ROUTING_KEY, RouterHooks, drift_fractions, find_routers, router_logits_off, routing_drift_counts
 from .objective import compute_policy_objective, length_normalized_is_weight
-from .packing import packed_logps_and_entropies, packing_support_problem
+from .packing import packed_logps_and_entropies, packing_support_problem, packs_into_one_row
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import (
     SampledTokenLogProbs,
@@ -230,7 +230,9 @@ class GSPOTrainer(GRPOTrainer):
     # --- padding-free log-prob passes (trl_gspo/packing.py) ---
 
     def _check_padding_free_supported(self):
-        """With args.padding_free, refuse at construction a model whose passes cannot be packed (never a wrong result)."""
+        """With args.padding_free, refuse at construction a model for which packing is not known to be exact (never
+        a wrong result), and decide whether each chunk must be packed into one row (flash-attention)."""
+        self._padding_free_one_row = False
         if not self.args.padding_free:
             return
         models = [("model", self.accelerator.unwrap_model(self.model))]
@@ -241,8 +243,10 @@ class GSPOTrainer(GRPOTrainer):
             problem = packing_support_problem(base)
             if problem:
                 raise ValueError(
-                    f"GSPOConfig.padding_free=True cannot be used with this {name}: {problem}. Set padding_free=False."
+                    f"GSPOConfig.padding_free=True cannot be used with this {name} ({type(base).__name__}): "
+                    f"{problem}. Set padding_free=False."
                 )
+            self._padding_free_one_row |= packs_into_one_row(base)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -300,6 +304,7 @@ class GSPOTrainer(GRPOTrainer):
             max_row_tokens=self.args.padding_free_row_tokens,
             autocast=self.accelerator.autocast,
             on_pack=self._remember_packing,
+            one_row=self._padding_free_one_row,
         )
 
     def _remember_packing(self, packed, start):
