@@ -2,8 +2,20 @@
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from trl.trainer import add_fused_lm_head
 
-from trl_gspo.packing import IGNORE_INDEX, assign_rows, pack_sequences, unpack_completion_values
+from trl_gspo.packing import (
+    IGNORE_INDEX,
+    PACKING_EXACT_MODEL_TYPES,
+    PACKING_INEXACT_MODEL_TYPES,
+    assign_rows,
+    pack_sequences,
+    packed_logps_and_entropies,
+    packing_support_problem,
+    packs_into_one_row,
+    unpack_completion_values,
+)
 
 
 def ragged_batch(prompt_lengths, completion_lengths, vocab=40, seed=0):
@@ -86,28 +98,208 @@ def test_a_hole_in_the_mask_is_refused():
         pack_sequences(input_ids, attention_mask, completion_width)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3_moe"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_forward_equals_each_sequence_alone(make_model, model_type, attn):
-    """A real model on the packed rows gives each sequence's log-probs as if it ran alone, unpadded (float64 ref)."""
-    model = make_model(model_type, attn_implementation=attn).eval()
+# --- which models pack exactly: measured against each sequence run alone, unpadded ---
+
+TOLERANCE = 1e-5  # float32; exact packing measures 3e-7 to 7e-7 here
+TINY_SHAPE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    # weights 5x larger than transformers' default: with 0.02 the state Jamba and LFM2 carry across a packed boundary
+    # moves log-probs by only 2e-5 (0.2-0.3 at 0.1), so a leak would hide near the tolerance
+    initializer_range=0.1,
+)
+# config fields beyond TINY_SHAPE, for every model type of packing.py's allowlist and of its refusal list
+TINY_CONFIGS = {
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8),
+    "gemma3_text": dict(head_dim=8),
+    "gpt2": {},
+    "llama": {},
+    "mistral": dict(sliding_window=None),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "phi3": {},
+    "qwen2": {},
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "qwen3": dict(head_dim=8),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+    "biogpt": {},
+    "bloom": {},
+    "mpt": dict(d_model=32, n_heads=4, n_layers=2),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "xglm": dict(d_model=32, ffn_dim=64, attention_heads=4, num_layers=2),
+    "jamba": dict(
+        num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4, mamba_expand=2
+    ),
+    "lfm2": dict(layer_types=["conv", "full_attention"], block_ff_dim=64),
+}
+# config features of allowed types that change the attention or the positions, each also measured exact
+WINDOW = 4  # tokens; the ragged batch's sequences are up to 18 long
+FEATURE_VARIANTS = {
+    "qwen2_sliding_window": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
+    "mistral_sliding_window": ("mistral", dict(sliding_window=WINDOW)),
+    "gemma2_sliding_window": ("gemma2", dict(head_dim=8, sliding_window=WINDOW)),
+    "gemma3_text_sliding_layers": (
+        "gemma3_text",
+        dict(head_dim=8, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "llama_rope_linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=100.0))),
+    "llama_rope_llama3": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+                rope_theta=100.0,
+            )
+        ),
+    ),
+    "llama_rope_yarn": (
+        "llama",
+        dict(rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, rope_theta=100.0)),
+    ),
+}
+ATTENTION = ["sdpa", "eager", "flash_attention_2"]
+
+
+def tiny_model(model_type, attention="eager", **extra):
+    """A tiny random model of `model_type` in float32; flash-attention through the reference kernels below."""
+    config = AutoConfig.for_model(model_type, **{**TINY_SHAPE, **TINY_CONFIGS[model_type], **extra})
+    torch.manual_seed(0)
+    flash = attention.startswith("flash")
+    try:
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="eager" if flash else attention
+        ).eval()
+    except ValueError as error:  # e.g. Gemma 2 refuses sdpa (softcapping): nothing to pack then
+        pytest.skip(f"transformers refuses {attention} for {model_type}: {error}")
+    if flash:  # set after loading: the flash-attention package is not installed (reference kernels instead)
+        model.config._attn_implementation = attention
+    add_fused_lm_head(model)
+    return model
+
+
+def packed_error(model, max_row_tokens=None, one_row=False):
+    """Largest |packed log-prob - log-prob of the sequence run alone, unpadded, eager attention| over the ragged
+    batch's completion tokens; padding must come back exactly zero."""
     input_ids, attention_mask, completion_width = ragged_batch(PROMPTS, COMPLETIONS, vocab=model.config.vocab_size)
-    width = input_ids.size(1)
-    packed = pack_sequences(input_ids, attention_mask, completion_width, max_row_tokens=16)
-    assert packed.input_ids.size(0) > 1  # several rows, with filler
+    attention = model.config._attn_implementation
     with torch.no_grad():
-        logits = model(**packed.model_inputs()).logits.double()
-        per_position = torch.log_softmax(logits, -1).gather(-1, packed.shift_labels.clamp(min=0)[..., None])[..., 0]
-        unpacked = unpack_completion_values(packed, per_position, completion_width)
+        packed, _, _ = packed_logps_and_entropies(
+            model, input_ids, attention_mask, completion_width, max_row_tokens=max_row_tokens, one_row=one_row
+        )
+        model.config._attn_implementation = "eager"
+        error = 0.0
         for b in range(input_ids.size(0)):
             real = input_ids[b][attention_mask[b].bool()]
-            alone = torch.log_softmax(model(real[None]).logits.double()[0], -1)
-            completion_length = COMPLETIONS[b]
-            for c in range(completion_width):
-                if c >= completion_length:
-                    assert unpacked[b, c] == 0
-                    continue
-                position = len(real) - completion_length + c
-                expected = alone[position - 1, real[position]]
-                torch.testing.assert_close(unpacked[b, c], expected, atol=1e-5, rtol=0)
-    assert width > completion_width
+            alone = torch.log_softmax(model(real[None], use_cache=False).logits.double()[0], -1)
+            prompt_length = len(real) - COMPLETIONS[b]
+            expected = alone[prompt_length - 1 : -1].gather(-1, real[prompt_length:, None])[:, 0]
+            error = max(error, (packed[b, : COMPLETIONS[b]] - expected).abs().max().item() if COMPLETIONS[b] else 0)
+            assert torch.all(packed[b, COMPLETIONS[b] :] == 0)
+        model.config._attn_implementation = attention
+    return error
+
+
+SEVERAL_ROWS = 16  # tokens per row: the ragged batch (lengths 17, 12, 12, 7, 5, 3) then packs into 4 rows
+
+
+def check_packs_exactly(model, flash_calls):
+    """Several rows and one row, with the row layout the trainer uses for this attention implementation."""
+    assert packing_support_problem(model) is None
+    one_row = packs_into_one_row(model)
+    assert one_row == model.config._attn_implementation.startswith("flash")
+    for budget in (SEVERAL_ROWS, None):
+        assert packed_error(model, max_row_tokens=budget, one_row=one_row) < TOLERANCE
+    if one_row:  # transformers' own dispatch reached the varlen kernel with the sequences' own lengths
+        assert flash_calls and all(kind == "varlen" for kind, _ in flash_calls)
+        lengths = sorted(p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True))
+        assert sorted(flash_calls[0][1]) == lengths
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("model_type", sorted(PACKING_EXACT_MODEL_TYPES))
+def test_allowed_model_type_packs_exactly(model_type, attention, flash_calls):
+    """Every allowlisted type: packed log-probs equal each sequence run alone (the allowlist's evidence)."""
+    check_packs_exactly(tiny_model(model_type, attention), flash_calls)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("variant", FEATURE_VARIANTS)
+def test_allowed_config_feature_packs_exactly(variant, attention, flash_calls):
+    """Sliding windows and position-only RoPE scalings pack exactly too, and they do change the model's output."""
+    model_type, extra = FEATURE_VARIANTS[variant]
+    model = tiny_model(model_type, attention, **extra)
+    check_packs_exactly(model, flash_calls)
+    plain = tiny_model(model_type)  # same weights without the feature
+    longest = torch.randint(3, 64, (1, 18), generator=torch.Generator().manual_seed(0))
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        assert not torch.allclose(model(longest).logits, plain(longest).logits, atol=1e-4)
+
+
+def test_flash_attention_across_several_rows_is_inexact(flash_calls):
+    """Why flash-attention packs one row: with several, transformers runs the dense kernel (no boundaries)."""
+    model = tiny_model("qwen2", "flash_attention_2")
+    assert packed_error(model, max_row_tokens=SEVERAL_ROWS) > 100 * TOLERANCE
+    assert ("dense", 4) in flash_calls
+
+
+@pytest.mark.parametrize("model_type", sorted(PACKING_INEXACT_MODEL_TYPES))
+def test_refused_model_type_is_inexact_when_packed(model_type):
+    """Each refused type is refused with its reason, and really does pack inexactly (several rows and one row)."""
+    model = tiny_model(model_type)
+    problem = packing_support_problem(model)
+    assert problem.startswith(f"model_type={model_type!r} {PACKING_INEXACT_MODEL_TYPES[model_type]}")
+    for budget in (SEVERAL_ROWS, None):
+        assert packed_error(model, max_row_tokens=budget) > TOLERANCE
+
+
+def test_unverified_model_type_is_refused():
+    model = tiny_model("qwen2")
+    model.config.model_type = "falcon_mamba"
+    assert "model_type='falcon_mamba' is not verified to pack exactly" in packing_support_problem(model)
+
+
+@pytest.mark.parametrize(
+    "model_type, rope_parameters",
+    [
+        ("llama", dict(rope_type="dynamic", factor=4.0, rope_theta=100.0)),
+        (
+            "phi3",
+            dict(
+                rope_type="longrope",
+                short_factor=[1.0] * 4,
+                long_factor=[8.0] * 4,
+                original_max_position_embeddings=8,
+                rope_theta=100.0,
+            ),
+        ),
+    ],
+)
+def test_sequence_length_dependent_rope_is_refused_and_inexact(model_type, rope_parameters):
+    """dynamic/longrope rescale from the longest position of the row: a short sequence packed with a long one
+    changes (max_position_embeddings=8 is the original length they scale from)."""
+    extra = dict(original_max_position_embeddings=8) if model_type == "phi3" else {}
+    model = tiny_model(model_type, max_position_embeddings=8, rope_parameters=rope_parameters, **extra)
+    assert f"rope_type [{rope_parameters['rope_type']!r}]" in packing_support_problem(model)
+    assert packed_error(model, max_row_tokens=None) > TOLERANCE
+
+
+def test_other_layer_types_are_refused():
+    model = tiny_model("qwen2")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert "layer_types ['linear_attention']" in packing_support_problem(model)

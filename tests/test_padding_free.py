@@ -1,12 +1,13 @@
 """GSPOConfig.padding_free: every log-prob pass packed, with the padded path's results (float32, tight tolerance)."""
 
 import math
+import re
 import types
 
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
-from test_packing import ragged_batch
+from test_packing import PACKING_INEXACT_MODEL_TYPES, ragged_batch, tiny_model
 
 import trl_gspo.packing as packing
 from trl_gspo import GSPOTrainer
@@ -178,21 +179,54 @@ def test_training_run_is_the_padded_run(make_model, tokenizer, tmp_path, monkeyp
     assert calls.count(True) == 3 and calls.count(False) == 2
 
 
-def test_a_model_that_cannot_pack_is_refused_at_construction(make_model, tokenizer, tmp_path):
+def build_with(model, tokenizer, tmp_path, **overrides):
+    return GSPOTrainer(
+        model=model,
+        reward_funcs=completion_length_reward,
+        args=small_config(tmp_path, padding_free=True, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+def test_an_untested_attention_implementation_is_refused_at_construction(make_model, tokenizer, tmp_path):
     model = make_model("qwen2")
     model.config._attn_implementation = "flex_attention"
-    with pytest.raises(ValueError, match="padding_free=True cannot be used with this model: attn_implementation="):
-        GSPOTrainer(
-            model=model,
-            reward_funcs=completion_length_reward,
-            args=small_config(tmp_path, padding_free=True),
-            train_dataset=prompt_dataset(),
-            processing_class=tokenizer,
-        )
+    with pytest.raises(ValueError, match=r"this model \(Qwen2ForCausalLM\): attn_implementation='flex_attention'"):
+        build_with(model, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bloom", "jamba", "lfm2"])
+def test_a_model_type_measured_inexact_is_refused_at_construction(tokenizer, tmp_path, model_type):
+    """tests/test_packing.py measures these inexact when packed; the trainer refuses them naming type and reason."""
+    model = tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    reason = PACKING_INEXACT_MODEL_TYPES[model_type]
+    with pytest.raises(
+        ValueError,
+        match=re.escape("padding_free=True cannot be used with this model (")
+        + ".*"
+        + re.escape(f"): model_type='{model_type}' {reason}"),
+    ):
+        build_with(model, tokenizer, tmp_path)
+
+
+def test_flash_attention_packs_each_chunk_into_one_row(make_model, tokenizer, tmp_path, flash_calls):
+    """With flash-attention transformers finds packed boundaries in a batch of ONE row only: the trainer packs each
+    chunk into one row even under a row budget that would make several, so the varlen kernel runs per sequence."""
+    model = make_model("qwen2")
+    model.config._attn_implementation = "flash_attention_2"  # transformers' dispatch, reference kernels (conftest)
+    trainer = build_with(model, tokenizer, tmp_path, padding_free_row_tokens=16)
+    padded, packed = both_paths(trainer, ragged_inputs(trainer))
+    assert_same(padded, packed)
+    layout, _ = trainer.packed_layout
+    assert layout.input_ids.size(0) == 1 and layout.real_tokens == layout.input_ids.numel()
+    nonempty = sorted(p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True))
+    assert flash_calls and all(kind == "varlen" for kind, _ in flash_calls)  # never the dense kernel on a row
+    assert all(sorted(lengths) == nonempty for _, lengths in flash_calls)
 
 
 def test_vision_language_config_is_reported():
-    text = types.SimpleNamespace(_attn_implementation="sdpa")
+    text = types.SimpleNamespace(_attn_implementation="sdpa", model_type="qwen2")
     vlm = types.SimpleNamespace(
         config=types.SimpleNamespace(get_text_config=lambda: text, _attn_implementation="sdpa")
     )

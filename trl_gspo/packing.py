@@ -16,6 +16,18 @@ entropies) back to the (B, T) completion layout of the padded path, with zeros w
 `PackedBatch.token_index` maps every packed position to its flat (B, L) index (b * L + column, -1 for filler) and
 `PackedBatch.packed_index` maps every (B, L) position to its flat packed index (r * W + w, -1 for padding): hooks
 that record per-token state (e.g. MoE routing) can move it between the two layouts with them.
+
+Which models pack exactly is established by measurement and accepted positively (`packing_support_problem`): an
+allowlist of text-config `model_type`s, each tested (tests/test_packing.py) on a tiny float32 model whose packed
+log-probs (several rows and one row, ragged left-padded prompts, right-padded completions; sdpa, eager and
+flash-attention through transformers' dispatch with reference kernels) are compared with each sequence run alone,
+unpadded. An allowlist rather than a construction-time probe: a probe forward would have to run on sharded (ZeRO-3,
+FSDP) or bf16 models, where it is a collective and its error is swamped by rounding. Measured max |error|, weights at
+std 0.1: allowed types (gemma, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3,
+qwen3_moe; also with sliding windows and linear/llama3/yarn RoPE) 3.5e-7 to 8.8e-7. Refused, measured: models that
+build their mask without position ids (opt 0.90, mpt 1.6, biogpt 0.81, xglm 0.44, bloom 0.21), recurrent/convolution
+layers (jamba 0.28, lfm2 0.42), dynamic RoPE 2e-2; flash-attention over several rows 0.81 (hence one row with it).
+Any other type is refused as not verified.
 """
 
 from __future__ import annotations
@@ -169,14 +181,66 @@ def unpack_completion_values(packed: PackedBatch, values: torch.Tensor, logits_t
     return torch.where(scored, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-# Attention implementations whose masks honour packed position ids without an attention mask (transformers 5):
-# sdpa and eager through masking_utils' packed-sequence detection (tested here), flash-attention through its
-# varlen path (position ids -> cu_seqlens; documented by transformers, not tested on this CPU machine).
+# Exactness is established per model type by measurement, never assumed: for each type below,
+# tests/test_packing.py::test_allowed_model_type_packs_exactly builds a tiny model and checks the packed log-probs
+# (several rows and one row; sdpa, eager and emulated flash-attention) against each sequence run alone, unpadded.
+# The test iterates over this set, so an entry cannot exist without its passing test.
+PACKING_EXACT_MODEL_TYPES = frozenset(
+    {
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "gpt2",
+        "llama",
+        "mistral",
+        "mixtral",
+        "olmoe",
+        "phi3",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+    }
+)
+
+_MASK_WITHOUT_POSITION_IDS = (
+    "builds its attention mask (and its positions) without the position ids, so every packed sequence attends to "
+    "the ones packed before it"
+)
+_RECURRENT_STATE = "has recurrent or convolution layers whose state carries across packed sequence boundaries"
+# Types measured inexact when packed (tests/test_packing.py::test_refused_model_type_is_inexact_when_packed).
+PACKING_INEXACT_MODEL_TYPES = {
+    "biogpt": _MASK_WITHOUT_POSITION_IDS,
+    "bloom": _MASK_WITHOUT_POSITION_IDS,
+    "mpt": _MASK_WITHOUT_POSITION_IDS,
+    "opt": _MASK_WITHOUT_POSITION_IDS,
+    "xglm": _MASK_WITHOUT_POSITION_IDS,
+    "jamba": _RECURRENT_STATE,
+    "lfm2": _RECURRENT_STATE,
+}
+
+# Attention implementations tested: sdpa and eager take the block-diagonal mask masking_utils builds from packed
+# position ids; flash-attention derives cu_seqlens from the position ids, but only for a batch of ONE row
+# (`_is_packed_sequence`), so with it every chunk is packed into a single row (`packs_into_one_row`).
 PACKING_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+FLASH_ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# Layer kinds of `config.layer_types` measured exact (sliding windows are applied on the per-sequence positions).
+PACKING_LAYER_TYPES = ("full_attention", "sliding_attention")
+# RoPE variants whose frequencies depend on the position only. "dynamic" and "longrope" rescale them from the
+# longest position in the row (`dynamic_rope_update`), i.e. from the other sequences packed with a sequence.
+PACKING_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_types(config) -> set[str]:
+    """The rope_type of every RoPE parameter set of `config` (one, or one per layer type as in Gemma 3)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if "rope_type" in parameters or "rope_theta" in parameters:
+        parameters = {"all": parameters}
+    return {p.get("rope_type", "default") for p in parameters.values() if isinstance(p, dict)}
 
 
 def packing_support_problem(model) -> str | None:
-    """Why `model` cannot run padding-free passes, or None when it can."""
+    """Why `model` cannot run padding-free passes, or None when packing is known to be exact for it."""
     config = getattr(model, "config", None)
     if config is None:
         return f"{type(model).__name__} has no config"
@@ -185,13 +249,37 @@ def packing_support_problem(model) -> str | None:
             f"{type(model).__name__} is a vision-language model: its image inputs are laid out per padded sequence "
             "and cannot be packed"
         )
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PACKING_EXACT_MODEL_TYPES:
+        reason = PACKING_INEXACT_MODEL_TYPES.get(
+            model_type, "is not verified to pack exactly (no test of this model type in trl_gspo)"
+        )
+        return f"model_type={model_type!r} {reason}; supported: {sorted(PACKING_EXACT_MODEL_TYPES)}"
     attention = getattr(config, "_attn_implementation", None)
     if attention not in PACKING_ATTENTION_IMPLEMENTATIONS:
         return (
-            f"attn_implementation={attention!r} does not detect packed sequences from position ids (supported: "
-            f"{PACKING_ATTENTION_IMPLEMENTATIONS}); each sequence would attend to the ones packed before it"
+            f"attn_implementation={attention!r} is not tested with packed sequences (supported: "
+            f"{PACKING_ATTENTION_IMPLEMENTATIONS}); each sequence could attend to the ones packed before it"
+        )
+    other_layers = sorted(set(getattr(config, "layer_types", None) or ()) - set(PACKING_LAYER_TYPES))
+    if other_layers:
+        return (
+            f"model_type={model_type!r} has layer_types {other_layers}, not verified to pack exactly (supported: "
+            f"{PACKING_LAYER_TYPES})"
+        )
+    rope_types = sorted(_rope_types(config) - set(PACKING_ROPE_TYPES))
+    if rope_types:
+        return (
+            f"model_type={model_type!r} uses rope_type {rope_types}: its frequencies depend on the longest position "
+            f"in the row, i.e. on the other sequences packed with each one (supported: {PACKING_ROPE_TYPES})"
         )
     return None
+
+
+def packs_into_one_row(model) -> bool:
+    """Whether `model`'s passes must pack each chunk into a single row: flash-attention finds the sequence
+    boundaries from the position ids only in a batch of one row; with several it would attend across them."""
+    return getattr(model.config, "_attn_implementation", None) in FLASH_ATTENTION_IMPLEMENTATIONS
 
 
 def packed_logps_and_entropies(
@@ -206,6 +294,7 @@ def packed_logps_and_entropies(
     pad_token_id: int = 0,
     autocast=None,
     on_pack=None,
+    one_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """GRPOTrainer._get_per_token_logps_and_entropies on packed rows: same inputs, same (B, T) outputs.
 
@@ -213,9 +302,10 @@ def packed_logps_and_entropies(
     labelled positions). Chunks of `batch_size` sequences are packed and run one forward each, as TRL chunks the
     padded batch, so the number of forward calls per pass is TRL's (collective-safe under ZeRO-3).
 
-    With `compute_aux_loss` each chunk is packed into a single row: the MoE load-balancing loss then averages over
-    exactly the chunk's real tokens, as the padded path's (which masks padding with the attention mask) does; rows
-    with filler would count the filler tokens. `autocast` is a factory of the autocast context (one per chunk).
+    With `one_row` (flash-attention, see `packs_into_one_row`) or `compute_aux_loss` each chunk is packed into a
+    single row without filler. For the aux loss: the MoE load-balancing loss then averages over exactly the chunk's
+    real tokens, as the padded path's (which masks padding with the attention mask) does; rows with filler would
+    count the filler tokens. `autocast` is a factory of the autocast context (one per chunk).
     `on_pack(packed, start)`, if given, is called before each chunk's forward with its PackedBatch and the index of
     its first sequence in the batch: per-token hooks (e.g. MoE routing) map packed positions to (B, L) with it.
     """
@@ -227,7 +317,7 @@ def packed_logps_and_entropies(
             input_ids[start:end],
             attention_mask[start:end],
             logits_to_keep,
-            max_row_tokens=attention_mask.numel() if compute_aux_loss else max_row_tokens,
+            max_row_tokens=attention_mask.numel() if one_row or compute_aux_loss else max_row_tokens,
             pad_token_id=pad_token_id,
         )
         if on_pack is not None:
@@ -259,6 +349,7 @@ class PaddingFreeMixin:
 
     def __init__(self, *args, **kwargs):
         self.packed_layout = None  # (PackedBatch, first sequence index) of the latest packed forward
+        self._padding_free_one_row = False  # flash-attention: one row per chunk (see packs_into_one_row)
         super().__init__(*args, **kwargs)
         if self._padding_free:
             self._check_padding_free_supported()
@@ -268,7 +359,8 @@ class PaddingFreeMixin:
         return getattr(self.args, "padding_free", True)
 
     def _check_padding_free_supported(self):
-        """Refuse a model whose passes cannot be packed (never a wrong result), naming why."""
+        """Refuse a model for which packing is not known to be exact (never a wrong result), naming why, and decide
+        whether each chunk must be packed into one row (flash-attention)."""
         models = [("model", self.accelerator.unwrap_model(self.model))]
         if self.ref_model is not None:
             models.append(("ref_model", self.accelerator.unwrap_model(self.ref_model)))
@@ -277,8 +369,10 @@ class PaddingFreeMixin:
             problem = packing_support_problem(base)
             if problem:
                 raise ValueError(
-                    f"padding_free=True cannot be used with this {name}: {problem}. Set padding_free=False."
+                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. Set "
+                    "padding_free=False."
                 )
+            self._padding_free_one_row |= packs_into_one_row(base)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -317,6 +411,7 @@ class PaddingFreeMixin:
             max_row_tokens=getattr(self.args, "padding_free_row_tokens", None),
             autocast=self.accelerator.autocast,
             on_pack=self._remember_packing,
+            one_row=self._padding_free_one_row,
         )
 
     def _remember_packing(self, packed, start):
