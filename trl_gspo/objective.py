@@ -35,15 +35,20 @@ class ObjectiveOutput:
         loss: () the objective to minimise, mean over the B sequences (policy term + beta * KL term).
         seq_log_ratio: (B,) detached, clamped length-normalised log-ratio log s_i (0 for empty rows).
         lengths: (B,) number of unmasked completion tokens |y_i|.
-        low_clipped: the lower clip is active: ratio below 1 - eps_low with a negative advantage. (B, 1) bool for
-            GSPO (one flag per non-empty sequence), (B, T) for GSPO-token (per token, False on masked tokens).
-        high_clipped: likewise above 1 + eps_high with a positive advantage.
+        policy_tokens: (B, T) bool, the tokens whose policy term carries a non-zero weight: the mask less the
+            sequences and tokens that `sequence_weights` or `token_weights` set to 0 (off-policy mask, an importance
+            weight masked out). The clip flags and statistics count only these: the others are not in the loss.
+        low_clipped: the ratio's gradient is cut on the low side: below 1 - eps_low with a negative advantage (the
+            clip), or log s_i at -log_ratio_bound with a non-zero advantage (the clamp). (B, 1) bool for GSPO (one
+            flag per sequence), (B, T) for GSPO-token (per token); False off `policy_tokens`.
+        high_clipped: likewise above 1 + eps_high with a positive advantage, or at +log_ratio_bound.
         per_token_kl: (B, T) detached k3 estimate of KL(pi_theta || pi_ref), or None when beta == 0.
     """
 
     loss: torch.Tensor
     seq_log_ratio: torch.Tensor
     lengths: torch.Tensor
+    policy_tokens: torch.Tensor
     low_clipped: torch.Tensor
     high_clipped: torch.Tensor
     per_token_kl: torch.Tensor | None
@@ -226,15 +231,25 @@ def compute_policy_objective(
         per_sequence_loss = per_sequence_loss + beta * kl.sum(-1) / lengths.clamp(min=1.0)
 
     with torch.no_grad():
-        ratio = torch.exp(seq_log_ratio).unsqueeze(1)
-        valid = non_empty.unsqueeze(1) if level == "sequence" else mask.bool()
-        low_clipped = (ratio < 1 - epsilon_low) & (clip_advantages < 0) & valid
-        high_clipped = (ratio > 1 + epsilon_high) & (clip_advantages > 0) & valid
+        policy_tokens = mask.bool()
+        if sequence_weights is not None:
+            policy_tokens = policy_tokens & (sequence_weights != 0).unsqueeze(1)
+        if token_weights is not None:
+            policy_tokens = policy_tokens & (token_weights != 0)
+        counted = policy_tokens.any(-1, keepdim=True) if level == "sequence" else policy_tokens
+        log_ratio = seq_log_ratio.unsqueeze(1)
+        ratio = torch.exp(log_ratio)
+        # at the bound the clamp leaves no gradient whatever the advantage's sign (a zero advantage has none anyway)
+        moving = clip_advantages != 0
+        low_clipped = ((ratio < 1 - epsilon_low) & (clip_advantages < 0)) | ((log_ratio <= -log_ratio_bound) & moving)
+        high_clipped = ((ratio > 1 + epsilon_high) & (clip_advantages > 0)) | ((log_ratio >= log_ratio_bound) & moving)
+        low_clipped, high_clipped = low_clipped & counted, high_clipped & counted
 
     return ObjectiveOutput(
         loss=per_sequence_loss.sum() / batch_size,
         seq_log_ratio=seq_log_ratio.detach(),
         lengths=lengths,
+        policy_tokens=policy_tokens,
         low_clipped=low_clipped,
         high_clipped=high_clipped,
         per_token_kl=per_token_kl,

@@ -605,79 +605,88 @@ class GSPOTrainer(GRPOTrainer):
         """Append this micro-batch's statistics; TRL averages them over the logging interval.
 
         Sequence fractions use TRL's names, the paper's token-weighted fraction and the ratio's spread are
-        namespaced `gspo/`:
-          clip_ratio/{low,high,region}_mean   fraction of sequences whose clip is active (low: ratio below
-                                              1 - eps_low with A < 0; high: above 1 + eps_high with A > 0)
-          clip_ratio/low_min, high_max        extremes over sequences of the per-sequence clipped fraction
-          gspo/clipped_token_fraction         fraction of completion tokens under an active clip (the paper's count)
+        namespaced `gspo/`. The clip statistics count only what is in the loss (`ObjectiveOutput.policy_tokens`):
+        sequences with at least one token of non-zero weight, i.e. neither empty nor dropped by the off-policy mask
+        or a masked importance weight. TRL's `clip_ratio/*_mean` divide by every row of the micro-batch instead.
+          clip_ratio/{low,high,region}_mean   fraction of those sequences whose ratio gets no gradient (low: below
+                                              1 - eps_low with A < 0, high: above 1 + eps_high with A > 0, or the
+                                              log-ratio at +-log_ratio_bound with A != 0); GSPO-token: the mean over
+                                              those sequences of their fraction of such tokens
+          clip_ratio/low_min, high_max        extremes over those sequences of the per-sequence clipped fraction
+          gspo/clipped_token_fraction         clipped tokens over the tokens in the loss (the paper's count)
           gspo/seq_ratio/{mean,std,min,max}   the sequence importance ratio s_i over non-empty sequences
           kl, entropy                         token means, as in GRPOTrainer
         """
         metrics = self._metrics[mode]
         mask = mask.float()
         lengths = out.lengths
+        row_tokens = out.policy_tokens.float().sum(-1)  # each row's tokens in the loss
+        counted = row_tokens > 0
         if out.low_clipped.size(1) == 1:  # GSPO: one flag per sequence
             per_seq_low = out.low_clipped.squeeze(1).float()
             per_seq_high = out.high_clipped.squeeze(1).float()
-            clipped_tokens = ((per_seq_low + per_seq_high) * lengths).sum()
+            clipped_tokens = ((per_seq_low + per_seq_high) * row_tokens).sum()
         else:  # GSPO-token: per-token flags (the advantage sign may vary along a sequence)
-            per_seq_low = out.low_clipped.float().sum(-1) / lengths.clamp(min=1.0)
-            per_seq_high = out.high_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+            per_seq_low = out.low_clipped.float().sum(-1) / row_tokens.clamp(min=1.0)
+            per_seq_high = out.high_clipped.float().sum(-1) / row_tokens.clamp(min=1.0)
             clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
         kl_sum = torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum()
         totals = torch.stack(
             [
                 per_seq_low.sum(),
                 per_seq_high.sum(),
-                (lengths > 0).float().sum(),
+                counted.float().sum(),
                 clipped_tokens,
+                row_tokens.sum(),
                 lengths.sum(),
                 (entropies * mask).sum(),
                 kl_sum,
             ]
         )
-        low, high, sequences, clipped, tokens, entropy, kl = self.accelerator.reduce(totals, reduction="sum").tolist()
-        sequences, tokens = max(sequences, 1.0), max(tokens, 1.0)
+        reduced = self.accelerator.reduce(totals, reduction="sum").tolist()
+        low, high, sequences, clipped, loss_tokens, tokens, entropy, kl = reduced
+        sequences, loss_tokens, tokens = max(sequences, 1.0), max(loss_tokens, 1.0), max(tokens, 1.0)
         metrics["clip_ratio/low_mean"].append(low / sequences)
         metrics["clip_ratio/high_mean"].append(high / sequences)
         metrics["clip_ratio/region_mean"].append((low + high) / sequences)
-        metrics["gspo/clipped_token_fraction"].append(clipped / tokens)
+        metrics["gspo/clipped_token_fraction"].append(clipped / loss_tokens)
         metrics["entropy"].append(entropy / tokens)
         if out.per_token_kl is not None:
             metrics["kl"].append(kl / tokens)
 
-        # per-sequence extremes: gathered, empty rows as NaN so they never win a min or max
-        keep = lengths > 0
+        # per-sequence extremes: gathered, rows left out as NaN so they never win a min or max
         nan = torch.full_like(per_seq_low, float("nan"))
         per_sequence = torch.stack(
             [
-                torch.where(keep, per_seq_low, nan),
-                torch.where(keep, per_seq_high, nan),
-                torch.where(keep, torch.exp(out.seq_log_ratio), nan),
+                torch.where(counted, per_seq_low, nan),
+                torch.where(counted, per_seq_high, nan),
+                torch.where(lengths > 0, torch.exp(out.seq_log_ratio), nan),
             ],
             dim=1,
         )
         gathered = self.accelerator.gather(per_sequence)
         # masked reductions rather than trl's nanmin/nanmax, whose emptiness check syncs with the device
-        valid = ~torch.isnan(gathered[:, 2])
+        in_clip, valid = ~torch.isnan(gathered[:, 0]), ~torch.isnan(gathered[:, 2])
         count = valid.sum().clamp(min=1)
-        low, high, ratios = (torch.where(valid, gathered[:, i], 0.0) for i in range(3))
+        low, high, ratios = (torch.where(~torch.isnan(gathered[:, i]), gathered[:, i], 0.0) for i in range(3))
         mean = ratios.sum() / count
         inf = torch.tensor(float("inf"), device=ratios.device)
-        n, low_min, high_max, mean, std, ratio_min, ratio_max = torch.stack(
+        n_clip, n, low_min, high_max, mean, std, ratio_min, ratio_max = torch.stack(
             [
+                in_clip.sum().float(),
                 valid.sum().float(),
-                torch.where(valid, low, inf).min(),
-                torch.where(valid, high, -inf).max(),
+                torch.where(in_clip, low, inf).min(),
+                torch.where(in_clip, high, -inf).max(),
                 mean,
                 (torch.where(valid, (ratios - mean) ** 2, 0.0).sum() / count).sqrt(),
                 torch.where(valid, ratios, inf).min(),
                 torch.where(valid, ratios, -inf).max(),
             ]
         ).tolist()  # one device-to-host transfer
-        if n > 0:
+        if n_clip > 0:
             metrics["clip_ratio/low_min"].append(low_min)
             metrics["clip_ratio/high_max"].append(high_max)
+        if n > 0:
             metrics["gspo/seq_ratio/mean"].append(mean)
             metrics["gspo/seq_ratio/std"].append(std)
             metrics["gspo/seq_ratio/min"].append(ratio_min)
