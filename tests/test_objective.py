@@ -214,6 +214,82 @@ def test_sequence_and_token_weights_match_reference():
     assert grad[tok_w == 0].abs().max().item() == 0.0
 
 
+def reference_clip_flags(level, logp, old, adv, mask, eps_low, eps_high, seq_weights=None, tok_weights=None):
+    """What the clip statistics should count, read off the float64 reference's gradient, one sequence at a time.
+
+    Counted: the sequences (GSPO) or tokens (GSPO-token) in the loss: unmasked, with non-zero weights. Clipped: a
+    counted one whose advantage is non-zero yet whose own reference term gives its log-probs no gradient (the clip
+    or the log-ratio clamp cut it off); low when log s_i < 0, high otherwise.
+    Returns (counted, low, high): lists of bools per sequence (GSPO), lists of lists per token (GSPO-token).
+    """
+    counted, low, high = [], [], []
+    for i in range(logp.size(0)):
+        tokens = [t for t in range(logp.size(1)) if mask[i, t] > 0]
+        x = logp[i : i + 1].detach().clone().requires_grad_(True)
+        term = reference_objective(level, x, old[i : i + 1], adv[i : i + 1], mask[i : i + 1], eps_low, eps_high)
+        if torch.is_tensor(term) and term.requires_grad:  # not so for an empty row, or GSPO-token at the bound
+            term.backward()
+        no_gradient = [x.grad is None or x.grad[0, t].item() == 0.0 for t in range(logp.size(1))]
+        log_s = math.fsum((logp[i, t] - old[i, t]).item() for t in tokens) / max(len(tokens), 1)
+        row_in_loss = bool(tokens) and (seq_weights is None or bool(seq_weights[i] != 0))
+        if level == "sequence":
+            clipped = row_in_loss and bool(adv[i] != 0) and all(no_gradient[t] for t in tokens)
+            counted.append(row_in_loss)
+            low.append(clipped and log_s < 0)
+            high.append(clipped and log_s > 0)
+            continue
+        row = [
+            row_in_loss and bool(mask[i, t] > 0) and (tok_weights is None or bool(tok_weights[i, t] != 0))
+            for t in range(x.size(1))
+        ]
+        token_adv = adv[i] if adv.dim() == 2 else adv[i].expand(x.size(1))
+        clipped = [row[t] and bool(token_adv[t] != 0) and no_gradient[t] for t in range(x.size(1))]
+        counted.append(row)
+        low.append([c and log_s < 0 for c in clipped])
+        high.append([c and log_s > 0 for c in clipped])
+    return counted, low, high
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_clip_flags_match_the_gradient(level):
+    """Flagged exactly when the clip or the log-ratio clamp leaves a counted sequence (token) no gradient; rows and
+    tokens of weight 0 (off-policy mask, masked importance weight, entropy mask) are not counted at all."""
+    B, T = 9, 6
+    logp, old, adv, mask = make_batch(B=B, T=T, scale=1e-2, seed=13)
+    bound = DEFAULT_LOG_RATIO_BOUND
+    logp[0], adv[0] = old[0] + 1.5 * bound, -1.0  # beyond +bound with A < 0: the clamp, not the clip, cuts it
+    logp[1], adv[1] = old[1] + 1.5 * bound, 1.0
+    logp[2], adv[2] = old[2] - 1.5 * bound, 1.0  # beyond -bound with A > 0
+    logp[3], adv[3] = old[3] - 1.5 * bound, 0.0  # a zero advantage: no gradient to cut
+    logp[4], adv[4] = old[4] - 0.1, -1.0  # far below the band, A < 0: clipped ...
+    seq_w = torch.ones(B, dtype=torch.float64)
+    seq_w[4] = 0.0  # ... but dropped by a sequence mask: not in the loss, not counted
+    seq_w[5] = 0.5
+    adv[6] = 1.0  # log s_6 = +0.02 with A > 0: the plain high clip
+    kwargs = {"sequence_weights": seq_w}
+    if level == "sequence_token":
+        g = torch.Generator().manual_seed(2)
+        adv = adv.unsqueeze(1) + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        adv[1, :2] = 0.0
+        kwargs["token_weights"] = (torch.rand(B, T, generator=g) > 0.3).double()
+    out = compute_policy_objective(
+        level, logp.float(), old.float(), adv.float(), mask.float(), EPS_LOW, EPS_HIGH, **kwargs
+    )
+    counted, low, high = reference_clip_flags(
+        level, logp, old, adv, mask, EPS_LOW, EPS_HIGH, seq_weights=seq_w, tok_weights=kwargs.get("token_weights")
+    )
+    if level == "sequence":
+        assert out.policy_tokens.any(-1).tolist() == counted
+        assert out.low_clipped.squeeze(1).tolist() == low and out.high_clipped.squeeze(1).tolist() == high
+        assert high[0] and low[2] and not low[3] and not counted[4], "the cases above must be what they claim"
+        assert any(low[5:] + high[5:]), "and the plain clip must fire on some of the other rows"
+    else:
+        assert out.policy_tokens.tolist() == counted
+        assert out.low_clipped.tolist() == low and out.high_clipped.tolist() == high
+        assert any(high[0]) and any(low[2]) and not any(counted[4])
+        assert any(map(any, low[5:] + high[5:]))
+
+
 def test_token_weights_refused_for_plain_gspo():
     logp, old, adv, mask = make_batch()
     with pytest.raises(ValueError, match="sequence_token"):
@@ -296,3 +372,76 @@ def test_length_normalized_is_weight():
     assert not math.isclose(truncated[0].item(), math.exp(0.6), rel_tol=1e-3)
     with pytest.raises(ValueError, match="mode"):
         length_normalized_is_weight(old, sampling, mask, "token_mask", None, 3.0)
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_objective_metrics_match_a_loop_over_sequences(level):
+    """The logged statistics, from one micro-batch or from two halves summed and concatenated (as over processes),
+    against a plain Python loop over the sequences of the flags the objective returns."""
+    from trl_gspo.objective import objective_metric_sums, objective_metrics
+
+    logp, old, adv, mask = make_batch(B=6, T=7, scale=2e-3, seed=3)
+    if level == "sequence_token":
+        adv = adv.unsqueeze(1) * torch.linspace(0.5, 1.5, 7)
+    keep = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])  # row 2 dropped (off-policy mask)
+    out = compute_policy_objective(level, logp, old, adv, mask, EPS_LOW, EPS_HIGH, sequence_weights=keep)
+    entropies = torch.rand(6, 7, generator=torch.Generator().manual_seed(1))
+
+    low = out.low_clipped.float()
+    high = out.high_clipped.float()
+    per_low, per_high, counted, loss_tokens, clipped = [], [], 0, 0, 0
+    for i in range(6):
+        tokens_in_loss = int(out.policy_tokens[i].sum())
+        if tokens_in_loss == 0:
+            continue
+        counted += 1
+        loss_tokens += tokens_in_loss
+        if level == "sequence":
+            per_low.append(float(low[i, 0]))
+            per_high.append(float(high[i, 0]))
+            clipped += (per_low[-1] + per_high[-1]) * tokens_in_loss
+        else:
+            per_low.append(float(low[i].sum()) / tokens_in_loss)
+            per_high.append(float(high[i].sum()) / tokens_in_loss)
+            clipped += int(((low[i] + high[i]) > 0).sum())
+    ratios = [math.exp(float(out.seq_log_ratio[i])) for i in range(6) if out.lengths[i] > 0]
+    mean = sum(ratios) / len(ratios)
+    expected = {
+        "clip_ratio/low_mean": sum(per_low) / counted,
+        "clip_ratio/high_mean": sum(per_high) / counted,
+        "clip_ratio/region_mean": (sum(per_low) + sum(per_high)) / counted,
+        "gspo/clipped_token_fraction": clipped / loss_tokens,
+        "entropy": float((entropies * mask).sum() / mask.sum()),
+        "clip_ratio/low_min": min(per_low),
+        "clip_ratio/high_max": max(per_high),
+        "gspo/seq_ratio/mean": mean,
+        "gspo/seq_ratio/std": math.sqrt(sum((r - mean) ** 2 for r in ratios) / len(ratios)),
+        "gspo/seq_ratio/min": min(ratios),
+        "gspo/seq_ratio/max": max(ratios),
+    }
+    assert 0 < expected["clip_ratio/region_mean"] < 1  # the batch exercises both clipped and unclipped rows
+
+    sums, per_sequence = objective_metric_sums(out, entropies, mask)
+    whole = objective_metrics(sums, per_sequence, with_kl=False)
+    halves = [
+        objective_metric_sums(_rows(out, rows), entropies[rows], mask[rows]) for rows in (slice(0, 3), slice(3, 6))
+    ]
+    split = objective_metrics(halves[0][0] + halves[1][0], torch.cat([halves[0][1], halves[1][1]]), with_kl=False)
+    for metrics in (whole, split):
+        assert metrics.keys() == expected.keys()
+        for name, value in expected.items():
+            assert math.isclose(metrics[name], value, rel_tol=1e-5, abs_tol=1e-7), name
+
+
+def _rows(out, rows):
+    """The ObjectiveOutput of a subset of rows (what another process would have computed)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        out,
+        **{
+            f.name: getattr(out, f.name)[rows]
+            for f in dataclasses.fields(out)
+            if f.name != "loss" and getattr(out, f.name) is not None
+        },
+    )

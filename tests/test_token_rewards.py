@@ -273,3 +273,187 @@ def test_summed_reward_is_the_sequence_reward_gspo_token_sees(tokenizer):
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     collector = TokenRewardCollector(tokenizer, ids, texts, "sequence_token")
     assert collector.wrap(0, mixed, "mixed")(completions=texts) == summed(completions=texts)
+
+
+# ---------------------------------------------------------------- multi-byte characters under a byte-level BPE
+BYTE_BPE_TRAINING = ["café née", "中文字", "😀👍", "é中😀"]
+MULTI_BYTE_TEXTS = ["café née", "中文字", "😀👍", "é中😀", "x中é y", "naïve 字😀"]
+
+
+def gpt2_byte_to_char():
+    """GPT-2's printable stand-in for each byte (what the ByteLevel pre-tokenizer writes into token strings)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_byte_bpe(trim_offsets):
+    """A byte-level BPE trained on the spot: "é", "中" and "😀" are single tokens, "ï" is two byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if trim_offsets:  # GPT-2's setting: offsets leave the leading space out of a token
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(BYTE_BPE_TRAINING, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["offsets", "trimmed_offsets"])
+def byte_bpe(request):
+    return build_byte_bpe(request.param)
+
+
+def byte_level_ids(tokenizer, pieces):
+    """Ids of the given byte-level token strings, each of which must be in the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[piece] for piece in pieces]
+
+
+def random_segmentation(tokenizer, text, rng):
+    """The bytes of `text` cut into random vocabulary tokens (mostly not the canonical tokenization)."""
+    byte_to_char = gpt2_byte_to_char()
+    encoded = "".join(byte_to_char[b] for b in text.encode("utf-8"))
+    vocab = tokenizer.get_vocab()
+    pieces, position = [], 0
+    while position < len(encoded):
+        choices = [p for p in vocab if p != "<eos>" and encoded.startswith(p, position)]
+        piece = rng.choice(choices)
+        pieces.append(piece)
+        position += len(piece)
+    return byte_level_ids(tokenizer, pieces)
+
+
+def byte_level_token_bytes(tokenizer, ids):
+    """Each token's bytes under the ByteLevel decoder (none for special tokens)."""
+    char_to_byte = {c: b for b, c in gpt2_byte_to_char().items()}
+    special = set(tokenizer.all_special_ids)
+    return [b"" if i in special else bytes(char_to_byte[c] for c in tokenizer.convert_ids_to_tokens(i)) for i in ids]
+
+
+def naive_byte_span_values(token_bytes, text, spans):
+    """Each token's value from its own bytes: the characters it holds a byte of, and the spans over them.
+
+    The text may end in an incomplete character (one U+FFFD for its leftover bytes); every other character is
+    whole, so the bytes of text[:-1] re-encoded give each byte's character.
+    """
+    data = b"".join(token_bytes)
+    assert data.decode("utf-8", errors="replace") == text
+    char_of_byte = [c for c, ch in enumerate(text) for _ in ch.encode("utf-8")]
+    if data.decode("utf-8", errors="replace") != data.decode("utf-8", errors="ignore"):  # a cut last character
+        char_of_byte = [c for c, ch in enumerate(text[:-1]) for _ in ch.encode("utf-8")]
+        char_of_byte += [len(text) - 1] * (len(data) - len(char_of_byte))
+    assert len(char_of_byte) == len(data)
+    values, position = [], 0
+    for piece in token_bytes:
+        chars = set(char_of_byte[position : position + len(piece)])
+        position += len(piece)
+        values.append(sum(v for s, e, v in spans if any(s <= c < e for c in chars)))
+    return values
+
+
+def assert_spans_follow_bytes(tokenizer, ids, text, rng, token_bytes=byte_level_token_bytes):
+    offsets = token_char_offsets(tokenizer, ids, text)
+    # one span per character, values 2**c: a token's value says exactly which characters it holds
+    per_character = [(c, c + 1, 2.0**c) for c in range(len(text))]
+    cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, 4)))
+    random_spans = [(s, e, rng.uniform(-2, 2)) for s, e in zip(cuts, cuts[1:])]
+    for spans in (per_character, random_spans):
+        got = spans_to_token_values(spans, offsets, len(text), "f", 0)
+        expected = naive_byte_span_values(token_bytes(tokenizer, ids), text, spans)
+        assert got == pytest.approx(expected, abs=1e-12), (text, tokenizer.convert_ids_to_tokens(ids), offsets)
+
+
+def test_span_over_a_split_character_credits_every_byte_token(byte_bpe):
+    eos = byte_bpe.eos_token_id
+    canonical = byte_bpe("née", add_special_tokens=False)["input_ids"] + [eos]
+    split = byte_level_ids(byte_bpe, ["n", "Ã", "©", "e"]) + [eos]  # "é" as its two bytes, by hand
+    assert byte_bpe.decode(split, skip_special_tokens=True) == "née" and len(split) > len(canonical)
+    values = spans_to_token_values([(1, 2, -1.0)], token_char_offsets(byte_bpe, split, "née"), 3, "f", 0)
+    assert values == [0.0, -1.0, -1.0, 0.0, 0.0]
+    canonical_values = spans_to_token_values([(1, 2, -1.0)], token_char_offsets(byte_bpe, canonical, "née"), 3, "f", 0)
+    assert sum(v != 0 for v in canonical_values) == 1  # one token holds "é": it alone carries the span
+
+
+@pytest.mark.parametrize("text", MULTI_BYTE_TEXTS)
+def test_spans_follow_bytes_under_any_tokenization(byte_bpe, text):
+    """Accented letters, CJK and emoji: canonical tokens, one token per byte, and random vocabulary cuts."""
+    rng = random.Random(text)
+    eos = byte_bpe.eos_token_id
+    canonical = byte_bpe(text, add_special_tokens=False)["input_ids"]
+    byte_to_char = gpt2_byte_to_char()
+    one_per_byte = byte_level_ids(byte_bpe, [byte_to_char[b] for b in text.encode("utf-8")])
+    sequences = [canonical, one_per_byte] + [random_segmentation(byte_bpe, text, rng) for _ in range(20)]
+    assert any(s != canonical for s in sequences[2:]), "the random cuts must include non-canonical ones"
+    for ids in sequences:
+        assert byte_bpe.decode(ids) == text
+        assert_spans_follow_bytes(byte_bpe, ids + [eos], text, rng)
+
+
+def test_spans_on_a_character_cut_at_the_length_limit(byte_bpe):
+    """A completion that stops inside an emoji: its text ends in U+FFFD, and each token of the cut bytes holds it."""
+    rng = random.Random(2)
+    byte_to_char = gpt2_byte_to_char()
+    emoji = [byte_to_char[b] for b in "😀".encode()]
+    for cut in (1, 2, 3):
+        ids = byte_bpe("x中", add_special_tokens=False)["input_ids"] + byte_level_ids(byte_bpe, emoji[:cut])
+        text = byte_bpe.decode(ids)
+        assert text == "x中\ufffd"
+        assert_spans_follow_bytes(byte_bpe, ids, text, rng)
+
+
+def build_byte_fallback_tokenizer():
+    """SentencePiece-style: whole characters where the vocabulary has them, else <0xXX> byte tokens, whose
+    incomplete characters decode to one U+FFFD per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {piece: i for i, piece in enumerate(["<unk>", "<eos>", "▁", "a", "x", "é", "中"])}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def byte_fallback_token_bytes(tokenizer, ids):
+    special = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return [
+        b"" if i in special else bytes([int(p[3:5], 16)]) if p.startswith("<0x") else p.replace("▁", " ").encode()
+        for i, p in zip(ids, pieces)
+    ]
+
+
+@pytest.mark.parametrize("text", ["xé a", "x中a", "é😀x"])
+def test_spans_follow_bytes_with_byte_fallback_tokens(text):
+    tokenizer = build_byte_fallback_tokenizer()
+    vocab = tokenizer.get_vocab()
+    rng = random.Random(text)
+    canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+    sequences = [canonical]
+    for _ in range(10):  # each character as its vocabulary token or as its bytes, at random
+        ids = []
+        for ch in text:
+            piece = ch.replace(" ", "▁")
+            if piece in vocab and rng.random() < 0.5:
+                ids.append(vocab[piece])
+            else:
+                ids += [vocab[f"<0x{b:02X}>"] for b in ch.encode("utf-8")]
+        sequences.append(ids)
+    assert any(len(s) > len(canonical) for s in sequences), "some characters must be cut into byte tokens"
+    for ids in sequences:
+        assert tokenizer.decode(ids) == text
+        assert_spans_follow_bytes(tokenizer, ids + [tokenizer.eos_token_id], text, rng, byte_fallback_token_bytes)

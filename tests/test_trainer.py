@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
-from test_objective import reference_objective
+from test_objective import reference_clip_flags, reference_objective
 from trl import GRPOConfig, GRPOTrainer
 
 import trl_gspo.trainer as trainer_module
@@ -422,3 +422,71 @@ def test_metrics_match_a_direct_computation(trainer):
     }
     for name, value in expected.items():
         assert math.isclose(metrics[name], value, rel_tol=1e-5, abs_tol=1e-7), name
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+@pytest.mark.parametrize("drop", ["off_policy_mask", "importance_sequence_mask"])
+def test_clip_metrics_count_what_is_in_the_loss(make_model, tokenizer, tmp_path, level, drop):
+    """A sequence of weight 0 is left out of the clip metrics; a log-ratio at the clamp counts as clipped."""
+    trainer = make_trainer(make_model, tokenizer, tmp_path, importance_sampling_level=level)
+    inputs, logps, _ = synthetic_inputs(trainer)  # advantages 1, -1, 0.5, -0.5
+    old = logps.clone()
+    old[0] -= 0.5  # ratio e^0.5 with A > 0: the high clip
+    old[1] -= 20.0  # log-ratio +20, beyond the bound of 10, with A < 0: clamped, no gradient
+    old[2] += 0.5  # ratio e^-0.5 with A > 0: not clipped
+    old[3] += 1.0  # ratio e^-1 with A < 0: the low clip, but the sequence is dropped below
+    inputs["old_per_token_logps"] = old
+    mask = inputs["completion_mask"].double()
+    if drop == "off_policy_mask":
+        trainer.off_policy_mask_threshold = 0.1
+        mean_kl = ((old - logps).double() * mask).sum(-1) / mask.sum(-1)  # sampling log-probs default to pi_old
+        weights = ((inputs["advantages"] >= 0) | (mean_kl <= 0.1)).double()
+    else:
+        sampling = old.clone()
+        sampling[3] -= 1.0  # engine weight e^1, outside [0.5, 2]: masked to 0
+        inputs["sampling_per_token_logps"] = sampling
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        trainer.vllm_importance_sampling_mode = "sequence_mask"
+        trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = 0.5, 2.0
+        trainer.args.vllm_importance_sampling_length_normalized = True
+        is_weight = torch.exp(((old - sampling).double() * mask).sum(-1) / mask.sum(-1))
+        weights = torch.where((is_weight < 0.5) | (is_weight > 2.0), 0.0, is_weight)
+    assert weights[3] == 0 and (weights[:3] != 0).all(), "the case must drop exactly the clipped sequence 3"
+    assert math.isclose(
+        compute_loss(trainer, inputs).item(),
+        reference_for(trainer, inputs, logps, level, seq_weights=weights),
+        rel_tol=1e-5,
+    )
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    counted, low, high = reference_clip_flags(
+        level,
+        logps.double(),
+        old.double(),
+        inputs["advantages"].double(),
+        mask,
+        trainer.epsilon_low,
+        trainer.epsilon_high,
+        seq_weights=weights,
+    )
+    rows = [i for i in range(len(counted)) if (any(counted[i]) if level == "sequence_token" else counted[i])]
+    if level == "sequence":  # a clipped sequence: all its tokens
+        loss_tokens = {i: mask[i].sum().item() for i in rows}
+        low_tokens = {i: loss_tokens[i] * low[i] for i in rows}
+        high_tokens = {i: loss_tokens[i] * high[i] for i in rows}
+    else:
+        loss_tokens = {i: sum(counted[i]) for i in rows}
+        low_tokens, high_tokens = ({i: sum(flags[i]) for i in rows} for flags in (low, high))
+    low_fraction = [low_tokens[i] / loss_tokens[i] for i in rows]
+    high_fraction = [high_tokens[i] / loss_tokens[i] for i in rows]
+    expected = {
+        "clip_ratio/low_mean": sum(low_fraction) / len(rows),
+        "clip_ratio/high_mean": sum(high_fraction) / len(rows),
+        "clip_ratio/region_mean": (sum(low_fraction) + sum(high_fraction)) / len(rows),
+        "clip_ratio/low_min": min(low_fraction),
+        "clip_ratio/high_max": max(high_fraction),
+        "gspo/clipped_token_fraction": sum(low_tokens[i] + high_tokens[i] for i in rows) / sum(loss_tokens.values()),
+    }
+    assert rows == [0, 1, 2] and expected["clip_ratio/high_mean"] == 2 / 3
+    for name, value in expected.items():
+        assert math.isclose(metrics[name], value, rel_tol=1e-6, abs_tol=1e-9), name

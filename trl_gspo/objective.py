@@ -35,15 +35,20 @@ class ObjectiveOutput:
         loss: () the objective to minimise, mean over the B sequences (policy term + beta * KL term).
         seq_log_ratio: (B,) detached, clamped length-normalised log-ratio log s_i (0 for empty rows).
         lengths: (B,) number of unmasked completion tokens |y_i|.
-        low_clipped: the lower clip is active: ratio below 1 - eps_low with a negative advantage. (B, 1) bool for
-            GSPO (one flag per non-empty sequence), (B, T) for GSPO-token (per token, False on masked tokens).
-        high_clipped: likewise above 1 + eps_high with a positive advantage.
+        policy_tokens: (B, T) bool, the tokens whose policy term carries a non-zero weight: the mask less the
+            sequences and tokens that `sequence_weights` or `token_weights` set to 0 (off-policy mask, an importance
+            weight masked out). The clip flags and statistics count only these: the others are not in the loss.
+        low_clipped: the ratio's gradient is cut on the low side: below 1 - eps_low with a negative advantage (the
+            clip), or log s_i at -log_ratio_bound with a non-zero advantage (the clamp). (B, 1) bool for GSPO (one
+            flag per sequence), (B, T) for GSPO-token (per token); False off `policy_tokens`.
+        high_clipped: likewise above 1 + eps_high with a positive advantage, or at +log_ratio_bound.
         per_token_kl: (B, T) detached k3 estimate of KL(pi_theta || pi_ref), or None when beta == 0.
     """
 
     loss: torch.Tensor
     seq_log_ratio: torch.Tensor
     lengths: torch.Tensor
+    policy_tokens: torch.Tensor
     low_clipped: torch.Tensor
     high_clipped: torch.Tensor
     per_token_kl: torch.Tensor | None
@@ -226,15 +231,25 @@ def compute_policy_objective(
         per_sequence_loss = per_sequence_loss + beta * kl.sum(-1) / lengths.clamp(min=1.0)
 
     with torch.no_grad():
-        ratio = torch.exp(seq_log_ratio).unsqueeze(1)
-        valid = non_empty.unsqueeze(1) if level == "sequence" else mask.bool()
-        low_clipped = (ratio < 1 - epsilon_low) & (clip_advantages < 0) & valid
-        high_clipped = (ratio > 1 + epsilon_high) & (clip_advantages > 0) & valid
+        policy_tokens = mask.bool()
+        if sequence_weights is not None:
+            policy_tokens = policy_tokens & (sequence_weights != 0).unsqueeze(1)
+        if token_weights is not None:
+            policy_tokens = policy_tokens & (token_weights != 0)
+        counted = policy_tokens.any(-1, keepdim=True) if level == "sequence" else policy_tokens
+        log_ratio = seq_log_ratio.unsqueeze(1)
+        ratio = torch.exp(log_ratio)
+        # at the bound the clamp leaves no gradient whatever the advantage's sign (a zero advantage has none anyway)
+        moving = clip_advantages != 0
+        low_clipped = ((ratio < 1 - epsilon_low) & (clip_advantages < 0)) | ((log_ratio <= -log_ratio_bound) & moving)
+        high_clipped = ((ratio > 1 + epsilon_high) & (clip_advantages > 0)) | ((log_ratio >= log_ratio_bound) & moving)
+        low_clipped, high_clipped = low_clipped & counted, high_clipped & counted
 
     return ObjectiveOutput(
         loss=per_sequence_loss.sum() / batch_size,
         seq_log_ratio=seq_log_ratio.detach(),
         lengths=lengths,
+        policy_tokens=policy_tokens,
         low_clipped=low_clipped,
         high_clipped=high_clipped,
         per_token_kl=per_token_kl,
@@ -249,42 +264,47 @@ def objective_metric_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch's statistics in a form that sums (and gathers) exactly over micro-batches and processes.
 
+    The clip statistics count only what is in the loss (`out.policy_tokens`): sequences with at least one token of
+    non-zero weight, i.e. neither empty nor dropped by the off-policy mask or a masked importance weight.
+
     Returns:
-        sums: (7,) [low-clipped sequences, high-clipped sequences, non-empty sequences, clipped tokens, tokens,
-            sum of token entropies, sum of token KL]; a GSPO-token sequence counts as the fraction of its tokens
-            under the clip.
-        per_sequence: (B, 3) [low-clipped fraction, high-clipped fraction, s_i] of each sequence, NaN for empty
-            rows so that they never win a min or a max.
+        sums: (8,) [low-clipped sequences, high-clipped sequences, sequences in the loss, clipped tokens, tokens in
+            the loss, tokens, sum of token entropies, sum of token KL]; a GSPO-token sequence counts as the fraction
+            of its loss tokens under the clip.
+        per_sequence: (B, 3) [low-clipped fraction, high-clipped fraction, s_i]: NaN in the first two for rows not
+            in the loss and in the third for empty rows, so that they never win a min or a max.
     """
     mask = mask.float()
     lengths = out.lengths
+    row_tokens = out.policy_tokens.float().sum(-1)  # each row's tokens in the loss
+    counted = row_tokens > 0
     if out.low_clipped.size(1) == 1:  # GSPO: one flag per sequence
         per_seq_low = out.low_clipped.squeeze(1).float()
         per_seq_high = out.high_clipped.squeeze(1).float()
-        clipped_tokens = ((per_seq_low + per_seq_high) * lengths).sum()
+        clipped_tokens = ((per_seq_low + per_seq_high) * row_tokens).sum()
     else:  # GSPO-token: per-token flags (the advantage sign may vary along a sequence)
-        per_seq_low = out.low_clipped.float().sum(-1) / lengths.clamp(min=1.0)
-        per_seq_high = out.high_clipped.float().sum(-1) / lengths.clamp(min=1.0)
+        per_seq_low = out.low_clipped.float().sum(-1) / row_tokens.clamp(min=1.0)
+        per_seq_high = out.high_clipped.float().sum(-1) / row_tokens.clamp(min=1.0)
         clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
     kl_sum = torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum()
     sums = torch.stack(
         [
             per_seq_low.sum(),
             per_seq_high.sum(),
-            (lengths > 0).float().sum(),
+            counted.float().sum(),
             clipped_tokens,
+            row_tokens.sum(),
             lengths.sum(),
             (entropies * mask).sum(),
             kl_sum,
         ]
     )
-    keep = lengths > 0
     nan = torch.full_like(per_seq_low, float("nan"))
     per_sequence = torch.stack(
         [
-            torch.where(keep, per_seq_low, nan),
-            torch.where(keep, per_seq_high, nan),
-            torch.where(keep, torch.exp(out.seq_log_ratio), nan),
+            torch.where(counted, per_seq_low, nan),
+            torch.where(counted, per_seq_high, nan),
+            torch.where(lengths > 0, torch.exp(out.seq_log_ratio), nan),
         ],
         dim=1,
     )
@@ -293,48 +313,53 @@ def objective_metric_sums(
 
 def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor, with_kl: bool) -> dict[str, float]:
     """The logged metrics from `objective_metric_sums` summed (`sums`) and concatenated (`per_sequence`) over
-    micro-batches or processes:
+    micro-batches or processes (README, "Metrics"):
 
-      clip_ratio/{low,high,region}_mean   fraction of non-empty sequences whose clip is active (low: ratio below
-                                          1 - eps_low with A < 0; high: above 1 + eps_high with A > 0)
-      clip_ratio/low_min, high_max        extremes over sequences of the per-sequence clipped fraction
-      gspo/clipped_token_fraction         fraction of completion tokens under an active clip (the paper's count)
+      clip_ratio/{low,high,region}_mean   fraction of the sequences in the loss whose ratio gets no gradient (low:
+                                          below 1 - eps_low with A < 0, high: above 1 + eps_high with A > 0, or the
+                                          log-ratio at +-log_ratio_bound with A != 0); GSPO-token: the mean over
+                                          those sequences of their fraction of such tokens. TRL divides by every
+                                          row of the micro-batch instead.
+      clip_ratio/low_min, high_max        extremes over those sequences of the per-sequence clipped fraction
+      gspo/clipped_token_fraction         clipped tokens over the tokens in the loss (the paper's count)
       gspo/seq_ratio/{mean,std,min,max}   the sequence importance ratio s_i over non-empty sequences
-      entropy, kl                         token means (kl only when `with_kl`)
+      entropy, kl                         token means, as in GRPOTrainer (kl only when `with_kl`)
     """
-    low, high, sequences, clipped, tokens, entropy, kl = sums.tolist()
-    sequences, tokens = max(sequences, 1.0), max(tokens, 1.0)
+    low, high, sequences, clipped, loss_tokens, tokens, entropy, kl = sums.tolist()
+    sequences, loss_tokens, tokens = max(sequences, 1.0), max(loss_tokens, 1.0), max(tokens, 1.0)
     metrics = {
         "clip_ratio/low_mean": low / sequences,
         "clip_ratio/high_mean": high / sequences,
         "clip_ratio/region_mean": (low + high) / sequences,
-        "gspo/clipped_token_fraction": clipped / tokens,
+        "gspo/clipped_token_fraction": clipped / loss_tokens,
         "entropy": entropy / tokens,
     }
     if with_kl:
         metrics["kl"] = kl / tokens
     # masked reductions rather than nanmin/nanmax, whose emptiness check syncs with the device
-    valid = ~torch.isnan(per_sequence[:, 2])
+    in_clip, valid = ~torch.isnan(per_sequence[:, 0]), ~torch.isnan(per_sequence[:, 2])
     count = valid.sum().clamp(min=1)
-    seq_low, seq_high, ratios = (torch.where(valid, per_sequence[:, i], 0.0) for i in range(3))
+    seq_low, seq_high, ratios = (torch.nan_to_num(per_sequence[:, i], nan=0.0) for i in range(3))
     mean = ratios.sum() / count
     inf = torch.tensor(float("inf"), device=ratios.device)
-    n, low_min, high_max, mean, std, ratio_min, ratio_max = torch.stack(
+    n_clip, n, low_min, high_max, mean, std, ratio_min, ratio_max = torch.stack(
         [
+            in_clip.sum().float(),
             valid.sum().float(),
-            torch.where(valid, seq_low, inf).min(),
-            torch.where(valid, seq_high, -inf).max(),
+            torch.where(in_clip, seq_low, inf).min(),
+            torch.where(in_clip, seq_high, -inf).max(),
             mean,
             (torch.where(valid, (ratios - mean) ** 2, 0.0).sum() / count).sqrt(),
             torch.where(valid, ratios, inf).min(),
             torch.where(valid, ratios, -inf).max(),
         ]
     ).tolist()  # one device-to-host transfer
+    if n_clip > 0:
+        metrics["clip_ratio/low_min"] = low_min
+        metrics["clip_ratio/high_max"] = high_max
     if n > 0:
         metrics.update(
             {
-                "clip_ratio/low_min": low_min,
-                "clip_ratio/high_max": high_max,
                 "gspo/seq_ratio/mean": mean,
                 "gspo/seq_ratio/std": std,
                 "gspo/seq_ratio/min": ratio_min,

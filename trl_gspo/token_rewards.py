@@ -16,7 +16,9 @@ A reward function follows TRL's calling convention and returns one entry per com
 Spans become token values through the tokenizer's character offsets (`token_char_offsets`). Overlap rule: a token
 whose character range ``[a, b)`` intersects a span's ``[start_char, end_char)`` (``a < end_char`` and
 ``start_char < b``) carries the span's whole value; a token touching two adjacent spans carries the sum of both;
-tokens without characters (eos, other special tokens) carry none.
+tokens without characters (eos, other special tokens) carry none. A token's range holds every character it carries a
+byte of: with byte-level tokenizers one character ("é", a CJK character, an emoji) may be split over several tokens,
+and each of them carries a span over that character, however the completion was tokenised.
 
 From token values to advantages (GSPO-token, ``importance_sampling_level="sequence_token"``)
 -------------------------------------------------------------------------------------------
@@ -61,6 +63,8 @@ TOKEN_STD_EPS = 1e-4
 # Attribute a reward function may carry to declare that it returns spans or per-token lists; GSPOTrainer then
 # checks importance_sampling_level at construction rather than at the first step.
 TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
+# What decoders emit for the bytes of a character cut short at the end of a token prefix.
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
 class TokenRewardError(ValueError):
@@ -130,10 +134,14 @@ def output_kind(value: Any, name: str, index: int) -> str:
 def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
     """Character range [start, end) of each completion token inside `text`, its decoded completion.
 
+    A range holds every character the token carries at least one byte of, so tokens that split a multi-byte
+    character between them share it (their ranges overlap by that character). Special tokens such as eos get an
+    empty range.
+
     First the fast tokenizer's ``offset_mapping`` of `text`, used when re-encoding `text` gives back the completion's
-    tokens (special tokens such as eos skipped: they get an empty range). Otherwise, when the sampled tokenization
-    differs from the canonical one, the ranges come from decoding growing prefixes of the completion. Raises
-    ValueError if neither reproduces `text`.
+    tokens and the offsets tile the text (every character in some token's range: not so with ``trim_offsets``,
+    which leaves the spaces out). Otherwise, e.g. when the sampled tokenization differs from the canonical one, the
+    ranges come from decoding growing prefixes of the completion. Raises ValueError if neither reproduces `text`.
     """
     ids = [int(i) for i in completion_ids]
     special = set(getattr(tokenizer, "all_special_ids", []))
@@ -142,7 +150,11 @@ def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> l
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
         encoded = None
-    if encoded is not None and list(encoded["input_ids"]) == kept:
+    if (
+        encoded is not None
+        and list(encoded["input_ids"]) == kept
+        and _offsets_tile(encoded["offset_mapping"], len(text))
+    ):
         mapping = iter(encoded["offset_mapping"])
         offsets, position = [], 0
         for token_id in ids:
@@ -153,18 +165,46 @@ def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> l
                 offsets.append((start, end))
                 position = end
         return offsets
-    offsets, previous = [], 0
-    for k in range(1, len(ids) + 1):
+    # complete: characters fully decoded so far; partial: the next one has some of its bytes decoded already, and
+    # the token that follows carries more of them.
+    offsets, complete, partial, previous = [], 0, False, ""
+    for k, token_id in enumerate(ids, start=1):
+        if token_id in special:
+            offsets.append((complete, complete))
+            continue
+        start = complete
         prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
-        end = len(prefix) if text.startswith(prefix) else previous  # an incomplete multi-byte character: wait
-        offsets.append((previous, max(previous, end)))
-        previous = max(previous, end)
-    if previous != len(text):
+        if prefix == previous and prefix.endswith(REPLACEMENT_CHARACTER) and not partial:
+            start -= 1  # more bytes of an invalid sequence the text ends in (a character cut at the length limit)
+        elif text.startswith(prefix):
+            complete, partial = max(complete, len(prefix)), False
+        elif prefix.endswith(REPLACEMENT_CHARACTER):  # the prefix stops inside a character
+            whole = prefix.rstrip(REPLACEMENT_CHARACTER)
+            # ByteLevel decodes the complete characters, then one U+FFFD: this token may have finished some
+            # characters before starting the cut one. ByteFallback turns every byte token of the run into U+FFFD,
+            # but each of its tokens is a single byte or whole characters: the complete ones are known already.
+            if len(whole) >= complete and text.startswith(whole):
+                complete = len(whole)
+            partial = True
+        # otherwise the decoded prefix does not match the text yet: wait for the tokens that make it match
+        offsets.append((start, max(start, complete + partial)))
+        previous = prefix
+    if complete != len(text) or partial:
         raise ValueError(
             f"cannot map the completion's {len(ids)} tokens onto its text {text!r}: decoding them gives "
             f"{tokenizer.decode(ids, skip_special_tokens=True)!r}."
         )
     return offsets
+
+
+def _offsets_tile(offsets: Sequence[Sequence[int]], text_length: int) -> bool:
+    """Whether non-empty ranges cover [0, text_length) in order, each starting at or before the previous end."""
+    position = 0
+    for start, end in offsets:
+        if not start <= position <= end or start == end:
+            return False
+        position = end
+    return position == text_length
 
 
 def spans_to_token_values(
