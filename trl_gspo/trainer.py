@@ -48,7 +48,15 @@ from .banner import distributed_backend, start_banner
 from .config import GSPOConfig
 from .diagnostics import rollout_diagnostics
 from .grpo_upgrade import upgrade_grpo_config
-from .moe import ROUTING_KEY, RouterHooks, drift_fractions, find_routers, router_logits_off, routing_drift_counts
+from .moe import (
+    REPLAY_ROUTER_CLASSES,
+    ROUTING_KEY,
+    RouterHooks,
+    drift_fractions,
+    find_routers,
+    router_logits_off,
+    routing_drift_counts,
+)
 from .objective import compute_policy_objective, length_normalized_is_weight
 from .packing import packed_logps_and_entropies, packing_support_problem
 from .rollout_buffer import load_rollout_buffer
@@ -690,12 +698,19 @@ class GSPOTrainer(GRPOTrainer):
         self._moe_hooks, self._moe_record_armed, self._moe_recorded = None, False, None
         unwrapped = self.accelerator.unwrap_model(self.model)
         routers = find_routers(unwrapped)
+        model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
         if self.args.routing_replay and not routers:
-            model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
             raise ValueError(
                 f"GSPOConfig.routing_replay=True needs a Mixture-of-Experts model with *TopKRouter modules "
-                f"(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE); this model ({type(unwrapped).__name__}, model_type="
+                f"(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, ...); this model ({type(unwrapped).__name__}, model_type="
                 f"{model_type!r}) has none. Set routing_replay=False."
+            )
+        unsupported = sorted({type(router).__name__ for router in routers} - REPLAY_ROUTER_CLASSES)
+        if self.args.routing_replay and unsupported:
+            raise ValueError(
+                f"GSPOConfig.routing_replay=True: this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
+                f"routes with {', '.join(unsupported)}, whose replay is not shown to be exact (see docs/MOE.md). "
+                f"Supported routers: {', '.join(sorted(REPLAY_ROUTER_CLASSES))}. Set routing_replay=False."
             )
         speed_options = [name for name in ("padding_free", "use_rollout_logprobs") if getattr(self.args, name)]
         if routers and self.args.log_routing_drift and speed_options:  # routing_replay is refused by GSPOConfig
