@@ -1,9 +1,10 @@
 """Routing drift metric and routing replay (trl_gspo/moe.py and its GSPOTrainer glue), issue 7 §2-3.
 
-Pure functions against naive float64/loop references; the hooks on real tiny Qwen3-MoE and Mixtral models (exact
-replay, experts kept after a router perturbation, router gradients, gradient checkpointing); and the trainer:
-recording only in the pi_old pass, the record following TRL's shuffle and split, LoRA with a reference pass on
-the same model, and a clear error for a dense model.
+Pure functions against naive float64/loop references; the hooks on a tiny model of every router class replay
+accepts (exact replay, experts kept after a router perturbation, router gradients) and on Qwen3-MoE and Mixtral
+(gradient checkpointing, the load-balancing loss); and the trainer: recording only in the pi_old pass, the record
+following TRL's shuffle and split, LoRA with a reference pass on the same model, and clear errors for a dense model
+and for routers replay does not support.
 """
 
 import contextlib
@@ -12,19 +13,95 @@ import itertools
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from trl_gspo import GSPOConfig, GSPOTrainer
 from trl_gspo.moe import (
+    REPLAY_ROUTER_CLASSES,
     ROUTING_KEY,
     RouterHooks,
     drift_fractions,
     find_routers,
     index_dtype,
-    replay_weights,
     routing_drift_counts,
 )
 
 MOE_TYPES = ["qwen3_moe", "mixtral"]
+
+# One tiny model per router class that replay accepts (every class of REPLAY_ROUTER_CLASSES, checked below), plus
+# config variants that take another branch of the same router. Hybrid models get attention layers only (the router
+# is the same class); model_type -> config fields beyond TINY_MOE.
+FULL_ATTENTION = {"layer_types": ["full_attention", "full_attention"]}
+REPLAY_MODELS = {
+    "qwen3_moe": {},
+    "qwen3_moe-no_norm": {"norm_topk_prob": False},
+    "mixtral": {},
+    "qwen2_moe": {},
+    "olmoe": {},
+    "minimax": {},
+    "minimax_m2": {},  # sigmoid scores, selection with a score bias, renormalised
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
+    "cohere2_moe": {},
+    "cohere2_moe-sigmoid": {"expert_selection_fn": "sigmoid"},
+    "deepseek_v4": {"mlp_layer_types": ["moe", "moe"]},
+    "ernie4_5_moe": {},
+    "flex_olmo": {},
+    "flint": {"mlp_only_layers": []},
+    "gpt_oss": {},
+    "granitemoe": {},
+    "granitemoe_swa": {},
+    "granitemoeshared": {},
+    "granitemoehybrid": {"mamba_n_heads": 4, "layer_types": ["attention", "attention"]},
+    "hy_v3": {},
+    "laguna": {},
+    "lara_mini": {},
+    "lfm2_moe": {"num_dense_layers": 0, **FULL_ATTENTION},
+    "lfm2_moe-no_bias": {"num_dense_layers": 0, "use_expert_bias": False, **FULL_ATTENTION},
+    "mellum": {},
+    "qwen3_next": FULL_ATTENTION,
+    "qwen3_5_moe_text": FULL_ATTENTION,
+}
+TINY_MOE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=128,
+    use_mamba_kernels=False,
+)
+
+
+def tiny_moe(tokenizer, name, **overrides):
+    """A tiny randomly initialised causal LM for REPLAY_MODELS[name] (or any model type), with random router
+    weights and score biases large enough that sigmoid, bias and renormalisation all matter."""
+    model_type = name.split("-")[0]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **{**TINY_MOE, **REPLAY_MODELS.get(name, {}), **overrides},
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    for name_, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+        setattr(model.generation_config, name_, value)
+    model.generation_config.bos_token_id = None
+    with torch.no_grad():
+        for router in find_routers(model):
+            router.weight.normal_(std=0.5)
+        for key, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if key.endswith(("e_score_correction_bias", "expert_bias")):
+                tensor.normal_(std=0.1)
+    return model
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------
@@ -69,24 +146,6 @@ def test_index_dtype_holds_every_expert():
         assert torch.tensor(experts - 1).to(dtype).item() == experts - 1
 
 
-@pytest.mark.parametrize("model_type,norm", [("qwen3_moe", True), ("qwen3_moe", False), ("mixtral", True)])
-def test_replay_weights_reproduce_the_router_bit_for_bit(make_model, model_type, norm):
-    extra = {"norm_topk_prob": norm} if model_type == "qwen3_moe" else {}
-    router = find_routers(make_model(model_type, **extra))[0]
-    torch.nn.init.normal_(router.weight)
-    hidden = torch.randn(7, router.hidden_dim)
-    logits, weights, indices = router(hidden)
-    assert torch.equal(
-        replay_weights(logits, indices, getattr(router, "norm_topk_prob", True), weights.dtype), weights
-    )
-    # and a float64 reference for indices the router did not choose
-    other = (indices + 1) % router.num_experts
-    reference = torch.softmax(logits.double(), -1).gather(-1, other)
-    if norm:
-        reference = reference / reference.sum(-1, keepdim=True)
-    torch.testing.assert_close(replay_weights(logits, other, norm, torch.float32).double(), reference)
-
-
 # ---- hooks on real models --------------------------------------------------------------------------------------
 
 
@@ -110,6 +169,94 @@ def experts_inputs(model):
         if hasattr(block, "experts") and hasattr(block, "gate")
     ]
     return seen, handles
+
+
+def router_outputs(routers):
+    """Capture what each router returns (what its experts are called with), after the replay hooks."""
+    seen = [[] for _ in routers]
+    handles = [
+        router.register_forward_hook(lambda module, args, out, i=i: seen[i].append((out[1].detach(), out[2])))
+        for i, router in enumerate(routers)
+    ]
+    return seen, handles
+
+
+def test_replay_models_cover_exactly_the_accepted_routers(tokenizer):
+    built = {type(router).__name__ for name in REPLAY_MODELS for router in find_routers(tiny_moe(tokenizer, name))}
+    assert built == REPLAY_ROUTER_CLASSES
+
+
+@pytest.mark.parametrize("name", sorted(REPLAY_MODELS))
+def test_replay_is_exact_keeps_the_recorded_experts_and_trains_the_router(tokenizer, name):
+    """Every accepted router: (a) replay with unchanged parameters is bit-identical to the plain forward (so with
+    lr 0 every sequence ratio is exactly 1); (b) after a perturbation of every router, the routers hand their
+    experts the recorded indices while their natural choice has moved; (c) every router weight gets gradient."""
+    model = tiny_moe(tokenizer, name)
+    batch = padded_batch(tokenizer)
+    hooks, routing, reference = record(model, batch)
+    hooks.start_policy_pass(routing, replay=True)
+    with torch.no_grad():
+        replayed = model(**batch).logits
+    assert torch.equal(replayed, reference)
+    assert torch.equal(hooks.observed(*batch["input_ids"].shape).to(torch.uint8), routing)
+
+    routers = find_routers(model)
+    with torch.no_grad():
+        for router in routers:
+            router.weight.add_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(1)))
+    seen, handles = router_outputs(routers)
+    hooks.start_policy_pass(routing, replay=True)
+    model(**batch).logits.square().mean().backward()
+    natural = hooks.observed(*batch["input_ids"].shape)
+    assert not torch.equal(natural.to(torch.uint8), routing), "the perturbation must change the natural routing"
+    used = torch.stack([out[0][1].reshape(*batch["input_ids"].shape, -1) for out in seen], dim=2)
+    assert torch.equal(used.to(torch.uint8), routing)
+    for router in routers:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    for handle in handles:
+        handle.remove()
+
+
+def naive_minimax_m2_weights(logits, experts):
+    scores = torch.sigmoid(logits.double())
+    weights = scores.gather(-1, experts)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def naive_jamba_weights(logits, experts):
+    return torch.softmax(logits.double(), -1).gather(-1, experts)  # no renormalisation over the top-k
+
+
+@pytest.mark.parametrize(
+    "name,naive",
+    [("minimax_m2", naive_minimax_m2_weights), ("jamba", naive_jamba_weights)],
+    ids=["minimax_m2", "jamba"],
+)
+def test_replayed_weights_of_formerly_inexact_routers_match_their_own_formula(tokenizer, name, naive):
+    """MiniMax-M2 (sigmoid, score bias) and Jamba (no renormalisation) were once replayed with a softmax +
+    renormalisation: the replayed weights must be the router's own formula at the recorded experts (float64)."""
+    model = tiny_moe(tokenizer, name)
+    batch = padded_batch(tokenizer)
+    hooks, routing, _ = record(model, batch)
+    routers = find_routers(model)
+    with torch.no_grad():
+        for router in routers:
+            router.weight.add_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(1)))
+    seen, handles = router_outputs(routers)
+    logits = [[] for _ in routers]
+    taps = [
+        router.register_forward_hook(lambda module, args, out, i=i: logits[i].append(out[0].detach()))
+        for i, router in enumerate(routers)
+    ]
+    hooks.start_policy_pass(routing, replay=True)
+    with torch.no_grad():
+        model(**batch)
+    for layer in range(len(routers)):
+        experts = routing[:, :, layer].reshape(-1, 2).long()
+        expected = naive(logits[layer][0], experts)
+        torch.testing.assert_close(seen[layer][0][0].double().reshape(expected.shape), expected)
+    for handle in handles + taps:
+        handle.remove()
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
@@ -170,6 +317,52 @@ def test_replay_under_gradient_checkpointing_matches_plain_backward(tokenizer, m
         count.remove()
     for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def naive_load_balancing_loss(router_logits, experts, attention_mask, num_experts):
+    """Switch-Transformer loss, float64 loop over layers: E * sum_e (share of top-k slots routed to e) * (mean
+    router probability of e), over the non-padding tokens, as transformers defines it."""
+    mask = attention_mask.reshape(-1).double()
+    slots = torch.zeros(num_experts, dtype=torch.float64)
+    probs = torch.zeros(num_experts, dtype=torch.float64)
+    for logits, chosen in zip(router_logits, experts, strict=True):
+        for token in range(logits.size(0)):
+            for expert in chosen[token].tolist():
+                slots[expert] += mask[token]
+        probs += (torch.softmax(logits.double(), -1) * mask[:, None]).sum(0)
+    rows = mask.sum() * len(router_logits)
+    return num_experts * ((slots / rows) * (probs / rows)).sum()
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_load_balancing_loss_under_replay_counts_the_routers_current_choice(tokenizer, make_model, model_type):
+    """The aux loss under replay sees the router's current top-k (what it balances: the routing the model will use
+    when generating), not the replayed experts; docs/MOE.md says why. With the routers perturbed the two differ."""
+    model = make_model(model_type)
+    batch = padded_batch(tokenizer)
+    hooks, routing, _ = record(model, batch)
+    routers = find_routers(model)
+    with torch.no_grad():
+        for router in routers:
+            router.weight.add_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(1)))
+    logits = []
+    taps = [
+        router.register_forward_hook(lambda module, args, out: logits.append(out[0].detach())) for router in routers
+    ]
+    hooks.start_policy_pass(routing, replay=True)
+    with torch.no_grad():
+        aux = model(**batch, output_router_logits=True).aux_loss
+    natural = hooks.observed(*batch["input_ids"].shape)
+    num_experts = routers[0].num_experts
+    mask = batch["attention_mask"]
+    current = naive_load_balancing_loss(logits, [natural[:, :, i].reshape(-1, 2) for i in range(2)], mask, num_experts)
+    replayed = naive_load_balancing_loss(
+        logits, [routing[:, :, i].reshape(-1, 2) for i in range(2)], mask, num_experts
+    )
+    assert abs(current - replayed) > 1e-3, "the test needs a perturbation that moves the load"
+    assert aux.item() == pytest.approx(current.item(), rel=1e-6)
+    for tap in taps:
+        tap.remove()
 
 
 def test_replay_refuses_a_routing_of_the_wrong_shape(tokenizer, make_model):
@@ -234,6 +427,60 @@ def test_no_update_means_no_drift_and_ratio_one_through_shuffle_and_split(tmp_pa
             assert entry["moe/routing_drift/token_layer"] == 0.0
             assert entry["moe/routing_drift/token_any_layer"] == 0.0
             assert entry["gspo/seq_ratio/min"] == entry["gspo/seq_ratio/max"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["minimax_m2", "jamba"])
+def test_formerly_inexact_routers_replay_with_ratio_exactly_one_at_lr_0(tmp_path, tokenizer, name):
+    """MiniMax-M2 (sigmoid, score bias) and Jamba (no renormalisation): replaying the model's own routing with
+    lr 0 changes nothing, so every sequence ratio is exactly 1 (a softmax + renormalisation replay gave up to
+    2e-3 away from 1)."""
+    _, logs = train(
+        tmp_path,
+        tiny_moe(tokenizer, name),
+        tokenizer,
+        learning_rate=0.0,
+        steps_per_generation=4,
+        max_steps=2,
+        routing_replay=True,
+    )
+    for entry in logs:
+        assert entry["gspo/seq_ratio/min"] == entry["gspo/seq_ratio/max"] == 1.0
+        assert entry["moe/routing_drift/token_layer"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "name,router_class",
+    [
+        ("phimoe", "PhimoeTopKRouter"),  # sparsemixer: no top-k call, jitter noise in training
+        ("beam", "BeamTopKRouter"),  # group-limited: three top-k calls
+        ("kolibri1", "Kolibri1TopKRouter"),  # another matmul under no_grad on CUDA (the pi_old pass)
+    ],
+)
+def test_routing_replay_on_an_unsupported_router_is_refused_at_construction(tmp_path, tokenizer, name, router_class):
+    extra = {"mlp_layer_types": ["sparse", "sparse"], "n_group": 2, "topk_group": 1} if name == "beam" else {}
+    model = tiny_moe(tokenizer, name, **extra)
+    assert {type(router).__name__ for router in find_routers(model)} == {router_class}
+    args = small_config(tmp_path, steps_per_generation=4, routing_replay=True)
+    with pytest.raises(ValueError, match=f"model_type='{name}'.*routes with {router_class},.*routing_replay=False"):
+        GSPOTrainer(
+            model, completion_length_reward, args=args, train_dataset=prompt_dataset(), processing_class=tokenizer
+        )
+    # the drift metric needs no exact replay: the same model trains with it
+    _, logs = train(tmp_path, model, tokenizer, steps_per_generation=4, max_steps=2)
+    assert all("moe/routing_drift/token_layer" in entry for entry in logs)
+
+
+def test_replay_hooks_refuse_a_router_with_several_topk_calls(tokenizer):
+    """The hooks' own guard (behind the refusal at construction): a group-limited router ranks groups first."""
+    model = tiny_moe(tokenizer, "beam", mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1)
+    batch = padded_batch(tokenizer)
+    hooks, routing, _ = record(model, batch)
+    hooks.start_policy_pass(routing, replay=True)
+    with pytest.raises(RuntimeError, match="only a single top-2 selection over the last dimension, of 4 experts"):
+        model(**batch)
+    hooks.clear()
+    with torch.no_grad():
+        model(**batch)  # the forcing mode did not outlive the failed forward
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)

@@ -11,9 +11,12 @@ indices from there, so a forward hook on the routers sees, and can replace, the 
   top-k indices for every position of every row (prompt and completion), shape (B, L, layers, k). The tensor
   rides in the rollout batch under `ROUTING_KEY`, so TRL's shuffle and split carry it with its rows.
   `generate()` and the reference pass are not recorded.
-- policy pass (in `compute_loss`): the hooks observe the current routing (drift metric) and, with replay,
-  return the recorded indices instead, with weights recomputed from the *current* router logits at those
-  indices (`replay_weights`), so the router still gets gradients. The replay state lives until backward has
+- policy pass (in `compute_loss`): the hooks observe the current routing (drift metric) and, with replay, make
+  the router's own forward pick the recorded experts: during the router's forward its one `topk` call returns
+  the recorded indices, with the values gathered from the very tensor it was ranking (`ForcedTopK`). Whatever the
+  router computes from them (softmax or sigmoid, score bias, renormalisation, scaling) is its own code, so with
+  unchanged parameters replay is bit-identical and the router still gets gradients. Only the router classes in
+  `REPLAY_ROUTER_CLASSES` (each tested on a tiny model) are accepted. The replay state lives until backward has
   finished: gradient checkpointing re-runs the router during backward and must see the same experts.
 """
 
@@ -23,6 +26,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 from .config import pi_old_pass_runs
@@ -33,6 +37,38 @@ logger = logging.get_logger(__name__)
 # through TRL's shuffle_sequence_dict / split_tensor_dict with the rows it belongs to.
 ROUTING_KEY = "moe_routing"
 ROUTER_CLASS_SUFFIX = "TopKRouter"
+
+# Routers whose forward makes exactly one top-k selection over the experts and returns its indices, so that
+# `ForcedTopK` replays them exactly; each is tested on a tiny model of its type (tests/test_moe.py,
+# REPLAY_MODELS), and docs/MOE.md lists why the other `*TopKRouter` classes of transformers 5.24 are not here.
+REPLAY_ROUTER_CLASSES = frozenset(
+    {
+        "Cohere2MoeTopKRouter",
+        "DeepseekV4TopKRouter",
+        "Ernie4_5_MoeTopKRouter",
+        "FlexOlmoTopKRouter",
+        "FlintTopKRouter",
+        "GptOssTopKRouter",
+        "GraniteMoeHybridTopKRouter",
+        "GraniteMoeSWATopKRouter",
+        "GraniteMoeSharedTopKRouter",
+        "GraniteMoeTopKRouter",
+        "HYV3TopKRouter",
+        "JambaTopKRouter",
+        "LagunaTopKRouter",
+        "LaraMiniTopKRouter",
+        "Lfm2MoeTopKRouter",
+        "MellumTopKRouter",
+        "MiniMaxM2TopKRouter",
+        "MiniMaxTopKRouter",
+        "MixtralTopKRouter",
+        "OlmoeTopKRouter",
+        "Qwen2MoeTopKRouter",
+        "Qwen3MoeTopKRouter",
+        "Qwen3NextTopKRouter",
+        "Qwen3_5MoeTopKRouter",
+    }
+)
 
 
 def find_routers(model: nn.Module) -> list[nn.Module]:
@@ -69,20 +105,46 @@ def index_dtype(num_experts: int) -> torch.dtype:
     return torch.int32
 
 
-def replay_weights(
-    router_logits: torch.Tensor, indices: torch.Tensor, normalize: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """Routing weights of the experts `indices` (N, k) under the current `router_logits` (N, E).
+def _topk_arguments(input, k, dim=-1, largest=True, sorted=True):
+    return input, k, dim
 
-    The same arithmetic as the routers (softmax in float32, gather, optional renormalisation over the k chosen),
-    so with unchanged logits and recorded indices it reproduces the router's own weights bit for bit; it is
-    differentiable in the logits, so the router gets gradients through the replayed experts' weights.
+
+class ForcedTopK(TorchFunctionMode):
+    """Active during one router forward: its top-k selection returns the `forced` (N, k) expert indices.
+
+    The values are gathered from the tensor the router ranks, so they are what `topk` itself returns for those
+    experts (bit for bit when they are the natural choice) and carry its gradient; the router computes its
+    weights from them with its own code. Counts the selections and keeps the natural indices (drift metric).
     """
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
-    weights = probs.gather(-1, indices)
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(dtype)
+
+    def __init__(self, forced: torch.Tensor, top_k: int, num_experts: int, layer: int):
+        super().__init__()
+        self.forced, self.top_k, self.num_experts, self.layer = forced, top_k, num_experts, layer
+        self.calls = 0
+        self.natural: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in (torch.topk, torch.Tensor.topk):
+            return func(*args, **kwargs)
+        scores, k, dim = _topk_arguments(*args, **kwargs)
+        self.calls += 1
+        if k != self.top_k or dim not in (-1, scores.dim() - 1) or scores.size(-1) != self.num_experts:
+            raise RuntimeError(
+                f"routing replay: layer {self.layer}'s router calls topk(k={k}, dim={dim}) on a tensor of shape "
+                f"{tuple(scores.shape)}; only a single top-{self.top_k} selection over the last dimension, of "
+                f"{self.num_experts} experts, can be replayed."
+            )
+        tokens = scores.shape[:-1].numel()
+        if self.forced.size(0) != tokens:
+            raise RuntimeError(
+                f"routing replay: layer {self.layer} routes {tokens} tokens but the recorded routing holds "
+                f"{self.forced.size(0)} (rows x length of the rollout batch); the policy forward must see the same "
+                "padded rows as the pi_old pass."
+            )
+        self.natural = func(*args, **kwargs).indices
+        indices = self.forced.to(scores.device, torch.long).view(*scores.shape[:-1], self.top_k)
+        return torch.return_types.topk((scores.gather(-1, indices), indices))
 
 
 def routing_drift_counts(recorded: torch.Tensor, current: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,14 +176,15 @@ def drift_fractions(counts: torch.Tensor) -> dict[str, float]:
 
 
 class RouterHooks:
-    """Forward hooks on every router of a model: record the routing, observe it, or replay a recorded one.
+    """Hooks on every router of a model: record the routing, observe it, or replay a recorded one.
 
     Idle unless told otherwise, so generate() and reference passes go through untouched. One state at a time:
       `recording()`                a context; every router call appends its indices (any number of chunks)
       `recorded(batch, length)`    the record of the last `recording()` as (B, L, layers, k)
       `start_policy_pass(routing, replay)`  observe the current routing and, with replay, force `routing`
                                     (B, L, layers, k); stays on (for backward recomputation) until `clear()`
-      `observed(batch, length)`    the current routing seen in the policy pass, (B, L, layers, k)
+      `observed(batch, length)`    the current (natural) routing seen in the policy pass, (B, L, layers, k)
+    Replaying needs routers of `REPLAY_ROUTER_CLASSES` (the trainer refuses others at construction).
     """
 
     def __init__(self, routers: list[nn.Module]):
@@ -134,7 +197,12 @@ class RouterHooks:
         self._chunks: list[list[torch.Tensor]] = [[] for _ in routers]
         self._observed: list[torch.Tensor | None] = [None] * len(routers)
         self._replay: torch.Tensor | None = None
-        self._handles = [router.register_forward_hook(self._hook(i)) for i, router in enumerate(routers)]
+        self._forcing: list[ForcedTopK | None] = [None] * len(routers)
+        self._handles = []
+        for i, router in enumerate(routers):
+            self._handles.append(router.register_forward_pre_hook(self._pre_hook(i)))
+            # always_call: the forcing mode is left even when the router's forward raises
+            self._handles.append(router.register_forward_hook(self._hook(i), always_call=True))
 
     @property
     def num_layers(self) -> int:
@@ -146,6 +214,8 @@ class RouterHooks:
 
     def clear(self) -> None:
         """Back to idle; drops any replay state (call once backward of the policy pass has finished)."""
+        for layer in range(self.num_layers):
+            self._stop_forcing(layer)
         self._mode = "idle"
         self._replay = None
         self._observed = [None] * len(self.routers)
@@ -176,27 +246,42 @@ class RouterHooks:
             raise RuntimeError("RouterHooks.observed: not every router ran since start_policy_pass.")
         return torch.stack([o.view(batch_size, seq_len, self.top_k) for o in self._observed], dim=2)
 
+    def _stop_forcing(self, layer: int) -> ForcedTopK | None:
+        forcing, self._forcing[layer] = self._forcing[layer], None
+        if forcing is not None:
+            forcing.__exit__(None, None, None)
+        return forcing
+
+    def _pre_hook(self, layer: int):
+        def pre_hook(module, args):
+            if self._mode != "policy" or self._replay is None:
+                return
+            # policy pass with replay; gradient checkpointing runs this again in backward, with the same result
+            forced = self._replay[:, :, layer].reshape(-1, self.top_k)
+            self._forcing[layer] = ForcedTopK(forced, self.top_k, module.num_experts, layer)
+            self._forcing[layer].__enter__()
+
+        return pre_hook
+
     def _hook(self, layer: int):
         def hook(module, args, output):
-            if self._mode == "idle":
-                return None
-            router_logits, weights, indices = output
+            forcing = self._stop_forcing(layer)
+            if self._mode == "idle" or output is None:
+                return
+            indices = output[2]
             if self._mode == "record":
                 self._chunks[layer].append(indices.detach())
-                return None
-            # policy pass; gradient checkpointing calls this again in backward, with the same result
-            self._observed[layer] = indices.detach()
-            if self._replay is None:
-                return None
-            forced = self._replay[:, :, layer].reshape(-1, indices.size(-1)).to(indices.device, indices.dtype)
-            if forced.size(0) != indices.size(0):
-                raise RuntimeError(
-                    f"routing replay: layer {layer} routes {indices.size(0)} tokens but the recorded routing holds "
-                    f"{forced.size(0)} (rows x length of the rollout batch); the policy forward must see the same "
-                    "padded rows as the pi_old pass."
-                )
-            normalize = getattr(module, "norm_topk_prob", True)  # Mixtral's router always renormalises
-            return router_logits, replay_weights(router_logits, forced, normalize, weights.dtype), forced
+            elif forcing is None:  # policy pass, observing only
+                self._observed[layer] = indices.detach()
+            else:
+                if forcing.calls != 1 or not torch.equal(
+                    indices.reshape(forcing.forced.shape), forcing.forced.to(indices)
+                ):
+                    raise RuntimeError(
+                        f"routing replay: {type(module).__name__} (layer {layer}) made {forcing.calls} top-k "
+                        "selections or did not return the replayed experts; it cannot be replayed exactly."
+                    )
+                self._observed[layer] = forcing.natural.detach()
 
         return hook
 
@@ -232,12 +317,19 @@ class MoERoutingMixin:
         """Hook the routers when the drift metric or replay needs them; refuse replay on a dense model."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         routers = find_routers(unwrapped)
+        model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
         if self._routing_replay and not routers:
-            model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
             raise ValueError(
                 f"routing_replay=True needs a Mixture-of-Experts model with *TopKRouter modules (Qwen3-MoE, "
-                f"Qwen2-MoE, Mixtral, OLMoE); this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
+                f"Qwen2-MoE, Mixtral, OLMoE, ...); this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
                 "has none. Set routing_replay=False."
+            )
+        unsupported = sorted({type(router).__name__ for router in routers} - REPLAY_ROUTER_CLASSES)
+        if self._routing_replay and unsupported:
+            raise ValueError(
+                f"routing_replay=True: this model ({type(unwrapped).__name__}, model_type={model_type!r}) routes with "
+                f"{', '.join(unsupported)}, whose replay is not shown to be exact (see docs/MOE.md). Supported "
+                f"routers: {', '.join(sorted(REPLAY_ROUTER_CLASSES))}. Set routing_replay=False."
             )
         # the switches of the composed mixins (a GRPOConfig has no such fields: a composed padding-free mixin is on)
         speed_options = [
