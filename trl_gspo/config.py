@@ -18,6 +18,7 @@ PAPER_MINIBATCHES_PER_ROLLOUT = 4
 # mean over hundreds of tokens and moves far less than a token ratio, so such a clip never fires.
 GRPO_LIKE_EPSILON = 0.05
 ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
+MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
 
 # loss_type values and why they cannot aggregate a sequence-level ratio.
 _LENGTH_WEIGHTED_LOSSES = ("dapo", "bnpo", "dr_grpo")
@@ -110,6 +111,12 @@ class GSPOConfig(GRPOConfig):
             correction and for top-k/top-p truncation.
         rollout_logprobs_check_interval (`int`, defaults to `10`):
             Every this many rollouts, also run the pi_old forward and log the mismatch (gspo/rollout_logprobs/*).
+        max_consecutive_nonfinite_reward_rollouts (`int`, defaults to `5`):
+            Stop training (ValueError naming the reward functions) after this many consecutive rollouts in which no
+            completion got a finite reward and some reward function returned NaN or +-inf. A single such rollout
+            trains on (its advantages are 0); the current streak is logged as
+            `gspo/consecutive_nonfinite_reward_rollouts`. Rollouts whose rewards are all `None` ("does not apply",
+            TRL's contract) warn and train on, as in TRL, and never count.
 
     Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
     `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
@@ -187,6 +194,15 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    max_consecutive_nonfinite_reward_rollouts: int = field(
+        default=MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS,
+        metadata={
+            "help": "Stop after this many consecutive rollouts with no finite reward in which some reward function "
+            "returned NaN or inf (a bug, not 'does not apply'); one such rollout trains on with zero advantages. "
+            "All-None rollouts (TRL: the reward does not apply) warn and never count."
+        },
+    )
+
     # MoE routing (trl_gspo/moe.py); no effect on dense models except routing_replay, which they refuse
     log_routing_drift: bool = field(
         default=True,
@@ -242,6 +258,12 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(f"GSPOConfig.num_iterations={self.num_iterations} must be >= 1.")
         if not self.log_ratio_bound > 0:
             raise ValueError(f"GSPOConfig.log_ratio_bound={self.log_ratio_bound} must be > 0.")
+        limit = self.max_consecutive_nonfinite_reward_rollouts
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(
+                f"GSPOConfig.max_consecutive_nonfinite_reward_rollouts={limit!r} must be an integer >= 1: the "
+                "number of consecutive rollouts without any finite reward (NaN or inf returned) that stops training."
+            )
         if not (math.isfinite(self.token_advantage_weight) and self.token_advantage_weight >= 0):
             raise ValueError(
                 f"GSPOConfig.token_advantage_weight={self.token_advantage_weight} must be a finite number >= 0."

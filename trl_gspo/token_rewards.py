@@ -5,7 +5,9 @@ A reward function follows TRL's calling convention and returns one entry per com
 - a number: a sequence reward, as in TRL. ``None`` means "cannot score this completion": it is left out of the
   group baseline (TRL). ``NaN`` is treated like ``None`` and ``+-inf`` too (an infinite reward has no finite
   advantage), but both are usually a bug: `GSPOTrainer` warns once per reward function with the share of such
-  values, and refuses a step in which no reward function gave any completion a finite reward.
+  values. A rollout in which no completion got a finite reward trains on (all advantages 0), but
+  ``GSPOConfig.max_consecutive_nonfinite_reward_rollouts`` such rollouts in a row, NaN or inf among their rewards,
+  stop training with an error naming the reward functions (all-``None`` rollouts warn, as in TRL, and never count).
 - a span list ``[(start_char, end_char, value), ...]`` over the completion's text (the string the reward function
   was given): ``value`` rewards the characters ``text[start_char:end_char]``. Spans must lie inside the text
   (``0 <= start_char < end_char <= len(text)``), must not overlap each other (touching is fine), and their values
@@ -351,11 +353,14 @@ def non_finite_warning(name: str, nan_count: int, inf_count: int, total: int) ->
     )
 
 
-def no_finite_reward_message(names: Sequence[str], total: int) -> str:
+def no_finite_reward_message(names: Sequence[str], non_finite_names: Sequence[str], streak: int, limit: int) -> str:
+    """Why training stops: `streak` consecutive rollouts without a finite reward, NaN or inf among their rewards."""
+    culprits = ", ".join(map(repr, non_finite_names)) or "a reward function on another process"
     return (
-        f"no reward function ({', '.join(map(repr, names))}) gave any of the {total} completions of this rollout a "
-        "finite reward (all None, NaN or inf): training on it would update on nothing. Refusing it before any parameter changes; check the reward "
-        "functions."
+        f"no completion got a finite reward in {streak} consecutive rollouts (GSPOConfig."
+        f"max_consecutive_nonfinite_reward_rollouts={limit}); reward functions: {', '.join(map(repr, names))}; NaN or "
+        f"inf came from {culprits}. Training on would update on nothing: stopping. Fix the reward function, return "
+        "None where a reward does not apply, or raise max_consecutive_nonfinite_reward_rollouts."
     )
 
 

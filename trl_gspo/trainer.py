@@ -155,7 +155,7 @@ class GSPOTrainer(GRPOTrainer):
     Reward functions may also return token-level rewards (span lists or per-token lists, `trl_gspo.token_rewards`),
     which become (B, T) advantages for GSPO-token (`importance_sampling_level="sequence_token"`); plain reward
     functions work unchanged next to them. For that, and for the checks on every reward (NaN and inf warned once
-    per function, a step with no finite reward refused), `_calculate_rewards` and `_generate_and_score_completions`
+    per function, a run that keeps producing no finite reward stopped), `_calculate_rewards` and `_generate_and_score_completions`
     are overridden thinly (see `_score_token_rewards`, `_log_rollout_diagnostics`). Private GRPOTrainer attributes
     read besides TRL_PRIVATE_API: `_tokenizer`, `reward_weights`, `_metrics`.
 
@@ -193,6 +193,8 @@ class GSPOTrainer(GRPOTrainer):
         self.packed_layout = None  # (PackedBatch, start) of the latest padding-free forward
         self._rollouts_seen = 0
         self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
+        self._nonfinite_reward_streak = 0  # consecutive rollouts without a finite reward, NaN or inf among them
+        self._nonfinite_reward_names = set()  # the reward functions that returned NaN or inf during that streak
         self._moe_setup_routing()
         self._print_start_banner()
 
@@ -427,18 +429,39 @@ class GSPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _check_reward_values(self, rewards_per_func, collector):
-        """Warn once per reward function that returned NaN or +-inf; refuse a step without a single finite reward.
+        """Warn once per reward function that returned NaN or +-inf; stop a run that keeps producing no finite reward.
 
-        TRL sums rewards with nansum: a function returning NaN everywhere would train silently on nothing, and an
-        inf would reach the advantages. None means "cannot score this completion" (left out of the group
-        baseline); NaN and +-inf are treated the same way but warned about, as they usually are bugs.
+        `rewards_per_func` is gathered over processes. TRL's contract: None means "this reward does not apply"; a
+        rollout where every reward is None warns (TRL's own warning) and trains on with zero advantages. NaN and
+        +-inf are treated like None (left out of the group baseline) but are warned about, since they usually are
+        bugs: one rollout without any finite reward trains on too, but
+        `args.max_consecutive_nonfinite_reward_rollouts` consecutive ones in which NaN or inf took part raise a
+        ValueError naming the reward functions. The current streak is logged as
+        `gspo/consecutive_nonfinite_reward_rollouts`.
         """
         for name, (nan_count, inf_count, total) in collector.non_finite.items():
             if name not in self._non_finite_reward_warned:
                 self._non_finite_reward_warned.add(name)
                 logger.warning(non_finite_warning(name, nan_count, inf_count, total))
-        if not torch.isfinite(rewards_per_func).any():
-            raise ValueError(no_finite_reward_message(self.reward_func_names, rewards_per_func.size(0)))
+        if torch.isfinite(rewards_per_func).any():
+            self._nonfinite_reward_streak = 0
+            self._nonfinite_reward_names.clear()
+        else:
+            # every process sees the same gathered rewards and gets here; whether NaN or inf (not only None) took
+            # part is known per process, so it is gathered too, and every process takes the same decision
+            local = torch.tensor([float(bool(collector.non_finite))], device=rewards_per_func.device)
+            if self.accelerator.gather(local).sum().item() > 0:
+                self._nonfinite_reward_streak += 1
+                self._nonfinite_reward_names.update(collector.non_finite)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["gspo/consecutive_nonfinite_reward_rollouts"].append(float(self._nonfinite_reward_streak))
+        limit = self.args.max_consecutive_nonfinite_reward_rollouts
+        if self._nonfinite_reward_streak >= limit:
+            raise ValueError(
+                no_finite_reward_message(
+                    self.reward_func_names, sorted(self._nonfinite_reward_names), self._nonfinite_reward_streak, limit
+                )
+            )
 
     def _score_token_rewards(self, output):
         """Under "sequence_token", replace the (B,) advantages by (B, T) ones: A_it = A_i + lambda * token component.
