@@ -109,8 +109,21 @@ def test_math_accuracy_works_outside_the_main_thread():
 
 def test_math_accuracy_without_math_verify_explains_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "math_verify", None)
-    with pytest.raises(ImportError, match=r"pip install trl-gspo\[math\]"):
+    with pytest.raises(ImportError, match=r"pip install 'trl-gspo\[math\]'"):
         math_accuracy(["\\boxed{1}"], answer=["1"])
+
+
+def test_math_accuracy_without_math_verify_is_refused_when_resolved(monkeypatch):
+    """The default reward of the training script: its missing extra is named when the reward names are resolved
+    (before the model loads), not at the first training step."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for resolve in (
+        lambda: get_reward_func("math_accuracy"),
+        lambda: load_reward_funcs(["exact_match", "math_accuracy"]),
+    ):
+        with pytest.raises(ValueError, match=r"math_accuracy needs the math-verify package.*'trl-gspo\[math\]'"):
+            resolve()
+    assert get_reward_func("exact_match") is exact_match  # the other rewards do not need it
 
 
 # --- think_format ----------------------------------------------------------------------------------------------------
@@ -318,16 +331,34 @@ def test_wrap_reward_checked_reraises_with_name():
     assert isinstance(error.value.__cause__, KeyError)
 
 
-def test_wrap_reward_checked_rejects_nan_with_index():
-    with pytest.raises(ValueError, match=r"'nan_reward'.*index 2"):
-        wrap_reward_checked(nan_reward)(completions=["a", "b", "c"])
+def test_wrap_reward_checked_passes_nan_and_inf_on_to_the_trainer():
+    """GSPOTrainer warns about NaN/inf and stops only when they persist: the wrapper must not end the run at once."""
+    rewards = wrap_reward_checked(nan_reward)(completions=["a", "b", "c"])
+    assert rewards[:2] == [1.0, None] and math.isnan(rewards[2])
+    assert wrap_reward_checked(lambda completions, **kwargs: [0.0, math.inf])(completions=["a", "b"]) == [
+        0.0,
+        math.inf,
+    ]
 
 
-@pytest.mark.parametrize("bad_value", [math.inf, "1.0"])
-def test_wrap_reward_checked_rejects_non_finite_and_non_numbers(bad_value):
-    checked = wrap_reward_checked(lambda completions, **kwargs: [0.0, bad_value])
+def test_wrap_reward_checked_rejects_non_numbers_with_index():
+    checked = wrap_reward_checked(lambda completions, **kwargs: [0.0, "1.0"])
     with pytest.raises(ValueError, match="index 1"):
         checked(completions=["a", "b"])
+
+
+def forgot_to_return(completions, **kwargs):
+    [1.0 for _ in completions]
+
+
+@pytest.mark.parametrize(("func", "returned"), [(forgot_to_return, "NoneType None"), (lambda **kw: 1.0, "float 1.0")])
+def test_wrap_reward_checked_names_a_function_that_returns_no_list(func, returned):
+    name = func.__name__
+    with pytest.raises(
+        TypeError,
+        match=rf"reward function {name!r} returned {returned}; it must return a list of one reward per completion \(2 completions",
+    ):
+        wrap_reward_checked(func)(completions=["a", "b"])
 
 
 def test_wrap_reward_checked_rejects_wrong_length():
