@@ -227,11 +227,33 @@ class GSPOConfig(GRPOConfig):
         self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
-        super().__post_init__()
+        generation_batch_size_set = self.generation_batch_size is not None
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            if "must be divisible by num_generations" not in str(error):
+                raise
+            raise ValueError(self._num_generations_message(generation_batch_size_set)) from None
         self._validate_rollout_logprobs_fields()
         self._validate_routing_fields()
         self._warn_on_suspicious_setup()
         self._warn_on_unused_settings()
+
+    def _num_generations_message(self, generation_batch_size_set: bool) -> str:
+        """TRL's "generation_batch_size must be divisible by num_generations", in the fields the user set."""
+        rollout = self.generation_batch_size
+        if generation_batch_size_set:
+            made_of = f"generation_batch_size={rollout}"
+        else:
+            made_of = (
+                f"per_device_train_batch_size={self.per_device_train_batch_size} x {self.world_size} process(es) x "
+                f"steps_per_generation={self.steps_per_generation} = {rollout}"
+            )
+        return (
+            f"GSPOConfig.num_generations={self.num_generations} must divide the number of completions per rollout, "
+            f"{made_of}: every prompt's group of num_generations completions must fit in one rollout. Choose a "
+            f"num_generations that divides {rollout}, or a batch size that is a multiple of {self.num_generations}."
+        )
 
     @property
     def is_sequence_level(self) -> bool:
