@@ -5,8 +5,9 @@
 
 Three dataclasses are parsed by TRL's TrlParser: `GSPOScriptArguments` (data and rewards), `GSPOConfig`
 (every GRPOConfig/TrainingArguments field) and TRL's `ModelConfig` (model, dtype, LoRA/QLoRA). A recipe key
-none of them knows is an error. Everything that can be checked before training (dataset file and columns,
-reward names, model path, checkpoint to resume from) is checked before the model is loaded.
+none of them knows is an error. Everything that can be checked before training (output folder, dataset file, rows
+and columns, reward names and their optional packages, model path, checkpoint to resume from) is checked before the
+model is loaded.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def load_prompt_dataset(script_args: GSPOScriptArguments, split: str) -> Dataset
 
 @contextlib.contextmanager
 def datasets_progress_bars_off():
+    """`datasets`' progress bars off inside the block, restored after it."""
     was_enabled = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()
     try:
@@ -196,7 +198,7 @@ def load_local_file(name: str, builder: str, split: str) -> Dataset:
 
 
 def build_reward_funcs(script_args: GSPOScriptArguments):
-    """Resolve the reward names, each wrapped so that a crash or a NaN names the reward function."""
+    """Resolve the reward names, each wrapped so that a crash or a malformed output names the reward function."""
     reward_kwargs = script_args.reward_kwargs or {}
     unknown = set(reward_kwargs) - set(script_args.reward_funcs)
     if unknown:
