@@ -6,7 +6,8 @@
 
 RUN accepts a trainer_state.json, a run folder holding one (every run of scripts/train_gspo.py leaves it there),
 or a run folder whose latest checkpoint-*/ holds one. The figure goes to -o/--output, by default
-training_curves.png in the run folder (never inside a checkpoint), titled with the run folder's name.
+training_curves.png in the run folder (never inside a checkpoint), titled with the run folder's name. A panel whose
+metrics the run did not log is left out, and the script names it. Needs matplotlib (`pip install 'trl-gspo[plots]'`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from trl_gspo.plotting import find_trainer_state, load_log_history, plot_run, run_folder  # noqa: E402
+from trl_gspo.plotting import absent_panels, find_trainer_state, load_log_history, plot_run, run_folder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = run_folder(state_path)
         output = Path(args.output) if args.output else folder / "training_curves.png"
         plot_run(log_history, output, title=args.title or folder.name, clip_range=args.clip_range)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         print(f"plot_run.py: error: {error}", file=sys.stderr)
         return 1
     print(f"figure written to {output}")
+    for absent in absent_panels(log_history):
+        print(f"  not logged by this run, left out: {absent}")
     return 0
 
 

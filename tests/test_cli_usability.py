@@ -71,6 +71,12 @@ def error_line(capsys, argv) -> str:
         ("missing-model-folder", ["no-such-model", "no such model folder"]),
         ("broken-yaml", ["recipe.yaml"]),
         ("bad-json-override", ["Expecting"]),
+        ("bad-value-type", ["--epsilon", "invalid float value: 'abc'", "--help"]),
+        ("empty-data-file", ["empty.jsonl", "the file is empty"]),
+        ("blank-data-file", ["blank.jsonl", "the file is empty"]),
+        ("header-only-csv", ["header.csv", "holds no rows"]),
+        ("zero-samples", ["max_train_samples=0", "keeps no training rows", "16 rows"]),
+        ("num-generations", ["num_generations=3", "per_device_train_batch_size=8", "divides 32"]),
     ],
 )
 def test_bad_configuration_is_one_error_line(assets, tmp_path, capsys, case, fragments):
@@ -90,10 +96,79 @@ def test_bad_configuration_is_one_error_line(assets, tmp_path, capsys, case, fra
         recipe.write_text("epsilon: [unclosed\n")
     elif case == "bad-json-override":
         argv += ["--reward_kwargs", "{not json"]
+    elif case == "bad-value-type":
+        argv += ["--epsilon", "abc"]
+    elif case in ("empty-data-file", "blank-data-file", "header-only-csv"):
+        name, text = {"empty-data-file": ("empty.jsonl", ""), "blank-data-file": ("blank.jsonl", "\n\n")}.get(
+            case, ("header.csv", "prompt,answer\n")
+        )
+        (tmp_path / name).write_text(text)
+        write_recipe(assets, tmp_path, dataset_name=str(tmp_path / name))
+    elif case == "zero-samples":
+        write_recipe(assets, tmp_path, max_train_samples=0)
+    elif case == "num-generations":
+        write_recipe(assets, tmp_path, num_generations=3)
     line = error_line(capsys, argv)
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
+    for internal in ("_gspo_", "generation_batch_size", "Instruction"):  # names the user never wrote
+        assert internal not in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_trainer(monkeypatch):
+    """Building the trainer (which loads the model) is an error: the checks under test must fire before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer was built: the input check came too late")
+
+    monkeypatch.setattr(cli, "GSPOTrainer", refuse)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_output_dir_naming_a_file_is_one_error_line_before_the_model_loads(
+    assets, tmp_path, capsys, no_trainer, inside
+):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a run folder")
+    output_dir = existing / "run" if inside else existing
+    recipe = write_recipe(assets, tmp_path, output_dir=str(output_dir))
+    line = error_line(capsys, ["--config", str(recipe)])
+    assert f"output_dir={str(output_dir)!r}" in line
+    assert ("inside" in line) == inside and "is a file" in line
+    assert existing.read_text() == "not a run folder"
+
+
+def test_default_reward_without_math_verify_is_one_error_line(assets, tmp_path, capsys, monkeypatch, no_trainer):
+    """math_accuracy (the default reward) without its optional extra: said before the model loads."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    recipe = write_recipe(assets, tmp_path, reward_funcs=["math_accuracy"])
+    line = error_line(capsys, ["--config", str(recipe)])
+    assert "math_accuracy needs the math-verify package" in line and "'trl-gspo[math]'" in line
+
+
+def test_a_run_shows_a_progress_bar_and_one_line_summaries_not_metric_dicts(assets, tmp_path, capsys):
+    recipe = write_recipe(assets, tmp_path, max_steps=2, logging_steps=1, steps_per_generation=2)
+    cli.main(["--config", str(recipe)])
+    captured = capsys.readouterr()
+    summaries = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in summaries] == ["step 1/2", "step 2/2"], captured.out
+    assert all("reward " in line and "clipped sequences " in line and "s_i - 1 in [" in line for line in summaries)
+    assert "{'loss'" not in captured.out and "'train_runtime'" not in captured.out, captured.out
+    assert "2/2" in captured.err  # the bar
+
+
+def test_summary_lines_are_periodic():
+    callback = cli.SummaryProgressCallback()
+    callback.training_bar = type("Bar", (), {"write": lambda self, line: written.append(line)})()
+    written = []
+    state = type("State", (), {"is_world_process_zero": True, "max_steps": 1000})()
+    for step in range(4, 1001, 4):  # a tiny recipe: a log every 4 steps
+        state.global_step = step
+        callback.on_log(None, state, None, logs={"reward": 0.5, "loss": 0.0})
+    assert len(written) == 20 and written[0].startswith("step 4/1000: reward 0.500")
+    assert written[1].startswith("step 56/1000")  # >= 50 steps after the previous line
 
 
 def test_argument_prefixes_are_not_expanded(assets, tmp_path, capsys):
@@ -146,6 +221,29 @@ def test_tiny_task_builds_missing_model_and_data_then_finds_them(tmp_path):
     assert ensure_task_assets("sort_digits", model_path, data_path, seed=0, log=messages.append) == built
     assert len(messages) == 2 and "found it in the cache" in messages[-1]  # the cache line and this one
     assert ensure_task_assets("sort_digits", built, data_path, log=messages.append) == built  # an existing folder
+
+
+def test_tiny_recipe_with_a_mistyped_model_path_builds_nothing(assets, tmp_path, capsys, no_trainer):
+    """A missing model is built only at a path named `<task>-warm-start` (the recipe's own form): any other missing
+    path, e.g. a typo, is an error naming it, and no model is written there or next to it."""
+    typo = tmp_path / "models" / "my-sort-modle"
+    recipe = write_recipe(assets, tmp_path, tiny_task="sort_digits", model_name_or_path=str(typo))
+    line = error_line(capsys, ["--config", str(recipe)])
+    assert f"model_name_or_path={str(typo)!r}: no such model folder" in line and "'sort_digits-warm-start'" in line
+    assert not (tmp_path / "models").exists()
+
+
+def test_tiny_recipes_have_their_own_run_folders_and_the_documented_model_path():
+    """A standalone tiny recipe run must not overwrite the demo's run folder (runs/demo/<task>, `make demo`)."""
+    recipes = sorted((ROOT / "recipes" / "tiny").glob("*/gspo.yaml"))
+    assert len(recipes) == 3
+    for path in recipes:
+        recipe = yaml.safe_load(path.read_text())
+        task = recipe["tiny_task"]
+        for key in ("output_dir", "dataset_name"):
+            assert not Path(recipe[key]).is_relative_to("runs/demo"), f"{path}: {key}={recipe[key]}"
+        assert Path(recipe["output_dir"]) == Path("runs/tiny") / task
+        assert recipe["model_name_or_path"] == f"{cli.TINY_CACHE_DIR}/{cli.tiny_warm_start_name(task)}"
 
 
 def test_unknown_tiny_task_is_refused(assets, tmp_path, capsys):

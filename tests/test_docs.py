@@ -185,6 +185,6 @@ def test_documented_commands_run(document, tmp_path):
             assert len(banners) == 1 and f"world size {world}," in banners[0], result.stdout[-2000:]
     if document == "recipes/README.md":  # the tiny recipe's commands are the ones that can run here
         assert any("recipes/tiny/" in c and "accelerate launch" in c for c in ran), ran
-        assert (cwd / "runs" / "demo" / "sort_digits" / "training_curves.png").is_file()
+        assert (cwd / "runs" / "tiny" / "sort_digits" / "training_curves.png").is_file()
     if document == "README.md":
         assert any("scripts/quickstart.py" in c for c in ran), ran

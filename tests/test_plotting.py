@@ -100,8 +100,11 @@ def test_plot_run_grpo_history_without_gspo_keys(tmp_path, monkeypatch):
 
 
 def test_plot_run_refuses_a_history_with_nothing_to_plot(tmp_path):
-    with pytest.raises(ValueError, match="nothing to draw"):
-        plot_run([{"step": 1, "loss": 0.1}], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="nothing to draw. It logged: learning_rate, loss"):
+        plot_run([{"step": 1, "loss": 0.1, "learning_rate": 0.1}], tmp_path / "empty.png")
+    # a run that logged no step at all (the quickstart: 8 steps, logging_steps 10) is told why
+    with pytest.raises(ValueError, match=r"log history is empty: the run logged no step.*logging_steps=1"):
+        plot_run([], tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
 
 
@@ -227,12 +230,70 @@ def test_ratio_panel_shows_the_clip_band_as_deviation_from_one(tmp_path, monkeyp
     assert all(abs(y) < 1e-12 for y in means)  # s_i = 1.0 drawn as 0
 
 
-def test_plot_run_cli_writes_next_to_the_run_not_into_a_checkpoint(tmp_path, capsys):
+def load_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plot_run_script", REPO / "scripts" / "plot_run.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)  # in-process: the subprocess form is tested above
+    return script
+
+
+def test_ratio_legend_covers_no_data(tmp_path, monkeypatch):
+    """The ratio panel's legend (five entries) sits outside its axes, where it hides none of the lines."""
+    import matplotlib.figure
+
+    boxes = []
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        result = original(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if ax.get_visible() and "s_i - 1" in ax.get_title():
+                boxes.append((ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer), fig.bbox))
+        return result
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    plot_run(gspo_history(), tmp_path / "ratio.png", clip_range=(3e-4, 4e-4))
+    ((axes_box, legend_box, figure_box),) = boxes
+    assert not axes_box.overlaps(legend_box)
+    assert figure_box.contains(legend_box.x0, legend_box.y0) and figure_box.contains(legend_box.x1, legend_box.y1)
+
+
+def test_plot_run_cli_draws_what_a_run_logged_and_names_what_it_did_not(tmp_path, capsys):
+    script = load_script()
+    run = tmp_path / "grpo-run"
+    write_state(run, grpo_history())
+    assert script.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert is_png(run / "training_curves.png")
+    assert "left out: held-out accuracy (heldout_accuracy)" in out
+    assert "left out: sequence ratio (gspo/seq_ratio/min, gspo/seq_ratio/mean, gspo/seq_ratio/max)" in out
+    assert "left out: reward" not in out and "left out: clipped" not in out
+
+
+def test_plot_run_cli_on_a_run_that_logged_nothing_says_why(tmp_path, capsys):
+    """The quickstart's run: checkpoint-8/trainer_state.json with an empty log history."""
+    script = load_script()
+    write_state(tmp_path / "quickstart" / "checkpoint-8", [])
+    assert script.main([str(tmp_path / "quickstart")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("plot_run.py: error: the log history is empty") and "logging_steps" in err
+
+
+def test_plot_run_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
+    script = load_script()
+    write_state(tmp_path / "run", gspo_history())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert script.main([str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "needs matplotlib" in err and "pip install 'trl-gspo[plots]'" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "training_curves.png").exists()
+
+
+def test_plot_run_cli_writes_next_to_the_run_not_into_a_checkpoint(tmp_path, capsys):
+    script = load_script()
     run = tmp_path / "my-run"
     write_state(run / "checkpoint-21", gspo_history())
     assert script.main([str(run), "--clip-range", "3e-4", "4e-4"]) == 0

@@ -109,8 +109,21 @@ def test_math_accuracy_works_outside_the_main_thread():
 
 def test_math_accuracy_without_math_verify_explains_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "math_verify", None)
-    with pytest.raises(ImportError, match=r"pip install trl-gspo\[math\]"):
+    with pytest.raises(ImportError, match=r"pip install 'trl-gspo\[math\]'"):
         math_accuracy(["\\boxed{1}"], answer=["1"])
+
+
+def test_math_accuracy_without_math_verify_is_refused_when_resolved(monkeypatch):
+    """The default reward of the training script: its missing extra is named when the reward names are resolved
+    (before the model loads), not at the first training step."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for resolve in (
+        lambda: get_reward_func("math_accuracy"),
+        lambda: load_reward_funcs(["exact_match", "math_accuracy"]),
+    ):
+        with pytest.raises(ValueError, match=r"math_accuracy needs the math-verify package.*'trl-gspo\[math\]'"):
+            resolve()
+    assert get_reward_func("exact_match") is exact_match  # the other rewards do not need it
 
 
 # --- think_format ----------------------------------------------------------------------------------------------------
@@ -318,16 +331,34 @@ def test_wrap_reward_checked_reraises_with_name():
     assert isinstance(error.value.__cause__, KeyError)
 
 
-def test_wrap_reward_checked_rejects_nan_with_index():
-    with pytest.raises(ValueError, match=r"'nan_reward'.*index 2"):
-        wrap_reward_checked(nan_reward)(completions=["a", "b", "c"])
+def test_wrap_reward_checked_passes_nan_and_inf_on_to_the_trainer():
+    """GSPOTrainer warns about NaN/inf and stops only when they persist: the wrapper must not end the run at once."""
+    rewards = wrap_reward_checked(nan_reward)(completions=["a", "b", "c"])
+    assert rewards[:2] == [1.0, None] and math.isnan(rewards[2])
+    assert wrap_reward_checked(lambda completions, **kwargs: [0.0, math.inf])(completions=["a", "b"]) == [
+        0.0,
+        math.inf,
+    ]
 
 
-@pytest.mark.parametrize("bad_value", [math.inf, "1.0"])
-def test_wrap_reward_checked_rejects_non_finite_and_non_numbers(bad_value):
-    checked = wrap_reward_checked(lambda completions, **kwargs: [0.0, bad_value])
+def test_wrap_reward_checked_rejects_non_numbers_with_index():
+    checked = wrap_reward_checked(lambda completions, **kwargs: [0.0, "1.0"])
     with pytest.raises(ValueError, match="index 1"):
         checked(completions=["a", "b"])
+
+
+def forgot_to_return(completions, **kwargs):
+    [1.0 for _ in completions]
+
+
+@pytest.mark.parametrize(("func", "returned"), [(forgot_to_return, "NoneType None"), (lambda **kw: 1.0, "float 1.0")])
+def test_wrap_reward_checked_names_a_function_that_returns_no_list(func, returned):
+    name = func.__name__
+    with pytest.raises(
+        TypeError,
+        match=rf"reward function {name!r} returned {returned}; it must return a list of one reward per completion \(2 completions",
+    ):
+        wrap_reward_checked(func)(completions=["a", "b"])
 
 
 def test_wrap_reward_checked_rejects_wrong_length():
@@ -339,3 +370,98 @@ def test_wrap_reward_checked_keeps_factory_names_and_pickles():
     checked = pickle.loads(pickle.dumps(wrap_reward_checked(soft_overlong_penalty(10, 5))))
     assert checked.__name__ == "soft_overlong_penalty"
     assert checked(completions=["a"], completion_ids=[[1] * 10]) == pytest.approx([-1.0])
+
+
+# --- GSPOTrainer's checks on reward values: None follows TRL, NaN/inf stop a run only when they persist ---------------
+
+
+def always_none(completions, **kwargs):
+    return [None] * len(completions)
+
+
+def all_nan(completions, **kwargs):
+    return [math.nan] * len(completions)
+
+
+def tiny_trainer(make_model, tokenizer, tmp_path, reward_funcs, **overrides):
+    from conftest import prompt_dataset, small_config
+
+    from trl_gspo import GSPOTrainer
+
+    return GSPOTrainer(
+        model=make_model("qwen2"),
+        reward_funcs=reward_funcs,
+        args=small_config(tmp_path, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+def streaks(trainer):
+    """The logged streak of each rollout (logged with the first optimizer step of the rollout)."""
+    key = "gspo/consecutive_nonfinite_reward_rollouts"
+    return [e[key] for e in trainer.state.log_history if key in e]
+
+
+def test_all_none_rewards_warn_and_train_on_as_in_trl(make_model, tokenizer, tmp_path, caplog):
+    """TRL's test_warning_raised_all_rewards_none under GSPOTrainer: None means "does not apply"; a run whose
+    rewards are all None warns (TRL's own warning) and trains to the end, far past the NaN limit."""
+    trainer = tiny_trainer(
+        make_model, tokenizer, tmp_path, always_none, max_steps=12, max_consecutive_nonfinite_reward_rollouts=1
+    )
+    with caplog.at_level("WARNING", logger="trl.trainer.grpo_trainer"):
+        trainer.train()
+    assert "All reward functions returned None for the following kwargs:" in caplog.text
+    assert trainer.state.global_step == 12  # 3 rollouts of 4 optimizer steps
+    assert streaks(trainer) == [0.0] * 3
+
+
+def test_one_rollout_without_finite_reward_trains_on(make_model, tokenizer, tmp_path):
+    """NaN everywhere in the first rollout only (a transient bug): it trains on with zero advantages, the streak
+    metric shows it, and the next rollout's finite rewards reset it."""
+    calls = []
+
+    def nan_at_first(completions, **kwargs):
+        calls.append(len(completions))
+        return (
+            [math.nan] * len(completions)
+            if len(calls) == 1
+            else [float(len(c[-1]["content"]) % 4) for c in completions]
+        )
+
+    trainer = tiny_trainer(
+        make_model, tokenizer, tmp_path, nan_at_first, max_steps=8, max_consecutive_nonfinite_reward_rollouts=2
+    )
+    trainer.train()
+    assert trainer.state.global_step == 8 and len(calls) == 2
+    assert streaks(trainer) == [1.0, 0.0]
+
+
+def test_consecutive_rollouts_without_finite_reward_stop_naming_the_field_and_function(
+    make_model, tokenizer, tmp_path
+):
+    trainer = tiny_trainer(
+        make_model,
+        tokenizer,
+        tmp_path,
+        [all_nan, always_none],
+        max_steps=40,
+        max_consecutive_nonfinite_reward_rollouts=3,
+    )
+    with pytest.raises(ValueError) as raised:
+        trainer.train()
+    message = str(raised.value)
+    assert "3 consecutive rollouts" in message
+    assert "max_consecutive_nonfinite_reward_rollouts=3" in message
+    assert "NaN or inf came from 'all_nan'" in message and "'always_none'" in message
+    assert trainer.state.global_step == 8  # two rollouts trained on, the third stopped before its first step
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_nonfinite_rollout_limit_is_validated(tmp_path, bad):
+    from trl_gspo import GSPOConfig
+
+    with pytest.raises(
+        ValueError, match=rf"max_consecutive_nonfinite_reward_rollouts={bad!r} must be an integer >= 1"
+    ):
+        GSPOConfig(output_dir=str(tmp_path), use_cpu=True, max_consecutive_nonfinite_reward_rollouts=bad)

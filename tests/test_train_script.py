@@ -312,11 +312,18 @@ def test_bad_input_fails_before_training(assets, tmp_path, no_trainer, overrides
     ("reward", "error", "fragments"),
     [
         ("raising_reward", RuntimeError, ["raising_reward", "KeyError", "no such field"]),
-        ("nan_reward", ValueError, ["nan_reward", "nan"]),
+        ("nan_reward", ValueError, ["nan_reward", "max_consecutive_nonfinite_reward_rollouts=1"]),
     ],
 )
 def test_failing_reward_is_named(assets, tmp_path, reward, error, fragments):
-    recipe = write_recipe(assets, tmp_path, reward_funcs=[f"{REWARD_MODULE}.{reward}"], max_steps=1)
+    """A crash stops at once; NaN everywhere stops after max_consecutive_nonfinite_reward_rollouts rollouts."""
+    recipe = write_recipe(
+        assets,
+        tmp_path,
+        reward_funcs=[f"{REWARD_MODULE}.{reward}"],
+        max_steps=1,
+        max_consecutive_nonfinite_reward_rollouts=1,
+    )
     with pytest.raises(error) as raised:
         run(recipe)
     for fragment in fragments:

@@ -5,12 +5,14 @@
 
 Three dataclasses are parsed by TRL's TrlParser: `GSPOScriptArguments` (data and rewards), `GSPOConfig`
 (every GRPOConfig/TrainingArguments field) and TRL's `ModelConfig` (model, dtype, LoRA/QLoRA). A recipe key
-none of them knows is an error. Everything that can be checked before training (dataset file and columns,
-reward names, model path, checkpoint to resume from) is checked before the model is loaded.
+none of them knows is an error. Everything that can be checked before training (output folder, dataset file, rows
+and columns, reward names and their optional packages, model path, checkpoint to resume from) is checked before the
+model is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import yaml
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
+from datasets.utils import logging as datasets_logging
 from transformers import AutoConfig, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
@@ -66,6 +70,11 @@ class GSPOScriptArguments(ScriptArguments):
     )
 
 
+def _argument_error(message: str):
+    """argparse's error handler, replaced: raise (one `error:` line from `main`) instead of printing the usage."""
+    raise ValueError(f"{message} (--help lists every option)")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPOConfig, ModelConfig]:
     """Parse `--config recipe.yaml` and overrides into (script_args, training_args, model_args)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -75,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPO
             raise FileNotFoundError(f"--config {recipe}: no such recipe file.")
     # allow_abbrev=False: argparse would otherwise take a typo such as --learning_rat for --learning_rate
     parser = TrlParser((GSPOScriptArguments, GSPOConfig, ModelConfig), allow_abbrev=False)
+    parser.error = _argument_error  # one line, not argparse's usage of every option (over 200 lines)
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as error:
@@ -98,23 +108,49 @@ def load_prompt_dataset(script_args: GSPOScriptArguments, split: str) -> Dataset
     if not name:
         raise ValueError("dataset_name is required: a hub dataset name or a local .jsonl/.json/.parquet/.csv file.")
     suffix = Path(name).suffix.lower()
-    if suffix in LOCAL_DATA_BUILDERS or Path(name).exists():
+    local = suffix in LOCAL_DATA_BUILDERS or Path(name).exists()
+    # a local file loads in moments; its progress bars would only push a bad input's one `error:` line down
+    with datasets_progress_bars_off() if local else contextlib.nullcontext():
+        return _load_prompt_dataset(script_args, split, name, suffix, local)
+
+
+@contextlib.contextmanager
+def datasets_progress_bars_off():
+    """`datasets`' progress bars off inside the block, restored after it."""
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _load_prompt_dataset(script_args, split: str, name: str, suffix: str, local: bool) -> Dataset:
+    if local:
         if not Path(name).is_file():
             raise FileNotFoundError(f"dataset_name={name!r}: no such file.")
         if suffix not in LOCAL_DATA_BUILDERS:
             raise ValueError(f"dataset_name={name!r}: expected one of {sorted(LOCAL_DATA_BUILDERS)} for a local file.")
-        dataset = load_dataset(LOCAL_DATA_BUILDERS[suffix], data_files={split: name}, split=split)
+        dataset = load_local_file(name, LOCAL_DATA_BUILDERS[suffix], split)
     else:
         loaded = load_dataset(name, name=script_args.dataset_config)
         if isinstance(loaded, DatasetDict) and split not in loaded:
             raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(loaded)}.")
         dataset = loaded[split]
+    if len(dataset) == 0:
+        raise ValueError(f"dataset_name={name!r}: split {split!r} holds no rows.")
 
     columns = dataset.column_names
     for role, column in (("prompt_column", script_args.prompt_column), ("answer_column", script_args.answer_column)):
         if column is not None and column not in columns:
             raise ValueError(f"{role}={column!r} is not a column of dataset {name!r}; its columns are {columns}.")
     if script_args.max_train_samples is not None:
+        if script_args.max_train_samples < 1:
+            raise ValueError(
+                f"max_train_samples={script_args.max_train_samples} keeps no training rows: give a positive number, "
+                f"or leave it unset to train on all {len(dataset)} rows of {name!r}."
+            )
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
 
     def to_prompt(row):
@@ -132,8 +168,37 @@ def load_prompt_dataset(script_args: GSPOScriptArguments, split: str) -> Dataset
     return dataset.rename_column("_gspo_answer", "answer") if script_args.answer_column is not None else dataset
 
 
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def load_local_file(name: str, builder: str, split: str) -> Dataset:
+    """Load a local data file as `split`, with an error naming the file for one that is empty or holds no rows
+    (`datasets` raises a bare StopIteration for an empty .jsonl, and names neither file nor cause for a header-only
+    .csv)."""
+    if _is_blank(Path(name)):
+        raise ValueError(f"dataset_name={name!r}: the file is empty; it needs one row per prompt.")
+    try:
+        return load_dataset(builder, data_files={split: name}, split=split)
+    except StopIteration:
+        raise ValueError(f"dataset_name={name!r}: the file holds no rows.") from None
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"dataset_name={name!r} cannot be read as {builder}: {type(cause).__name__}: {cause}"
+        ) from None
+    except ValueError as error:
+        if "corresponds to no data" in str(error):
+            raise ValueError(f"dataset_name={name!r}: the file holds no rows (only a header?).") from None
+        raise ValueError(f"dataset_name={name!r}: {error}") from None
+
+
 def build_reward_funcs(script_args: GSPOScriptArguments):
-    """Resolve the reward names, each wrapped so that a crash or a NaN names the reward function."""
+    """Resolve the reward names, each wrapped so that a crash or a malformed output names the reward function."""
     reward_kwargs = script_args.reward_kwargs or {}
     unknown = set(reward_kwargs) - set(script_args.reward_funcs)
     if unknown:
@@ -164,6 +229,17 @@ def check_model_path(model_name_or_path: str | None, revision: str | None = None
         raise ValueError(
             f"model_name_or_path={model_name_or_path!r} is neither a model folder nor a reachable hub model: {error}"
         ) from error
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail before the model loads if `output_dir`, or a folder above it, is an existing file."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == path else f"lies inside {str(candidate)!r}, which is a file"
+                raise NotADirectoryError(f"output_dir={output_dir!r} {what}, not a folder: choose another output_dir.")
+            return
 
 
 def resume_checkpoint(training_args: GSPOConfig, resume: bool) -> str | None:
@@ -204,10 +280,20 @@ def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
         staging.rmdir()
 
 
+# The tiny recipes' model_name_or_path is TINY_CACHE_DIR/<task>-warm-start: a name, not a folder. The warm-started
+# model is built (or found) in its parent folder, and only for a path of that name.
+TINY_CACHE_DIR = ".cache/trl_gspo"
+
+
+def tiny_warm_start_name(task: str) -> str:
+    return f"{task}-warm-start"
+
+
 def prepare_tiny_task(script_args, training_args, model_args) -> None:
     """Point a tiny recipe at its warm-started model and data, building them when missing (tasks.ensure_task_assets).
 
-    Under `accelerate launch` the main process builds while the others wait, then they find what it built.
+    A missing model is built only when model_name_or_path is named `<task>-warm-start` (the recipe's path, or one
+    the user chose in that form); any other missing path is an error. Under `accelerate launch` the main process builds while the others wait, then they find what it built.
     """
     from .tasks import TASKS, ensure_task_assets
 
@@ -215,6 +301,14 @@ def prepare_tiny_task(script_args, training_args, model_args) -> None:
         raise ValueError(f"tiny_task={script_args.tiny_task!r} is not a task; expected one of {sorted(TASKS)}.")
     if not script_args.dataset_name or not model_args.model_name_or_path:
         raise ValueError("tiny_task needs model_name_or_path and dataset_name: where to find or build them.")
+    model_path, warm_start_name = Path(model_args.model_name_or_path), tiny_warm_start_name(script_args.tiny_task)
+    if not model_path.is_dir() and model_path.name != warm_start_name:
+        # a mistyped path must not silently become a newly built model
+        raise FileNotFoundError(
+            f"model_name_or_path={model_args.model_name_or_path!r}: no such model folder. With tiny_task="
+            f"{script_args.tiny_task!r} a missing model is built only at a path named {warm_start_name!r} (the "
+            f"recipe's {TINY_CACHE_DIR}/{warm_start_name}); give an existing model folder or such a path."
+        )
     rank = training_args.process_index
 
     def log(message: str) -> None:  # every rank says what it did: the main one built, the others found it
@@ -266,6 +360,7 @@ def finished_run_message(checkpoint: str | None, max_steps: int) -> str | None:
 
 def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
     """Check (and, for a tiny recipe, build) every input before the model is loaded; raise naming the culprit."""
+    check_output_dir(training_args.output_dir)
     if script_args.tiny_task:
         prepare_tiny_task(script_args, training_args, model_args)
     check_model_path(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
@@ -330,6 +425,52 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
     return trainer
 
 
+# Keys of the one-line progress summary: (log key, label, format)
+SUMMARY_KEYS = (
+    ("reward", "reward", "{:.3f}"),
+    ("reward_std", "std", "{:.3f}"),
+    ("clip_ratio/region_mean", "clipped sequences", "{:.1%}"),
+    ("gspo/clipped_token_fraction", "clipped tokens", "{:.1%}"),
+    ("completions/mean_length", "mean length", "{:.1f}"),
+    ("loss", "loss", "{:.3g}"),
+)
+SUMMARY_LINES = 20  # about this many summary lines per run
+
+
+def summary_line(step: int, max_steps: int, logs: dict) -> str:
+    """`step N/M: reward 0.512, std 0.301, ..., s_i - 1 in [-3.1e-04, +4.2e-04]`: the logged keys only."""
+    parts = [
+        f"{label} {fmt.format(logs[key])}"
+        for key, label, fmt in SUMMARY_KEYS
+        if isinstance(logs.get(key), (int, float)) and not isinstance(logs.get(key), bool)
+    ]
+    low, high = logs.get("gspo/seq_ratio/min"), logs.get("gspo/seq_ratio/max")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        parts.append(f"s_i - 1 in [{low - 1:+.1e}, {high - 1:+.1e}]")
+    return f"step {step}/{max_steps}: " + ", ".join(parts)
+
+
+class SummaryProgressCallback(ProgressCallback):
+    """The progress bar with one summary line (`summary_line`) about every max_steps / SUMMARY_LINES steps, instead
+    of the full metric dict at every log. Every metric still goes to trainer_state.json and the report_to loggers.
+
+    A line shows the latest logged value of each key: the rollout metrics (reward, ...) are logged with the first
+    optimizer step of each rollout only."""
+
+    def __init__(self):
+        super().__init__()
+        self.next_summary_step = 0
+        self.latest: dict = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or "loss" not in (logs or {}):
+            return  # the end-of-training summary and eval logs have no line here
+        self.latest.update(logs)
+        if state.global_step >= self.next_summary_step:
+            self.next_summary_step = state.global_step + max(1, state.max_steps // SUMMARY_LINES)
+            self.training_bar.write(summary_line(state.global_step, state.max_steps, self.latest))
+
+
 # Errors that mean "the configuration or an input file is wrong": the command line prints them as one line.
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError)
 
@@ -341,14 +482,16 @@ def input_error_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> GSPOTrainer | None:
     """Parse, check every input, train. A bad configuration or a missing file exits with status 2 and one
-    `error: ...` line on stderr; anything that fails once training has started keeps its traceback."""
+    `error: ...` line on stderr; anything that fails once training has started keeps its traceback. Progress: a bar
+    and a periodic one-line summary (SummaryProgressCallback)."""
     try:
         script_args, training_args, model_args = parse_args(argv)
         inputs = check_inputs(script_args, training_args, model_args)
     except INPUT_ERRORS as error:
         print(input_error_line(error), file=sys.stderr)
         raise SystemExit(2) from None
-    return train(script_args, training_args, model_args, inputs=inputs)
+    callbacks = None if training_args.disable_tqdm else [SummaryProgressCallback()]
+    return train(script_args, training_args, model_args, callbacks=callbacks, inputs=inputs)
 
 
 def train_main() -> None:

@@ -21,6 +21,7 @@ PAPER_MINIBATCHES_PER_ROLLOUT = 4
 # mean over hundreds of tokens and moves far less than a token ratio, so such a clip never fires.
 GRPO_LIKE_EPSILON = 0.05
 ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
+MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
 
 # generation_kwargs that change the sampling distribution before SampledTokenLogProbs sees it
 DISTRIBUTION_CHANGING_KWARGS = (
@@ -145,6 +146,12 @@ class GSPOConfig(GRPOConfig):
             correction and for top-k/top-p truncation.
         rollout_logprobs_check_interval (`int`, defaults to `10`):
             Every this many rollouts, also run the pi_old forward and log the mismatch (gspo/rollout_logprobs/*).
+        max_consecutive_nonfinite_reward_rollouts (`int`, defaults to `5`):
+            Stop training (ValueError naming the reward functions) after this many consecutive rollouts in which no
+            completion got a finite reward and some reward function returned NaN or +-inf. A single such rollout
+            trains on (its advantages are 0); the current streak is logged as
+            `gspo/consecutive_nonfinite_reward_rollouts`. Rollouts whose rewards are all `None` ("does not apply",
+            TRL's contract) warn and train on, as in TRL, and never count.
 
     Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
     `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
@@ -223,6 +230,15 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    max_consecutive_nonfinite_reward_rollouts: int = field(
+        default=MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS,
+        metadata={
+            "help": "Stop after this many consecutive rollouts with no finite reward in which some reward function "
+            "returned NaN or inf (a bug, not 'does not apply'); one such rollout trains on with zero advantages. "
+            "All-None rollouts (TRL: the reward does not apply) warn and never count."
+        },
+    )
+
     # MoE routing (trl_gspo/moe.py); no effect on dense models except routing_replay, which they refuse
     log_routing_drift: bool = field(
         default=True,
@@ -247,11 +263,33 @@ class GSPOConfig(GRPOConfig):
         self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
-        super().__post_init__()
+        generation_batch_size_set = self.generation_batch_size is not None
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            if "must be divisible by num_generations" not in str(error):
+                raise
+            raise ValueError(self._num_generations_message(generation_batch_size_set)) from None
         self._validate_rollout_logprobs_fields()
         self._validate_routing_fields()
         self._warn_on_suspicious_setup()
         self._warn_on_unused_settings()
+
+    def _num_generations_message(self, generation_batch_size_set: bool) -> str:
+        """TRL's "generation_batch_size must be divisible by num_generations", in the fields the user set."""
+        rollout = self.generation_batch_size
+        if generation_batch_size_set:
+            made_of = f"generation_batch_size={rollout}"
+        else:
+            made_of = (
+                f"per_device_train_batch_size={self.per_device_train_batch_size} x {self.world_size} process(es) x "
+                f"steps_per_generation={self.steps_per_generation} = {rollout}"
+            )
+        return (
+            f"GSPOConfig.num_generations={self.num_generations} must divide the number of completions per rollout, "
+            f"{made_of}: every prompt's group of num_generations completions must fit in one rollout. Choose a "
+            f"num_generations that divides {rollout}, or a batch size that is a multiple of {self.num_generations}."
+        )
 
     @property
     def is_sequence_level(self) -> bool:
@@ -277,6 +315,12 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(f"GSPOConfig.num_iterations={self.num_iterations} must be >= 1.")
         if not self.log_ratio_bound > 0:
             raise ValueError(f"GSPOConfig.log_ratio_bound={self.log_ratio_bound} must be > 0.")
+        limit = self.max_consecutive_nonfinite_reward_rollouts
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(
+                f"GSPOConfig.max_consecutive_nonfinite_reward_rollouts={limit!r} must be an integer >= 1: the "
+                "number of consecutive rollouts without any finite reward (NaN or inf returned) that stops training."
+            )
         if not (math.isfinite(self.token_advantage_weight) and self.token_advantage_weight >= 0):
             raise ValueError(
                 f"GSPOConfig.token_advantage_weight={self.token_advantage_weight} must be a finite number >= 0."

@@ -10,7 +10,9 @@
 - sequence ratio: ``gspo/seq_ratio/min``, ``mean``, ``max`` as s_i - 1 on a symmetric log scale, with the unclipped
   band [-eps_low, +eps_high] shaded if the clip range is given.
 
-A GRPO run has no ``gspo/`` keys: its ratio panel is skipped and the clip panel shows TRL's token fractions.
+A panel whose keys a run did not log is left out, and ``absent_panels`` names it (a GRPO run has no ``gspo/`` keys:
+no ratio panel, and the clip panel shows TRL's token fractions). A history with none of the keys is an error that says
+what it holds. Drawing needs matplotlib, the optional ``trl-gspo[plots]`` extra.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ TOKEN_CLIP_KEY = "gspo/clipped_token_fraction"
 # n >= 2 completions: 0.5 * sqrt(n / (n - 1)) <= 0.5 * sqrt(2).
 MAX_UNIT_REWARD_STD = 0.5 * math.sqrt(2) + 1e-9
 SEQ_RATIO_KEYS = ("gspo/seq_ratio/min", "gspo/seq_ratio/mean", "gspo/seq_ratio/max")
+# panel -> (what it shows, the keys that put it in the figure)
+PANEL_KEYS = {
+    "reward": ("reward", (REWARD_KEY,)),
+    "accuracy": ("held-out accuracy", (HELDOUT_ACCURACY_KEY,)),
+    "clip": ("clipped fraction", (*SEQUENCE_CLIP_KEYS, TOKEN_CLIP_KEY)),
+    "ratio": ("sequence ratio", SEQ_RATIO_KEYS),
+}
+MATPLOTLIB_MISSING = (
+    "drawing a figure needs matplotlib, which is not installed: install the `plots` extra with "
+    "`pip install 'trl-gspo[plots]'` (from a checkout: `pip install -e '.[plots]'`)."
+)
 
 
 def series(log_history: Sequence[dict], key: str | None) -> tuple[list[float], list[float]]:
@@ -55,6 +68,29 @@ def reward_bounds(means: Sequence[float], stds: Sequence[float]) -> tuple[float,
     return None
 
 
+def present_panels(log_history: Sequence[dict]) -> list[str]:
+    """The panels of PANEL_KEYS, in figure order, for which the history logged at least one finite value."""
+    return [panel for panel, (_, keys) in PANEL_KEYS.items() if any(series(log_history, key)[0] for key in keys)]
+
+
+def absent_panels(log_history: Sequence[dict]) -> list[str]:
+    """What the figure leaves out for this history: 'held-out accuracy (heldout_accuracy)', one string per panel."""
+    present = present_panels(log_history)
+    return [f"{title} ({', '.join(keys)})" for panel, (title, keys) in PANEL_KEYS.items() if panel not in present]
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; ImportError naming the `plots` extra when it is missing."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(MATPLOTLIB_MISSING) from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def run_folder(state_path: str | os.PathLike) -> Path:
     """The run folder of a trainer_state.json: its folder, or the run above it when it sits in a checkpoint-*/."""
     folder = Path(state_path).parent
@@ -69,29 +105,15 @@ def plot_run(
 ) -> Path:
     """Write a PNG of the run's reward, held-out accuracy, clip fractions and sequence-ratio range to ``path``.
 
-    Panels whose keys are absent are left out; ``clip_range=(eps_low, eps_high)`` draws 1 - eps_low and
-    1 + eps_high on the ratio panel. Raises ValueError if the history holds none of the plotted keys.
+    Panels whose keys are absent are left out (``absent_panels`` names them); ``clip_range=(eps_low, eps_high)``
+    draws 1 - eps_low and 1 + eps_high on the ratio panel. Raises ValueError, saying what the history holds, if it
+    has none of the plotted keys, and ImportError naming the `plots` extra without matplotlib.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = []
+    plt = _pyplot()
     reward = series(log_history, REWARD_KEY)
-    if reward[0]:
-        panels.append("reward")
-    if series(log_history, HELDOUT_ACCURACY_KEY)[0]:
-        panels.append("accuracy")
-    if any(series(log_history, key)[0] for key in [*SEQUENCE_CLIP_KEYS, TOKEN_CLIP_KEY]):
-        panels.append("clip")
-    if any(series(log_history, key)[0] for key in SEQ_RATIO_KEYS):
-        panels.append("ratio")
+    panels = present_panels(log_history)
     if not panels:
-        raise ValueError(
-            "plot_run: the log history holds none of the plotted keys "
-            f"({REWARD_KEY}, {HELDOUT_ACCURACY_KEY}, clip_ratio/*, gspo/*); nothing to draw."
-        )
+        raise ValueError(nothing_to_draw_message(log_history))
 
     columns = 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / columns)
@@ -170,15 +192,32 @@ def plot_run(
             ax.set_ylabel("s_i - 1")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
+        if panel == "ratio":  # five entries over lines that fill the panel: below it, covering nothing
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+        else:
+            ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
     for ax in flat[len(panels) :]:
         ax.set_visible(False)
     return save_figure(fig, path, title, dpi=100)
 
 
+def nothing_to_draw_message(log_history: Sequence[dict]) -> str:
+    plotted = ", ".join(key for _, keys in PANEL_KEYS.values() for key in keys)
+    if not log_history:
+        return (
+            "the log history is empty: the run logged no step (it ran fewer steps than its logging_steps, or "
+            f"stopped before the first log); nothing to draw. Rerun with logging_steps=1. Plotted keys: {plotted}."
+        )
+    logged = sorted({key for entry in log_history for key in entry if key != "step"})
+    return (
+        f"the log history holds none of the plotted keys ({plotted}); nothing to draw. It logged: "
+        f"{', '.join(logged[:12])}{', ...' if len(logged) > 12 else ''}."
+    )
+
+
 def save_figure(fig, path: str | os.PathLike, title: str | None = None, dpi: int = 100) -> Path:
     """Title, lay out and write a figure to `path` (its folder made if missing), then free it; returns the path."""
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if title:
         fig.suptitle(title)

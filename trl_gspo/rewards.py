@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import numbers
 import re
+import reprlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -58,15 +58,19 @@ def completion_text(completion: Completion | None) -> str:
     return content or ""
 
 
+MATH_VERIFY_MISSING = (
+    "math_accuracy needs the math-verify package, which is not installed: install the `math` extra with "
+    "`pip install 'trl-gspo[math]'` (from a checkout: `pip install -e '.[math]'`)."
+)
+
+
 def _import_math_verify():
     """Import math-verify lazily (it is an optional extra) and return it with its timeout exception class."""
     try:
         import math_verify
         from math_verify.errors import TimeoutException
     except ImportError as error:
-        raise ImportError(
-            "math_accuracy needs the math-verify package; install it with `pip install trl-gspo[math]`."
-        ) from error
+        raise ImportError(MATH_VERIFY_MISSING) from error
     return math_verify, TimeoutException
 
 
@@ -226,7 +230,7 @@ def get_reward_func(spec: str, **kwargs) -> RewardFunc:
     """Resolve a registered reward name or a dotted import path to a reward function.
 
     Registered factories (``REWARD_FACTORIES``) are called with ``kwargs``; passing ``kwargs`` to a registered plain
-    function is a ValueError. An imported object is called with ``kwargs`` when they are given (it is taken to be a
+    function is a ValueError, and so is ``math_accuracy`` without its optional math-verify package. An imported object is called with ``kwargs`` when they are given (it is taken to be a
     factory) and returned as is otherwise.
     """
     if spec in REWARD_FUNCS:
@@ -234,6 +238,11 @@ def get_reward_func(spec: str, **kwargs) -> RewardFunc:
         is_factory = spec in REWARD_FACTORIES
         if kwargs and not is_factory:
             raise ValueError(f"reward function {spec!r} takes no arguments, got {sorted(kwargs)}")
+        if target is math_accuracy:  # say so now, not at the first training step
+            try:
+                _import_math_verify()
+            except ImportError as error:
+                raise ValueError(str(error)) from error
     elif "." in spec or ":" in spec:
         target = _import_dotted(spec)
         is_factory = bool(kwargs)
@@ -281,6 +290,11 @@ class _CheckedReward:
             rewards = self.func(completions=completions, **kwargs)
         except Exception as error:
             raise RuntimeError(f"reward function {self.__name__!r} raised {type(error).__name__}: {error}") from error
+        if rewards is None or isinstance(rewards, (str, bytes, dict)) or not hasattr(rewards, "__len__"):
+            raise TypeError(
+                f"reward function {self.__name__!r} returned {type(rewards).__name__} {reprlib.repr(rewards)}; "
+                f"it must return a list of one reward per completion ({len(completions)} completions here)"
+            )
         if len(rewards) != len(completions):
             raise ValueError(
                 f"reward function {self.__name__!r} returned {len(rewards)} rewards for {len(completions)} completions"
@@ -288,10 +302,10 @@ class _CheckedReward:
         for index, reward in enumerate(rewards):
             if isinstance(reward, (list, tuple)):
                 continue  # a span list or per-token list: GSPOTrainer checks it (trl_gspo.token_rewards)
-            if reward is not None and not (isinstance(reward, numbers.Real) and math.isfinite(reward)):
+            if reward is not None and not isinstance(reward, numbers.Real):
                 raise ValueError(
                     f"reward function {self.__name__!r} returned {reward!r} at index {index}; "
-                    "rewards must be finite numbers or None"
+                    "rewards must be numbers or None"
                 )
         return rewards
 
@@ -299,9 +313,10 @@ class _CheckedReward:
 def wrap_reward_checked(func: RewardFunc) -> RewardFunc:
     """Wrap a reward function so that exceptions become RuntimeErrors and bad outputs ValueErrors naming it.
 
-    Returned rewards must be one per completion, each a finite number or None (NaN and infinities are rejected here,
-    stricter than GSPOTrainer, which warns and treats them as None), or a span / per-token list (token-level rewards,
-    checked by GSPOTrainer).
+    Returned rewards must be a list of one per completion, each a number or None, or a span / per-token list
+    (token-level rewards, checked by GSPOTrainer). NaN and infinities pass through to GSPOTrainer, which warns, treats
+    them as None and stops the run only when they persist (GSPOConfig.max_consecutive_nonfinite_reward_rollouts): one
+    bad rollout must not end a long run.
     The wrapper keeps the function's ``__name__``, which TRL uses to label the reward in its logs.
     """
     return _CheckedReward(func)

@@ -5,7 +5,9 @@ A reward function follows TRL's calling convention and returns one entry per com
 - a number: a sequence reward, as in TRL. ``None`` means "cannot score this completion": it is left out of the
   group baseline (TRL). ``NaN`` is treated like ``None`` and ``+-inf`` too (an infinite reward has no finite
   advantage), but both are usually a bug: `GSPOTrainer` warns once per reward function with the share of such
-  values, and refuses a step in which no reward function gave any completion a finite reward.
+  values. A rollout in which no completion got a finite reward trains on (all advantages 0), but
+  ``GSPOConfig.max_consecutive_nonfinite_reward_rollouts`` such rollouts in a row, NaN or inf among their rewards,
+  stop training with an error naming the reward functions (all-``None`` rollouts warn, as in TRL, and never count).
 - a span list ``[(start_char, end_char, value), ...]`` over the completion's text (the string the reward function
   was given): ``value`` rewards the characters ``text[start_char:end_char]``. Spans must lie inside the text
   (``0 <= start_char < end_char <= len(text)``), must not overlap each other (touching is fine), and their values
@@ -53,7 +55,7 @@ from torch import nn
 from transformers.utils import logging
 from trl.trainer.utils import is_async_callable
 
-from .config import GSPO_TOKEN_LEVEL
+from .config import GSPO_TOKEN_LEVEL, MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS
 from .rewards import completion_text
 
 logger = logging.get_logger(__name__)
@@ -395,11 +397,14 @@ def non_finite_warning(name: str, nan_count: int, inf_count: int, total: int) ->
     )
 
 
-def no_finite_reward_message(names: Sequence[str], total: int) -> str:
+def no_finite_reward_message(names: Sequence[str], non_finite_names: Sequence[str], streak: int, limit: int) -> str:
+    """Why training stops: `streak` consecutive rollouts without a finite reward, NaN or inf among their rewards."""
+    culprits = ", ".join(map(repr, non_finite_names)) or "a reward function on another process"
     return (
-        f"no reward function ({', '.join(map(repr, names))}) gave any of the {total} completions of this rollout a "
-        "finite reward (all None, NaN or inf): training on it would update on nothing. Refusing it before any parameter changes; check the reward "
-        "functions."
+        f"no completion got a finite reward in {streak} consecutive rollouts (GSPOConfig."
+        f"max_consecutive_nonfinite_reward_rollouts={limit}); reward functions: {', '.join(map(repr, names))}; NaN or "
+        f"inf came from {culprits}. Training on would update on nothing: stopping. Fix the reward function, return "
+        "None where a reward does not apply, or raise max_consecutive_nonfinite_reward_rollouts."
     )
 
 
@@ -465,7 +470,8 @@ class TokenRewardsMixin:
 
     Reward functions may return span lists or per-token lists (module docstring) next to plain numbers; under
     importance_sampling_level="sequence_token" they become (B, T) advantages. On any trainer every reward is
-    checked: NaN and +-inf warned once per function, a rollout with no finite reward refused. Overrides:
+    checked: NaN and +-inf warned once per function, a run that keeps producing no finite reward stopped
+    (`max_consecutive_nonfinite_reward_rollouts`, default 5 without a GSPOConfig). Overrides:
       __init__                         refuses a marked token-level reward under another level
       _calculate_rewards               token-level outputs taken out (TRL sees their sums), then the checks
       _generate_and_score_completions  (B, T) advantages for GSPO-token
@@ -476,6 +482,8 @@ class TokenRewardsMixin:
         if args is not None:
             check_token_reward_level(reward_funcs, args.importance_sampling_level)
         self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
+        self._nonfinite_reward_streak = 0  # consecutive rollouts without a finite reward, NaN or inf among them
+        self._nonfinite_reward_names = set()  # the reward functions that returned NaN or inf during that streak
         self._token_rewards, self._rewards_per_func = None, None
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
 
@@ -503,18 +511,41 @@ class TokenRewardsMixin:
         return rewards_per_func
 
     def _check_reward_values(self, rewards_per_func, collector):
-        """Warn once per reward function that returned NaN or +-inf; refuse a step without a single finite reward.
+        """Warn once per reward function that returned NaN or +-inf; stop a run that keeps producing no finite reward.
 
-        TRL sums rewards with nansum: a function returning NaN everywhere would train silently on nothing, and an
-        inf would reach the advantages. None means "cannot score this completion" (left out of the group
-        baseline); NaN and +-inf are treated the same way but warned about, as they usually are bugs.
+        `rewards_per_func` is gathered over processes. TRL's contract: None means "this reward does not apply"; a
+        rollout where every reward is None warns (TRL's own warning) and trains on with zero advantages. NaN and
+        +-inf are treated like None (left out of the group baseline) but are warned about, since they usually are
+        bugs: one rollout without any finite reward trains on too, but
+        `args.max_consecutive_nonfinite_reward_rollouts` consecutive ones in which NaN or inf took part raise a
+        ValueError naming the reward functions. The current streak is logged as
+        `gspo/consecutive_nonfinite_reward_rollouts`.
         """
         for name, (nan_count, inf_count, total) in collector.non_finite.items():
             if name not in self._non_finite_reward_warned:
                 self._non_finite_reward_warned.add(name)
                 logger.warning(non_finite_warning(name, nan_count, inf_count, total))
-        if not torch.isfinite(rewards_per_func).any():
-            raise ValueError(no_finite_reward_message(self.reward_func_names, rewards_per_func.size(0)))
+        if torch.isfinite(rewards_per_func).any():
+            self._nonfinite_reward_streak = 0
+            self._nonfinite_reward_names.clear()
+        else:
+            # every process sees the same gathered rewards and gets here; whether NaN or inf (not only None) took
+            # part is known per process, so it is gathered too, and every process takes the same decision
+            local = torch.tensor([float(bool(collector.non_finite))], device=rewards_per_func.device)
+            if self.accelerator.gather(local).sum().item() > 0:
+                self._nonfinite_reward_streak += 1
+                self._nonfinite_reward_names.update(collector.non_finite)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["gspo/consecutive_nonfinite_reward_rollouts"].append(float(self._nonfinite_reward_streak))
+        limit = getattr(
+            self.args, "max_consecutive_nonfinite_reward_rollouts", MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS
+        )
+        if self._nonfinite_reward_streak >= limit:
+            raise ValueError(
+                no_finite_reward_message(
+                    self.reward_func_names, sorted(self._nonfinite_reward_names), self._nonfinite_reward_streak, limit
+                )
+            )
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
