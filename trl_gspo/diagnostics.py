@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from accelerate.utils import gather_object
 
+from .trl_api import check_trl_private_api, check_trl_private_attributes
+
 
 def _groups(items: Sequence, group_size: int) -> list[Sequence]:
     if group_size < 1 or len(items) % group_size:
@@ -90,8 +92,10 @@ class RolloutDiagnosticsMixin:
     """
 
     def __init__(self, *args, **kwargs):
+        check_trl_private_api()
         self._diagnostics_rollout = None  # (completion ids, rewards per function) of the rollout being scored
         super().__init__(*args, **kwargs)
+        check_trl_private_attributes(self)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

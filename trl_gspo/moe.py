@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 from .config import pi_old_pass_runs
+from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
 
@@ -301,8 +302,10 @@ class MoERoutingMixin:
     """
 
     def __init__(self, *args, **kwargs):
+        check_trl_private_api()
         self._moe_hooks, self._moe_record_armed, self._moe_recorded = None, False, None
         super().__init__(*args, **kwargs)
+        check_trl_private_attributes(self)
         self._moe_setup_routing()
 
     @property

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .trl_api import check_trl_private_api, check_trl_private_attributes
+
 IGNORE_INDEX = -100
 
 
@@ -348,9 +350,11 @@ class PaddingFreeMixin:
     """
 
     def __init__(self, *args, **kwargs):
+        check_trl_private_api()
         self.packed_layout = None  # (PackedBatch, first sequence index) of the latest packed forward
         self._padding_free_one_row = False  # flash-attention: one row per chunk (see packs_into_one_row)
         super().__init__(*args, **kwargs)
+        check_trl_private_attributes(self)
         if self._padding_free:
             self._check_padding_free_supported()
 
@@ -368,9 +372,10 @@ class PaddingFreeMixin:
             base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
             problem = packing_support_problem(base)
             if problem:
+                # a GRPOConfig has no padding_free field: there the mixin is on because it was composed
+                remedy = "Set padding_free=False" if hasattr(self.args, "padding_free") else "Remove PaddingFreeMixin"
                 raise ValueError(
-                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. Set "
-                    "padding_free=False."
+                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. {remedy}."
                 )
             self._padding_free_one_row |= packs_into_one_row(base)
 

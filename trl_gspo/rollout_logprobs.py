@@ -28,6 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .config import ROLLOUT_LOGPROBS_CHECK_INTERVAL
 from .objective import masked_token_diff, sequence_log_ratio
+from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 
 class SampledTokenLogProbs(LogitsProcessor):
@@ -142,9 +143,11 @@ class RolloutLogprobsMixin:
     """
 
     def __init__(self, *args, **kwargs):
+        check_trl_private_api()
         self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
         self._rollouts_seen = 0
         super().__init__(*args, **kwargs)
+        check_trl_private_attributes(self)
 
     @property
     def _use_rollout_logprobs(self) -> bool:

@@ -57,6 +57,7 @@ from trl.trainer.utils import is_async_callable
 
 from .config import GSPO_TOKEN_LEVEL, MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS
 from .rewards import completion_text
+from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
 
@@ -479,6 +480,7 @@ class TokenRewardsMixin:
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
+        check_trl_private_api()
         if args is not None:
             check_token_reward_level(reward_funcs, args.importance_sampling_level)
         self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
@@ -486,6 +488,7 @@ class TokenRewardsMixin:
         self._nonfinite_reward_names = set()  # the reward functions that returned NaN or inf during that streak
         self._token_rewards, self._rewards_per_func = None, None
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        check_trl_private_attributes(self)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """The trainer's rewards, with token-level outputs taken out and every reward checked.
@@ -578,6 +581,6 @@ class TokenRewardsMixin:
             gathered[:, 1] * scorable.unsqueeze(1),
             group_size,
             self.accelerator.process_index * advantages.size(0),
-            self.args.token_advantage_weight,
+            getattr(self.args, "token_advantage_weight", 1.0),
         )
         self._metrics[mode]["token_rewards/component_abs_mean"].append(abs_mean.item())

@@ -18,9 +18,12 @@ GRPOTrainer too; the class statement below is the order in which they wrap GRPOT
     TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
 
-Order matters where two mixins wrap the same pass: the rollout log-probs must answer the pi_old pass before the
-padding-free mixin runs a forward for it, and the MoE record must see the pass that is really computed
-(tests/trainer/test_mixins.py pins the order).
+Order matters where two mixins wrap the same pass. The rollout log-probs must answer the pi_old pass before the
+padding-free mixin runs a forward for it (tests/test_mixins.py shows the swapped order running it). The MoE mixin is
+outermost so that it disarms its recording at the first pass on the policy model, the pi_old pass, whoever answers
+it (otherwise it could record the PEFT reference pass); its hooks are off whenever padding-free or rollout log-probs
+are on, since the routing record needs an unpacked forward. The padding-free mixin ends the log-prob chain when it is
+on: an override placed below it is not reached.
 """
 
 from __future__ import annotations
@@ -43,107 +46,12 @@ from .packing import PaddingFreeMixin
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import RolloutLogprobsMixin
 from .token_rewards import TokenRewardsMixin
+from .trl_api import MODEL_INPUT_KEYS, check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
 
-# The private GRPOTrainer API the core and the mixins rely on, grouped by who uses it: method -> parameters it must
-# accept (checked by `check_trl_private_api`), and instance attributes read or written (checked after construction
-# by `check_trl_private_attributes`). trl is pinned to the minor version these were read from.
-TRL_PRIVATE_API = {
-    # core: the loss and its helpers, the exact resume
-    "_compute_loss": ("model", "inputs"),
-    "get_high_entropy_mask": ("entropies", "mask", "threshold"),
-    "get_off_policy_mask": (
-        "advantages",
-        "per_token_logps",
-        "sampling_per_token_logps",
-        "mask",
-        "off_policy_threshold",
-    ),
-    "_save_checkpoint": ("model", "trial"),
-    "_load_optimizer_and_scheduler": ("checkpoint",),
-    # core, padding-free, rollout log-probs, MoE: the log-prob pass of every model
-    "_get_per_token_logps_and_entropies": (
-        "model",
-        "input_ids",
-        "attention_mask",
-        "logits_to_keep",
-        "batch_size",
-        "compute_entropy",
-        "compute_aux_loss",
-    ),
-    # rollout log-probs, MoE, token rewards, diagnostics: the rollout
-    "_generate_and_score_completions": ("inputs",),
-    # rollout log-probs: generation
-    "_generate": ("prompts",),
-    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
-    # token rewards, diagnostics: the rewards
-    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
-    # MoE: the policy pass's backward clears the replay state
-    "training_step": ("model", "inputs", "num_items_in_batch"),
-}
-TRL_PRIVATE_ATTRIBUTES = {
-    "core": (
-        "_buffered_inputs",
-        "_step",
-        "_entropy_bonus_enabled",
-        "_metrics",
-    ),  # and, set by train(): current_gradient_accumulation_steps
-    "token rewards": ("_tokenizer", "reward_weights", "reward_func_names", "_metrics"),
-    "diagnostics": ("reward_weights", "_metrics"),
-}
-
 # Saved in each checkpoint folder, one per rank: the rollout the run is in the middle of.
 ROLLOUT_BUFFER_FILE = "gspo_rollout_buffer_rank{rank}.pt"
-
-# Batch keys GRPOTrainer forwards to the model for vision-language inputs; passed through unchanged.
-_MODEL_INPUT_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-
-
-def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
-    """Raise RuntimeError naming every private GRPOTrainer method GSPOTrainer needs that is missing or changed."""
-    problems = []
-    for name, params in TRL_PRIVATE_API.items():
-        method = getattr(trainer_cls, name, None)
-        if method is None:
-            problems.append(f"{trainer_cls.__name__}.{name} is gone")
-            continue
-        signature = inspect.signature(method).parameters
-        missing = [p for p in params if p not in signature]
-        if missing:
-            problems.append(f"{trainer_cls.__name__}.{name} no longer takes {missing}")
-    if problems:
-        import trl
-
-        raise RuntimeError(
-            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer methods; with trl "
-            f"{trl.__version__}: " + "; ".join(problems) + ". Install trl>=1.16,<1.17."
-        )
-
-
-def check_trl_private_attributes(trainer: GRPOTrainer) -> None:
-    """Raise RuntimeError naming every private GRPOTrainer attribute of TRL_PRIVATE_ATTRIBUTES the trainer lacks."""
-    missing = sorted(
-        {name for names in TRL_PRIVATE_ATTRIBUTES.values() for name in names if not hasattr(trainer, name)}
-    )
-    if missing:
-        import trl
-
-        raise RuntimeError(
-            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer attributes {missing}, which "
-            f"trl {trl.__version__} no longer sets. Install trl>=1.16,<1.17."
-        )
 
 
 class GSPOTrainer(
@@ -246,7 +154,7 @@ class GSPOTrainer(
             completion_ids.size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in _MODEL_INPUT_KEYS},
+            **{key: inputs.get(key) for key in MODEL_INPUT_KEYS},
         )
 
         # 2. pi_old: TRL leaves it out when the step is on-policy, where it equals the detached current log-probs

@@ -1,0 +1,113 @@
+"""The private GRPOTrainer API trl_gspo relies on, in one place, and the checks that fail loudly when trl moves it.
+
+trl is pinned to the minor version these were read from (pyproject.toml). GSPOTrainer and every feature mixin call
+the checks at construction, so a mixin on a plain GRPOTrainer is checked too.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from trl import GRPOTrainer
+
+# Batch keys GRPOTrainer forwards to the model for vision-language inputs; passed through unchanged.
+MODEL_INPUT_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+# The private GRPOTrainer API the core and the mixins rely on, grouped by who uses it: method -> parameters it must
+# accept (checked by `check_trl_private_api`), and instance attributes read or written (checked after construction
+# by `check_trl_private_attributes`). trl is pinned to the minor version these were read from.
+TRL_PRIVATE_API = {
+    # core: the loss and its helpers, the exact resume
+    "_compute_loss": ("model", "inputs"),
+    "get_high_entropy_mask": ("entropies", "mask", "threshold"),
+    "get_off_policy_mask": (
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ),
+    "_save_checkpoint": ("model", "trial"),
+    "_get_output_dir": ("trial",),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    # core, padding-free, rollout log-probs, MoE: the log-prob pass of every model
+    "_get_per_token_logps_and_entropies": (
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+        *MODEL_INPUT_KEYS,
+    ),
+    # rollout log-probs, MoE, token rewards, diagnostics: the rollout
+    "_generate_and_score_completions": ("inputs",),
+    # rollout log-probs: generation
+    "_generate": ("prompts",),
+    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
+    # token rewards, diagnostics: the rewards
+    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
+    # MoE: the policy pass's backward clears the replay state
+    "training_step": ("model", "inputs", "num_items_in_batch"),
+}
+TRL_PRIVATE_ATTRIBUTES = {
+    "core": (
+        "_buffered_inputs",
+        "_step",
+        "_entropy_bonus_enabled",
+        "_metrics",
+    ),  # and, set by train(): current_gradient_accumulation_steps
+    "MoE, rollout log-probs": ("_metrics",),
+    "token rewards": ("_tokenizer", "reward_weights", "reward_func_names", "_metrics"),
+    "diagnostics": ("reward_weights", "_metrics"),
+}
+
+
+@functools.cache
+def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
+    """Raise RuntimeError naming every private GRPOTrainer method the core or a mixin needs that is missing or
+    changed. Called by GSPOTrainer and by each mixin's constructor (so also on a plain GRPOTrainer); cached."""
+    problems = []
+    for name, params in TRL_PRIVATE_API.items():
+        method = getattr(trainer_cls, name, None)
+        if method is None:
+            problems.append(f"{trainer_cls.__name__}.{name} is gone")
+            continue
+        signature = inspect.signature(method).parameters
+        missing = [p for p in params if p not in signature]
+        if missing:
+            problems.append(f"{trainer_cls.__name__}.{name} no longer takes {missing}")
+    if problems:
+        import trl
+
+        raise RuntimeError(
+            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer methods; with trl "
+            f"{trl.__version__}: " + "; ".join(problems) + ". Install trl>=1.16,<1.17."
+        )
+
+
+def check_trl_private_attributes(trainer: GRPOTrainer) -> None:
+    """Raise RuntimeError naming every private GRPOTrainer attribute of TRL_PRIVATE_ATTRIBUTES the trainer lacks."""
+    missing = sorted(
+        {name for names in TRL_PRIVATE_ATTRIBUTES.values() for name in names if not hasattr(trainer, name)}
+    )
+    if missing:
+        import trl
+
+        raise RuntimeError(
+            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer attributes {missing}, which "
+            f"trl {trl.__version__} no longer sets. Install trl>=1.16,<1.17."
+        )
