@@ -13,14 +13,15 @@ Every other capability is a cooperative mixin in its own module, each calling `s
 GRPOTrainer too; the class statement below is the order in which they wrap GRPOTrainer (outermost first):
 
     MoERoutingMixin          trl_gspo/moe.py              no router logits in generate(), drift metric, replay
+    AlignedPiOldMixin        trl_gspo/aligned_pi_old.py   pi_old per micro-batch, as the policy pass sees it
     RolloutLogprobsMixin     trl_gspo/rollout_logprobs.py the sampling log-probs answer the pi_old pass
     PaddingFreeMixin         trl_gspo/packing.py          every log-prob pass on packed rows
     TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
 
 Order matters where two mixins wrap the same pass: the rollout log-probs must answer the pi_old pass before the
-padding-free mixin runs a forward for it, and the MoE record must see the pass that is really computed
-(tests/trainer/test_mixins.py pins the order).
+padding-free mixin runs a forward for it, so must the skipped TRL pi_old pass of the aligned mixin, and the MoE
+record must see the pass that is really computed, the aligned one (tests/test_mixins.py pins the order).
 """
 
 from __future__ import annotations
@@ -34,11 +35,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
+from .aligned_pi_old import AlignedPiOldMixin, policy_pass_arguments
 from .banner import distributed_backend, start_banner
 from .config import GSPOConfig, upgrade_grpo_config
 from .diagnostics import RolloutDiagnosticsMixin
 from .moe import MoERoutingMixin
-from .objective import compute_policy_objective, length_normalized_is_weight, objective_metric_sums, objective_metrics
+from .objective import (
+    compute_policy_objective,
+    length_normalized_is_weight,
+    objective_metric_sums,
+    objective_metrics,
+    outside_clip_band_counts,
+)
 from .packing import PaddingFreeMixin
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import RolloutLogprobsMixin
@@ -81,6 +89,8 @@ TRL_PRIVATE_API = {
     "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
     # MoE: the policy pass's backward clears the replay state
     "training_step": ("model", "inputs", "num_items_in_batch"),
+    # aligned pi_old: the shuffle and split of a new rollout into _buffered_inputs
+    "_prepare_inputs": ("generation_batch",),
 }
 TRL_PRIVATE_ATTRIBUTES = {
     "core": (
@@ -91,24 +101,11 @@ TRL_PRIVATE_ATTRIBUTES = {
     ),  # and, set by train(): current_gradient_accumulation_steps
     "token rewards": ("_tokenizer", "reward_weights", "reward_func_names", "_metrics"),
     "diagnostics": ("reward_weights", "_metrics"),
+    "aligned pi_old": ("_buffered_inputs", "use_vllm", "vllm_importance_sampling_correction", "aux_loss_enabled"),
 }
 
 # Saved in each checkpoint folder, one per rank: the rollout the run is in the middle of.
 ROLLOUT_BUFFER_FILE = "gspo_rollout_buffer_rank{rank}.pt"
-
-# Batch keys GRPOTrainer forwards to the model for vision-language inputs; passed through unchanged.
-_MODEL_INPUT_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
 
 
 def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
@@ -148,6 +145,7 @@ def check_trl_private_attributes(trainer: GRPOTrainer) -> None:
 
 class GSPOTrainer(
     MoERoutingMixin,
+    AlignedPiOldMixin,
     RolloutLogprobsMixin,
     PaddingFreeMixin,
     TokenRewardsMixin,
@@ -235,18 +233,13 @@ class GSPOTrainer(
         # TRL turns off HF's loss scaling for accumulation (loss_is_scaled_for_ga): the loss must be divided here.
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
-        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss; the aligned pi_old pass makes
+        # the same call (trl_gspo/aligned_pi_old.py)
+        completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        pass_args, model_inputs = policy_pass_arguments(inputs)
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in _MODEL_INPUT_KEYS},
+            model, *pass_args, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled, **model_inputs
         )
 
         # 2. pi_old: TRL leaves it out when the step is on-policy, where it equals the detached current log-probs
@@ -343,6 +336,20 @@ class GSPOTrainer(
         )
         for name, value in reduced.items():
             self._metrics[mode][name].append(value)
+        if mode == "train" and self._at_first_optimizer_step_of_rollout():
+            outside, sequences = self.accelerator.reduce(
+                outside_clip_band_counts(out, self.epsilon_low, self.epsilon_high), reduction="sum"
+            ).tolist()
+            if sequences:
+                self._metrics[mode]["gspo/first_step_outside_clip_band"].append(outside / sequences)
+
+    def _at_first_optimizer_step_of_rollout(self) -> bool:
+        """Whether this training micro-step belongs to the first optimizer step on its rollout, where no update has
+        happened yet: s_i must be exactly 1 there, and `gspo/first_step_outside_clip_band` (the fraction of sequences
+        outside [1 - eps_low, 1 + eps_high]) exactly 0. `_step` counts micro-steps; TRL regenerates every
+        steps_per_generation * num_iterations of them."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self._step % generate_every < self.args.gradient_accumulation_steps
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.
