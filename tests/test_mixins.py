@@ -8,6 +8,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import trl_gspo.packing as packing
 from trl_gspo import GSPOConfig, GSPOTrainer
+from trl_gspo.aligned_pi_old import AlignedPiOldMixin
 from trl_gspo.diagnostics import RolloutDiagnosticsMixin
 from trl_gspo.moe import MoERoutingMixin
 from trl_gspo.packing import PaddingFreeMixin
@@ -30,8 +31,9 @@ BATCH = dict(
 
 
 def test_gspo_trainer_wraps_grpo_trainer_in_the_documented_order():
-    assert GSPOTrainer.__mro__[1:7] == (
+    assert GSPOTrainer.__mro__[1:8] == (
         MoERoutingMixin,
+        AlignedPiOldMixin,
         RolloutLogprobsMixin,
         PaddingFreeMixin,
         TokenRewardsMixin,

@@ -421,8 +421,8 @@ def test_no_update_means_no_drift_and_ratio_one_through_shuffle_and_split(tmp_pa
                 max_steps=2,
                 routing_replay=replay,
             )
-        assert len(recordings) == 1  # one rollout: 16 rows; recorded once (pi_old pass), not in generate()
-        assert recordings[0].size(0) == 16
+        # one rollout of 16 rows: recorded in the pi_old pass of each of its 4 micro-batches, not in generate()
+        assert [recording.size(0) for recording in recordings] == [4] * 4
         for entry in logs:
             assert entry["moe/routing_drift/token_layer"] == 0.0
             assert entry["moe/routing_drift/token_any_layer"] == 0.0
@@ -523,7 +523,8 @@ def test_trainer_replay_under_gradient_checkpointing_matches_plain_run(tmp_path,
 
 def test_lora_with_reference_pass_on_the_same_model(tmp_path, tokenizer, make_model):
     """beta > 0 with PEFT: the reference pass runs on the policy model with adapters disabled, after the pi_old
-    pass; only the pi_old pass is recorded (else the record would have twice the rows and replay would fail)."""
+    pass; only the pi_old passes (one per micro-batch) are recorded, not TRL's 16-row reference pass (else replay
+    would fail)."""
     from peft import LoraConfig
 
     recordings = []
@@ -540,7 +541,7 @@ def test_lora_with_reference_pass_on_the_same_model(tmp_path, tokenizer, make_mo
         )
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(recordings) == 1 and recordings[0].size(0) == 16
+    assert [recording.size(0) for recording in recordings] == [8, 8]
     assert all("kl" in entry and "moe/routing_drift/token_layer" in entry for entry in logs)
 
 

@@ -175,8 +175,8 @@ def test_training_run_is_the_padded_run(make_model, tokenizer, tmp_path, monkeyp
     for (loss, kl), (packed_loss, packed_kl) in zip(logs[False], logs[True], strict=True):
         assert math.isclose(packed_loss, loss, rel_tol=1e-4, abs_tol=1e-7)
         assert math.isclose(packed_kl, kl, rel_tol=1e-4, abs_tol=1e-7)
-    # 3 policy passes (with entropy), and per generation one pi_old and one reference pass (without)
-    assert calls.count(True) == 3 and calls.count(False) == 2
+    # 3 policy passes (with entropy); per generation one pi_old pass per micro-batch (4) and one reference pass
+    assert calls.count(True) == 3 and calls.count(False) == 4 + 1
 
 
 def build_with(model, tokenizer, tmp_path, **overrides):

@@ -9,7 +9,9 @@ indices from there, so a forward hook on the routers sees, and can replace, the 
 
 - pi_old pass (inside `_generate_and_score_completions`, once per rollout): the hooks record each router's
   top-k indices for every position of every row (prompt and completion), shape (B, L, layers, k). The tensor
-  rides in the rollout batch under `ROUTING_KEY`, so TRL's shuffle and split carry it with its rows.
+  rides in the rollout batch under `ROUTING_KEY`, so TRL's shuffle and split carry it with its rows. With
+  `AlignedPiOldMixin` (GSPOTrainer) a train rollout's pi_old pass runs per micro-batch after the split instead,
+  and each micro-batch's record is put into that micro-batch.
   `generate()` and the reference pass are not recorded.
 - policy pass (in `compute_loss`): the hooks observe the current routing (drift metric) and, with replay, make
   the router's own forward pick the recorded experts: during the router's forward its one `topk` call returns
@@ -297,6 +299,7 @@ class MoERoutingMixin:
       _generate_and_score_completions    generation without router logits; arms the pi_old pass for recording;
                                          puts the record into the rollout batch under ROUTING_KEY
       _get_per_token_logps_and_entropies records the routing of the armed (pi_old) pass
+      _aligned_pi_old_pass               with AlignedPiOldMixin (inside this one): records each micro-batch's pass
       compute_loss                       observes (drift) or replays the recorded routing in the policy pass
       training_step                      drops the replay state after backward (checkpointing recomputes)
     """
@@ -356,7 +359,11 @@ class MoERoutingMixin:
         on padded batches; the training forward asks for them itself), with the pi_old pass recorded."""
         if self._moe_hooks is not None:
             self._moe_hooks.clear()
-            self._moe_record_armed = pi_old_pass_runs(self.args)
+            # with AlignedPiOldMixin the pi_old of a train rollout is computed per micro-batch after the split and
+            # recorded there (`_aligned_pi_old_pass`); TRL's pass is then skipped or not the one the loss uses
+            per_micro_batch = getattr(self, "_pi_old_per_micro_batch", None)
+            aligned = per_micro_batch is not None and per_micro_batch()
+            self._moe_record_armed = pi_old_pass_runs(self.args) and not aligned
         try:
             with router_logits_off(self.accelerator.unwrap_model(self.model)):
                 output = super()._generate_and_score_completions(inputs)
@@ -384,6 +391,18 @@ class MoERoutingMixin:
             )
         self._moe_recorded = self._moe_hooks.recorded(*input_ids.shape)
         return result
+
+    def _aligned_pi_old_pass(self, batch):
+        """AlignedPiOldMixin's pi_old pass of one micro-batch, recorded: the routing goes into that micro-batch under
+        ROUTING_KEY, so the policy pass replays (or measures drift against) the routing of the very same rows."""
+        if self._moe_hooks is None:
+            return super()._aligned_pi_old_pass(batch)
+        with self._moe_hooks.recording():
+            logps = super()._aligned_pi_old_pass(batch)
+        batch[ROUTING_KEY] = self._moe_hooks.recorded(
+            batch["prompt_ids"].size(0), batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)
+        )
+        return logps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The trainer's, with the policy pass observing (drift metric) or replaying the recorded routing."""

@@ -367,3 +367,13 @@ def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor, with_kl: b
             }
         )
     return metrics
+
+
+def outside_clip_band_counts(out: ObjectiveOutput, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
+    """(2,) float [sequences whose s_i is outside [1 - eps_low, 1 + eps_high], non-empty sequences], whatever the sign
+    of the advantage: at a rollout's first optimizer step (no update yet) any such sequence is rounding, not
+    learning. Sums over micro-batches and processes give the fraction."""
+    ratio = torch.exp(out.seq_log_ratio)
+    counted = out.lengths > 0
+    outside = ((ratio < 1 - epsilon_low) | (ratio > 1 + epsilon_high)) & counted
+    return torch.stack([outside.sum(), counted.sum()]).float()

@@ -13,17 +13,19 @@ Every other capability is a cooperative mixin in its own module, each calling `s
 GRPOTrainer too; the class statement below is the order in which they wrap GRPOTrainer (outermost first):
 
     MoERoutingMixin          trl_gspo/moe.py              no router logits in generate(), drift metric, replay
+    AlignedPiOldMixin        trl_gspo/aligned_pi_old.py   pi_old per micro-batch, as the policy pass sees it
     RolloutLogprobsMixin     trl_gspo/rollout_logprobs.py the sampling log-probs answer the pi_old pass
     PaddingFreeMixin         trl_gspo/packing.py          every log-prob pass on packed rows
     TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
 
 Order matters where two mixins wrap the same pass. The rollout log-probs must answer the pi_old pass before the
-padding-free mixin runs a forward for it (tests/test_mixins.py shows the swapped order running it). The MoE mixin is
-outermost so that it disarms its recording at the first pass on the policy model, the pi_old pass, whoever answers
-it (otherwise it could record the PEFT reference pass); its hooks are off whenever padding-free or rollout log-probs
-are on, since the routing record needs an unpacked forward. The padding-free mixin ends the log-prob chain when it is
-on: an override placed below it is not reached.
+padding-free mixin runs a forward for it (tests/test_mixins.py shows the swapped order running it), and so must the
+aligned mixin's skipped TRL pi_old pass. The MoE mixin is outermost so that it records the pass that is really
+computed (the aligned one, per micro-batch) and disarms at the first pass on the policy model whoever answers it
+(otherwise it could record the PEFT reference pass); its hooks are off whenever padding-free or rollout log-probs are
+on, since the routing record needs an unpacked forward. The padding-free mixin ends the log-prob chain when it is on:
+an override placed below it is not reached.
 """
 
 from __future__ import annotations
@@ -37,16 +39,23 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
+from .aligned_pi_old import AlignedPiOldMixin, policy_pass_arguments
 from .banner import distributed_backend, start_banner
 from .config import GSPOConfig, upgrade_grpo_config
 from .diagnostics import RolloutDiagnosticsMixin
 from .moe import MoERoutingMixin
-from .objective import compute_policy_objective, length_normalized_is_weight, objective_metric_sums, objective_metrics
+from .objective import (
+    compute_policy_objective,
+    length_normalized_is_weight,
+    objective_metric_sums,
+    objective_metrics,
+    outside_clip_band_counts,
+)
 from .packing import PaddingFreeMixin
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import RolloutLogprobsMixin
 from .token_rewards import TokenRewardsMixin
-from .trl_api import MODEL_INPUT_KEYS, check_trl_private_api, check_trl_private_attributes
+from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
 
@@ -56,6 +65,7 @@ ROLLOUT_BUFFER_FILE = "gspo_rollout_buffer_rank{rank}.pt"
 
 class GSPOTrainer(
     MoERoutingMixin,
+    AlignedPiOldMixin,
     RolloutLogprobsMixin,
     PaddingFreeMixin,
     TokenRewardsMixin,
@@ -143,18 +153,13 @@ class GSPOTrainer(
         # TRL turns off HF's loss scaling for accumulation (loss_is_scaled_for_ga): the loss must be divided here.
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
-        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss; the aligned pi_old pass makes
+        # the same call (trl_gspo/aligned_pi_old.py)
+        completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        pass_args, model_inputs = policy_pass_arguments(inputs)
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in MODEL_INPUT_KEYS},
+            model, *pass_args, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled, **model_inputs
         )
 
         # 2. pi_old: TRL leaves it out when the step is on-policy, where it equals the detached current log-probs
@@ -251,6 +256,20 @@ class GSPOTrainer(
         )
         for name, value in reduced.items():
             self._metrics[mode][name].append(value)
+        if mode == "train" and self._at_first_optimizer_step_of_rollout():
+            outside, sequences = self.accelerator.reduce(
+                outside_clip_band_counts(out, self.epsilon_low, self.epsilon_high), reduction="sum"
+            ).tolist()
+            if sequences:
+                self._metrics[mode]["gspo/first_step_outside_clip_band"].append(outside / sequences)
+
+    def _at_first_optimizer_step_of_rollout(self) -> bool:
+        """Whether this training micro-step belongs to the first optimizer step on its rollout, where no update has
+        happened yet: s_i must be exactly 1 there, and `gspo/first_step_outside_clip_band` (the fraction of sequences
+        outside [1 - eps_low, 1 + eps_high]) exactly 0. `_step` counts micro-steps; TRL regenerates every
+        steps_per_generation * num_iterations of them."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self._step % generate_every < self.args.gradient_accumulation_steps
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.
