@@ -14,9 +14,9 @@ import yaml
 from conftest import completion_length_reward, small_config
 from datasets import Dataset
 
+from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm, save_tiny_model
 from trl_gspo import GSPOTrainer, cli
 from trl_gspo.moe import router_logits_off
-from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm, save_tiny_model
 
 MOE_TYPES = ["qwen3_moe", "mixtral"]
 # prompt lengths 2 to 13 characters: every generation batch is left-padded
