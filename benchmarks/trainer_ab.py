@@ -916,7 +916,7 @@ GOALS = {
     "peak_memory_ratio": 1.02,
     "objective_ratio": 1.10,
 }
-# issue 9: on the ragged workload with padding_free, GSPOTrainer must be clearly faster and use no more memory
+# on the ragged workload with padding_free, GSPOTrainer must be clearly faster and use no more memory
 RAGGED_PADDING_FREE_GOALS = {"step_time_ratio": 0.8, "step_time_ratio_trials": 0.8, "peak_memory_ratio": 1.0}
 
 

@@ -207,7 +207,7 @@ def test_script_prints_one_line_without_traceback(tmp_path):
     assert lines == [f"error: --config {tmp_path / 'missing.yaml'}: no such recipe file."], result.stderr
 
 
-def test_tiny_task_builds_missing_model_and_data_then_finds_them(tmp_path):
+def test_tiny_task_assets_are_built_when_missing_then_found(tmp_path):
     messages = []
     model_path, data_path = tmp_path / "cache" / "sort_digits-warm-start", tmp_path / "data" / "train.jsonl"
     built = ensure_task_assets("sort_digits", model_path, data_path, seed=0, log=messages.append)
@@ -248,7 +248,7 @@ def test_tiny_recipes_have_their_own_run_folders_and_the_documented_model_path()
         assert recipe["model_name_or_path"] == f"{TINY_CACHE_DIR}/{tiny_warm_start_name(task)}"
 
 
-def test_unknown_tiny_task_is_refused(assets, tmp_path, capsys):
+def test_unknown_task_of_the_tiny_recipe_is_refused(assets, tmp_path, capsys):
     recipe = write_recipe(assets, tmp_path, prepare=TINY_PREPARE["prepare"], prepare_kwargs={"task": "sort_letters"})
     line = error_line(capsys, ["--config", str(recipe)])
     assert "task='sort_letters'" in line and "sort_digits" in line
@@ -313,7 +313,7 @@ def test_a_bad_prepare_hook_is_one_error_line_naming_the_field(
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_build_the_tiny_task_once(tmp_path):
+def test_two_processes_build_the_tiny_recipe_assets_once(tmp_path):
     """`accelerate launch` with 2 processes and no cache: the main process builds the model and data while the
     other waits (TrainingArguments.main_process_first), then both train on them."""
     cache, data = tmp_path / "cache", tmp_path / "data" / "train.jsonl"

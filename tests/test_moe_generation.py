@@ -1,4 +1,4 @@
-"""MoE configs with output_router_logits=True train without crashing on ragged prompts (issue 7 §1).
+"""MoE configs with output_router_logits=True train without crashing on ragged prompts.
 
 transformers' MoE models compute their load-balancing loss inside cached generation with the full attention mask
 but the new tokens' router logits only: a shape error on any padded batch (see docs/MOE.md for the upstream
