@@ -1,5 +1,5 @@
-"""A small, fast form of scripts/measure_precision.py (gspo_benchmarks.precision, docs/PRECISION.md): is GSPO's sequence log-ratio computed
-accurately enough for its 3e-4 clip band after one optimizer step?
+"""A small, fast form of scripts/measure_precision.py (gspo_benchmarks.precision, docs/PRECISION.md): is GSPO's
+sequence log-ratio computed accurately enough for its 3e-4 clip band after one optimizer step?
 
 The recommended route (float32, no autocast, through TRL's fused LM head) must be within eps_low / 10 of a
 float64 recomputation; the comparison must be able to fail (a wrong computation is caught, the step is large
