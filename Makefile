@@ -9,10 +9,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch==2.13.0 first: on a CPU machine it resolves to the local CPU wheel; an unpinned torch would
-# pull several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# pull several GB of CUDA packages. examples/ (gspo_examples) and benchmarks/ (gspo_benchmarks) are dev-only
+# distributions next to the plugin, installed editable so that scripts/ and tests/ import them.
+$(VENV)/.installed: pyproject.toml examples/pyproject.toml benchmarks/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" -e ./examples -e ./benchmarks
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,7 +29,7 @@ test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
 
 lint: install
-	$(BIN)/ruff check trl_gspo scripts tests
+	$(BIN)/ruff check trl_gspo examples benchmarks scripts tests
 
 bench: install
 	$(BIN)/python scripts/benchmark.py

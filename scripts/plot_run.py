@@ -16,11 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from trl_gspo.plotting import absent_panels, find_trainer_state, load_log_history, plot_run, run_folder  # noqa: E402
+from trl_gspo.plotting import absent_panels, find_trainer_state, load_log_history, plot_run, run_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,13 +9,8 @@ The README shows the lines between the "README snippet" markers; tests/test_docs
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
         if flags.model:
             model = flags.model
         else:
-            from trl_gspo.tiny import save_tiny_model
+            from gspo_examples.tiny import save_tiny_model
 
             model = save_tiny_model(Path(scratch) / "tiny-model")
 

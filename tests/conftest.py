@@ -12,7 +12,7 @@ import transformers.integrations.flash_attention as flash_integration  # noqa: E
 import transformers.modeling_flash_attention_utils as flash_utils  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
+from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
 
 torch.set_num_threads(1)  # xdist runs one worker per core
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_gspo.benchmarks import trainer_ab as bench
+from gspo_benchmarks import trainer_ab as bench
 from trl_gspo.objective import compute_policy_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_pool_lockstep_pairs_steps_after_warmup():
 
 
 def test_ragged_rollouts_are_identical_for_both_trainers_and_ragged(tokenizer):
-    from trl_gspo.benchmarks.ragged import COMPLETION_LENGTHS, PROMPT_LENGTHS, ragged_rollout_func
+    from gspo_benchmarks.ragged import COMPLETION_LENGTHS, PROMPT_LENGTHS, ragged_rollout_func
 
     prompts = [p for p in ("a", "b", "c", "d") for _ in range(8)]  # 4 groups of 8
     first, second = ragged_rollout_func(tokenizer, 512, seed=0), ragged_rollout_func(tokenizer, 512, seed=0)
@@ -181,7 +181,7 @@ def test_ragged_rollouts_are_identical_for_both_trainers_and_ragged(tokenizer):
 
 
 def test_padding_share_counts_slots():
-    from trl_gspo.benchmarks.ragged import padding_share
+    from gspo_benchmarks.ragged import padding_share
 
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 0]])  # lengths 3, 2, 1; width 4
     assert padding_share([mask], packed=False) == {"real_tokens": 6, "processed_tokens": 12, "padded_share": 0.5}

@@ -1,6 +1,6 @@
 """The command line as a new user meets it: bad configuration and missing files give one `error: ...` line and
-exit status 2 (a failure once training runs keeps its traceback), no argument prefix matching, and a tiny recipe
-that builds its own warm-started model and data when they are missing."""
+exit status 2 (a failure once training runs keeps its traceback), no argument prefix matching, a recipe's `prepare`
+function run before the model loads, and a tiny recipe that builds its own warm-started model and data with it."""
 
 import json
 import os
@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gspo_examples.tasks import TINY_CACHE_DIR, ensure_task_assets, read_jsonl, tiny_warm_start_name
+from gspo_examples.tiny import save_tiny_model
 from trl_gspo import cli
-from trl_gspo.tasks import ensure_task_assets, read_jsonl
-from trl_gspo.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_PREPARE = {"prepare": "gspo_examples.tasks:prepare_tiny_recipe", "prepare_kwargs": {"task": "sort_digits"}}
 ROWS = [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)} for i in range(16)]
 
 
@@ -206,7 +207,7 @@ def test_script_prints_one_line_without_traceback(tmp_path):
     assert lines == [f"error: --config {tmp_path / 'missing.yaml'}: no such recipe file."], result.stderr
 
 
-def test_tiny_task_builds_missing_model_and_data_then_finds_them(tmp_path):
+def test_tiny_task_assets_are_built_when_missing_then_found(tmp_path):
     messages = []
     model_path, data_path = tmp_path / "cache" / "sort_digits-warm-start", tmp_path / "data" / "train.jsonl"
     built = ensure_task_assets("sort_digits", model_path, data_path, seed=0, log=messages.append)
@@ -227,7 +228,7 @@ def test_tiny_recipe_with_a_mistyped_model_path_builds_nothing(assets, tmp_path,
     """A missing model is built only at a path named `<task>-warm-start` (the recipe's own form): any other missing
     path, e.g. a typo, is an error naming it, and no model is written there or next to it."""
     typo = tmp_path / "models" / "my-sort-modle"
-    recipe = write_recipe(assets, tmp_path, tiny_task="sort_digits", model_name_or_path=str(typo))
+    recipe = write_recipe(assets, tmp_path, **TINY_PREPARE, model_name_or_path=str(typo))
     line = error_line(capsys, ["--config", str(recipe)])
     assert f"model_name_or_path={str(typo)!r}: no such model folder" in line and "'sort_digits-warm-start'" in line
     assert not (tmp_path / "models").exists()
@@ -239,22 +240,80 @@ def test_tiny_recipes_have_their_own_run_folders_and_the_documented_model_path()
     assert len(recipes) == 3
     for path in recipes:
         recipe = yaml.safe_load(path.read_text())
-        task = recipe["tiny_task"]
+        assert recipe["prepare"] == TINY_PREPARE["prepare"]
+        task = recipe["prepare_kwargs"]["task"]
         for key in ("output_dir", "dataset_name"):
             assert not Path(recipe[key]).is_relative_to("runs/demo"), f"{path}: {key}={recipe[key]}"
         assert Path(recipe["output_dir"]) == Path("runs/tiny") / task
-        assert recipe["model_name_or_path"] == f"{cli.TINY_CACHE_DIR}/{cli.tiny_warm_start_name(task)}"
+        assert recipe["model_name_or_path"] == f"{TINY_CACHE_DIR}/{tiny_warm_start_name(task)}"
 
 
-def test_unknown_tiny_task_is_refused(assets, tmp_path, capsys):
-    recipe = write_recipe(assets, tmp_path, tiny_task="sort_letters")
+def test_unknown_task_of_the_tiny_recipe_is_refused(assets, tmp_path, capsys):
+    recipe = write_recipe(assets, tmp_path, prepare=TINY_PREPARE["prepare"], prepare_kwargs={"task": "sort_letters"})
     line = error_line(capsys, ["--config", str(recipe)])
-    assert "tiny_task='sort_letters'" in line and "sort_digits" in line
+    assert "task='sort_letters'" in line and "sort_digits" in line
+
+
+PREPARE_CALLS = []
+
+
+def record_prepare(script_args, training_args, model_args, *, model):
+    """A `prepare` function loaded by the CLI by its dotted name (the tests folder is on sys.path)."""
+    PREPARE_CALLS.append((type(script_args).__name__, type(training_args).__name__, model_args.model_name_or_path))
+    model_args.model_name_or_path = model
+
+
+NOT_CALLABLE = 42
+
+
+def test_prepare_runs_before_the_model_loads_and_may_point_the_run_at_its_inputs(assets, tmp_path, monkeypatch):
+    """The recipe's model path does not exist; the prepare function, called with the three argument objects and
+    prepare_kwargs, points the run at a real model, which the checks then accept."""
+    PREPARE_CALLS.clear()
+    recipe = write_recipe(
+        assets,
+        tmp_path,
+        model_name_or_path=str(tmp_path / "not-built-yet"),
+        prepare="test_cli_usability:record_prepare",
+        prepare_kwargs={"model": assets["model"]},
+    )
+    inputs = cli.check_inputs(*cli.parse_args(["--config", str(recipe)]))
+    assert PREPARE_CALLS == [("GSPOScriptArguments", "GSPOConfig", str(tmp_path / "not-built-yet"))]
+    assert len(inputs.train_dataset) == len(ROWS)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (
+            {"prepare": "no_such_package.tasks:prepare"},
+            ["prepare='no_such_package.tasks:prepare'", "cannot be imported"],
+        ),
+        ({"prepare": "test_cli_usability:no_such_function"}, ["no_such_function", "cannot be imported"]),
+        (
+            {"prepare": "test_cli_usability:NOT_CALLABLE"},
+            ["prepare='test_cli_usability:NOT_CALLABLE'", "not a function"],
+        ),
+        ({"prepare": "prepare_tiny_recipe"}, ["prepare='prepare_tiny_recipe'", "package.module:function"]),
+        (
+            {"prepare": "test_cli_usability:record_prepare", "prepare_kwargs": {"modle": "x"}},
+            ["prepare_kwargs={'modle': 'x'}", "do not fit", "record_prepare"],
+        ),
+        ({"prepare_kwargs": {"task": "add"}}, ["prepare_kwargs={'task': 'add'}", "prepare is not"]),
+    ],
+)
+def test_a_bad_prepare_hook_is_one_error_line_naming_the_field(
+    assets, tmp_path, capsys, no_trainer, overrides, fragments
+):
+    PREPARE_CALLS.clear()
+    line = error_line(capsys, ["--config", str(write_recipe(assets, tmp_path, **overrides))])
+    assert all(fragment in line for fragment in fragments), line
+    assert PREPARE_CALLS == []
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_build_the_tiny_task_once(tmp_path):
+def test_two_processes_build_the_tiny_recipe_assets_once(tmp_path):
     """`accelerate launch` with 2 processes and no cache: the main process builds the model and data while the
     other waits (TrainingArguments.main_process_first), then both train on them."""
     cache, data = tmp_path / "cache", tmp_path / "data" / "train.jsonl"

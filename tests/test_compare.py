@@ -1,4 +1,4 @@
-"""trl_gspo.compare and scripts/compare.py: the tiny end-to-end run, and the table against direct computations."""
+"""gspo_examples.compare and scripts/compare.py: the tiny end-to-end run, and the table against direct computations."""
 
 import json
 import math
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_gspo.compare import ARMS, arm_reward_funcs, late_mean, markdown_table, summarize_run
-from trl_gspo.tasks import get_task
+from gspo_examples.compare import ARMS, arm_reward_funcs, late_mean, markdown_table, summarize_run
+from gspo_examples.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -74,11 +74,8 @@ def test_quick_demo_gspo_raises_heldout_accuracy(tmp_path):
 
 
 def test_bad_demo_flags_exit_with_one_usage_error(tmp_path, capsys):
-    import importlib.util
+    from gspo_examples import demo
 
-    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     for argv, fragment in [
         (["--task", "sort_letters"], "invalid choice: 'sort_letters'"),
         (["--recipe", str(tmp_path / "none.yaml")], "no such recipe file"),

@@ -1,4 +1,4 @@
-"""Routing drift metric and routing replay (trl_gspo/moe.py and its GSPOTrainer glue), issue 7 §2-3.
+"""Routing drift metric and routing replay (trl_gspo/moe.py and its GSPOTrainer glue).
 
 Pure functions against naive float64/loop references; the hooks on a tiny model of every router class replay
 accepts (exact replay, experts kept after a router perturbation, router gradients) and on Qwen3-MoE and Mixtral

@@ -1,4 +1,4 @@
-"""MoE configs with output_router_logits=True train without crashing on ragged prompts (issue 7 §1).
+"""MoE configs with output_router_logits=True train without crashing on ragged prompts.
 
 transformers' MoE models compute their load-balancing loss inside cached generation with the full attention mask
 but the new tokens' router logits only: a shape error on any padded batch (see docs/MOE.md for the upstream
@@ -14,9 +14,9 @@ import yaml
 from conftest import completion_length_reward, small_config
 from datasets import Dataset
 
+from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm, save_tiny_model
 from trl_gspo import GSPOTrainer, cli
 from trl_gspo.moe import router_logits_off
-from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm, save_tiny_model
 
 MOE_TYPES = ["qwen3_moe", "mixtral"]
 # prompt lengths 2 to 13 characters: every generation batch is left-padded

@@ -1,30 +1,15 @@
-"""A small, fast form of scripts/measure_precision.py (docs/PRECISION.md): is GSPO's sequence log-ratio computed
-accurately enough for its 3e-4 clip band after one optimizer step?
+"""A small, fast form of scripts/measure_precision.py (gspo_benchmarks.precision, docs/PRECISION.md): is GSPO's
+sequence log-ratio computed accurately enough for its 3e-4 clip band after one optimizer step?
 
 The recommended route (float32, no autocast, through TRL's fused LM head) must be within eps_low / 10 of a
 float64 recomputation; the comparison must be able to fail (a wrong computation is caught, the step is large
 enough to measure), and TRL's default bf16 autocast route is recorded as missing the target.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_precision.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("measure_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-mp = _load_script()
+from gspo_benchmarks import precision as mp
 
 SMALL = mp.Settings(
     lengths=(16, 128),

@@ -176,7 +176,7 @@ def rollout_trainer(make_model, tokenizer, tmp_path, rollout_func):
 
 
 def test_a_rollout_funcs_logprobs_are_pi_old(make_model, tokenizer, tmp_path):
-    from trl_gspo.benchmarks.ragged import SYNTHETIC_LOGPROB, ragged_rollout_func
+    from gspo_benchmarks.ragged import SYNTHETIC_LOGPROB, ragged_rollout_func
 
     trainer = rollout_trainer(make_model, tokenizer, tmp_path, ragged_rollout_func(tokenizer, 160))
     trainer.train()

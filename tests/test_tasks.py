@@ -1,11 +1,11 @@
-"""Tests for trl_gspo.tasks: checkers, deterministic disjoint splits, jsonl round trip, tokenizer coverage."""
+"""Tests for gspo_examples.tasks: checkers, deterministic disjoint splits, jsonl round trip, tokenizer coverage."""
 
 import json
 import random
 
 import pytest
 
-from trl_gspo.tasks import (
+from gspo_examples.tasks import (
     TASKS,
     WarmStartError,
     get_task,
@@ -18,7 +18,7 @@ from trl_gspo.tasks import (
     write_jsonl,
     write_splits,
 )
-from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm
+from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
 
 SMALL = {"train": 300, "dev": 40, "test": 60}
 
@@ -147,7 +147,7 @@ def test_jsonl_loads_with_datasets_in_trl_format(tmp_path):
 def test_tokenizer_round_trips_every_task_string(name, tmp_path):
     from transformers import AutoTokenizer
 
-    from trl_gspo.tasks import DEFAULT_MODEL_KWARGS
+    from gspo_examples.tasks import DEFAULT_MODEL_KWARGS
 
     tokenizer = build_char_tokenizer()
     # saved next to a model of the demo's type and reloaded the way TRL loads it (AutoTokenizer)
@@ -182,7 +182,7 @@ def _tiny_model():
 def test_greedy_accuracy_counts_exact_matches():
     model, tokenizer = _tiny_model()
     rows = make_splits("sort_digits", seed=0, sizes={"test": 8})["test"]
-    from trl_gspo.tasks import greedy_completions
+    from gspo_examples.tasks import greedy_completions
 
     completions = greedy_completions(model, tokenizer, rows, batch_size=3, max_new_tokens=7)
     assert len(completions) == 8
@@ -226,7 +226,7 @@ def test_warm_start_reaches_the_target_and_stops_there():
 def test_prepare_model_caches_and_reuses(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_gspo.tasks import prepare_model
+    from gspo_examples.tasks import prepare_model
 
     kwargs = {
         "seed": 0,
@@ -252,7 +252,7 @@ def test_prepare_model_caches_and_reuses(tmp_path):
 
 
 def test_prepare_model_refuses_a_model_type_whose_tokenizer_does_not_reload(tmp_path):
-    from trl_gspo.tasks import prepare_model
+    from gspo_examples.tasks import prepare_model
 
     with pytest.raises(ValueError, match="Qwen2Tokenizer"):
         prepare_model(
@@ -270,7 +270,7 @@ def test_heldout_accuracy_callback_schedule_and_log(monkeypatch):
     """Before the first step, every `every` steps and at the last; entries in log_history, history and the log."""
     from types import SimpleNamespace
 
-    import trl_gspo.tasks as tasks
+    import gspo_examples.tasks as tasks
 
     measured = iter([0.25, 0.5, 0.75, 1.0])
     monkeypatch.setattr(tasks, "greedy_accuracy", lambda model, tokenizer, rows: next(measured))

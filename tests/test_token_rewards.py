@@ -228,8 +228,8 @@ def naive_mismatch_total(text, gold):
 
 
 def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
+    from gspo_examples.tasks import get_task
     from trl_gspo.rewards import mismatch_spans
-    from trl_gspo.tasks import get_task
 
     assert get_task("place").span_reward == "mismatch_spans"
     assert mismatch_spans(["abxde", "abcde", "abxdeff", "ab", ""], ["abxde"] * 5) == [

@@ -19,8 +19,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from gspo_examples.tiny import save_tiny_model
 from trl_gspo import cli
-from trl_gspo.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_gspo.py"

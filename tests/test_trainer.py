@@ -386,7 +386,7 @@ def test_private_trl_api_change_is_reported():
 def test_saved_tiny_model_round_trips_its_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from trl_gspo.tiny import save_tiny_model
+    from gspo_examples.tiny import save_tiny_model
 
     path = save_tiny_model(tmp_path / "qwen3", hidden_size=16)
     tokenizer = AutoTokenizer.from_pretrained(path)

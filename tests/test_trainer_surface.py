@@ -9,10 +9,10 @@ import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
 from trl import GRPOConfig, GRPOTrainer
 
+from gspo_examples.tiny import save_tiny_model
 from trl_gspo import GSPOTrainer
 from trl_gspo.banner import distributed_backend, optimizer_steps_per_rollout, start_banner
 from trl_gspo.rollout_buffer import UnsafeCheckpointError, load_rollout_buffer
-from trl_gspo.tiny import save_tiny_model
 
 # --- metric names: everything GRPOTrainer logs for the same configuration ---------------------------------------------
 

@@ -13,6 +13,7 @@ model is loaded.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
@@ -61,12 +62,17 @@ class GSPOScriptArguments(ScriptArguments):
     resume: bool = field(
         default=False, metadata={"help": "Resume from the last checkpoint in output_dir (error if there is none)."}
     )
-    tiny_task: str | None = field(
+    prepare: str | None = field(
         default=None,
         metadata={
-            "help": "A task of trl_gspo.tasks (sort_digits, reverse, add) for the tiny recipes: when "
-            "model_name_or_path or dataset_name is missing, build the warm-started model and write the data."
+            "help": "A function 'package.module:function' called before the model loads, as function(script_args, "
+            "training_args, model_args, **prepare_kwargs) under training_args.main_process_first: it may build "
+            "missing inputs and point model_name_or_path / dataset_name at them (the tiny recipes: "
+            "gspo_examples.tasks:prepare_tiny_recipe)."
         },
+    )
+    prepare_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the `prepare` function, e.g. {'task': 'sort_digits'}."}
     )
 
 
@@ -95,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPO
         raise
     if isinstance(script_args.reward_kwargs, str):
         script_args.reward_kwargs = json.loads(script_args.reward_kwargs)
+    if isinstance(script_args.prepare_kwargs, str):
+        script_args.prepare_kwargs = json.loads(script_args.prepare_kwargs)
     return script_args, training_args, model_args
 
 
@@ -280,50 +288,36 @@ def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
         staging.rmdir()
 
 
-# The tiny recipes' model_name_or_path is TINY_CACHE_DIR/<task>-warm-start: a name, not a folder. The warm-started
-# model is built (or found) in its parent folder, and only for a path of that name.
-TINY_CACHE_DIR = ".cache/trl_gspo"
+def resolve_prepare(path: str):
+    """The `prepare` function named by ``package.module:function`` (or ``package.module.function``); a ValueError
+    naming the field when it cannot be imported or is not callable."""
+    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attribute:
+        raise ValueError(f"prepare={path!r}: expected 'package.module:function'.")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"prepare={path!r} cannot be imported: {type(error).__name__}: {error}") from None
+    if not callable(target):
+        raise ValueError(f"prepare={path!r} is a {type(target).__name__}, not a function.")
+    return target
 
 
-def tiny_warm_start_name(task: str) -> str:
-    return f"{task}-warm-start"
-
-
-def prepare_tiny_task(script_args, training_args, model_args) -> None:
-    """Point a tiny recipe at its warm-started model and data, building them when missing (tasks.ensure_task_assets).
-
-    A missing model is built only when model_name_or_path is named `<task>-warm-start` (the recipe's path, or one
-    the user chose in that form); any other missing path is an error. Under `accelerate launch` the main process builds while the others wait, then they find what it built.
-    """
-    from .tasks import TASKS, ensure_task_assets
-
-    if script_args.tiny_task not in TASKS:
-        raise ValueError(f"tiny_task={script_args.tiny_task!r} is not a task; expected one of {sorted(TASKS)}.")
-    if not script_args.dataset_name or not model_args.model_name_or_path:
-        raise ValueError("tiny_task needs model_name_or_path and dataset_name: where to find or build them.")
-    model_path, warm_start_name = Path(model_args.model_name_or_path), tiny_warm_start_name(script_args.tiny_task)
-    if not model_path.is_dir() and model_path.name != warm_start_name:
-        # a mistyped path must not silently become a newly built model
-        raise FileNotFoundError(
-            f"model_name_or_path={model_args.model_name_or_path!r}: no such model folder. With tiny_task="
-            f"{script_args.tiny_task!r} a missing model is built only at a path named {warm_start_name!r} (the "
-            f"recipe's {TINY_CACHE_DIR}/{warm_start_name}); give an existing model folder or such a path."
-        )
-    rank = training_args.process_index
-
-    def log(message: str) -> None:  # every rank says what it did: the main one built, the others found it
-        print(f"[rank {rank}] {message}" if training_args.world_size > 1 else message, flush=True)
-
-    with training_args.main_process_first(desc=f"building the {script_args.tiny_task} model and data"):
-        model_args.model_name_or_path = str(
-            ensure_task_assets(
-                script_args.tiny_task,
-                model_args.model_name_or_path,
-                script_args.dataset_name,
-                seed=training_args.seed,
-                log=log,
-            )
-        )
+def run_prepare(script_args, training_args, model_args) -> None:
+    """Call the recipe's `prepare` function (see GSPOScriptArguments.prepare). Under `accelerate launch` the main
+    process runs it first while the others wait, then they run it and find what it built."""
+    kwargs = script_args.prepare_kwargs or {}
+    if not script_args.prepare:
+        if kwargs:
+            raise ValueError(f"prepare_kwargs={kwargs} is set but prepare is not: name the function they are for.")
+        return
+    prepare = resolve_prepare(script_args.prepare)
+    try:
+        inspect.signature(prepare).bind(script_args, training_args, model_args, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"prepare_kwargs={kwargs} do not fit prepare={script_args.prepare!r}: {error}") from None
+    with training_args.main_process_first(desc=f"prepare={script_args.prepare}"):
+        prepare(script_args, training_args, model_args, **kwargs)
 
 
 @dataclass
@@ -359,10 +353,10 @@ def finished_run_message(checkpoint: str | None, max_steps: int) -> str | None:
 
 
 def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
-    """Check (and, for a tiny recipe, build) every input before the model is loaded; raise naming the culprit."""
+    """Check (and, with a `prepare` function, build) every input before the model is loaded; raise naming the
+    culprit."""
     check_output_dir(training_args.output_dir)
-    if script_args.tiny_task:
-        prepare_tiny_task(script_args, training_args, model_args)
+    run_prepare(script_args, training_args, model_args)
     check_model_path(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
     train_dataset = load_prompt_dataset(script_args, script_args.dataset_train_split)
     eval_dataset = None

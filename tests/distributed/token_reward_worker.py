@@ -12,8 +12,8 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 
+from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
 from trl_gspo import GSPOConfig, GSPOTrainer
-from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm
 
 
 def length_reward(completions, **kwargs):

@@ -23,8 +23,8 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from datasets import Dataset
 
+from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
 from trl_gspo import GSPOConfig, GSPOTrainer
-from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm
 
 
 def reward(completions, **kwargs):

@@ -2,7 +2,7 @@
 
 What is measured and how is in the script's docstring and BENCHMARKS.md. This module holds the machinery: the
 objective-alone comparison, one training trial (run in its own interpreter, `python -m
-trl_gspo.benchmarks.trainer_ab SPEC_JSON OUT_JSON`, so its peak RSS is its own), the lockstep and in-process A/B
+gspo_benchmarks.trainer_ab SPEC_JSON OUT_JSON`, so its peak RSS is its own), the lockstep and in-process A/B
 runs, the summaries, markdown tables and goals. A ratio is GSPO / TRL: below 1 means GSPOTrainer is cheaper.
 """
 
@@ -22,7 +22,8 @@ import warnings
 
 import torch
 
-EPSILON_LOW, EPSILON_HIGH = 3e-4, 4e-4  # GSPO paper's clip range, used by both trainers
+from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW  # used by both trainers
+
 STEPS_PER_GENERATION = 4
 TRAINERS = ("gspo", "trl")
 
@@ -167,7 +168,7 @@ def bench_objective(batch, length, device="cpu", dtype=torch.float32, rounds=15,
     logps, old, advantages, mask = make_objective_inputs(batch, length, device, dtype, seed)
 
     def call(name):
-        loss, _ = OBJECTIVES[name](logps, old, advantages, mask, EPSILON_LOW, EPSILON_HIGH)
+        loss, _ = OBJECTIVES[name](logps, old, advantages, mask, PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH)
         (grad,) = torch.autograd.grad(loss, logps)
         return grad
 
@@ -193,10 +194,12 @@ def profile_objectives(batch, length, device="cpu", dtype=torch.float32, calls=5
     lines = [f"## Objective profiles, ({batch}, {length}) {str(dtype).replace('torch.', '')}, {calls} calls each"]
     for name, func in OBJECTIVES.items():
         for _ in range(5):
-            torch.autograd.grad(func(logps, old, advantages, mask, EPSILON_LOW, EPSILON_HIGH)[0], logps)
+            torch.autograd.grad(func(logps, old, advantages, mask, PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH)[0], logps)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(calls):
-                torch.autograd.grad(func(logps, old, advantages, mask, EPSILON_LOW, EPSILON_HIGH)[0], logps)
+                torch.autograd.grad(
+                    func(logps, old, advantages, mask, PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH)[0], logps
+                )
         lines += [f"### {name}", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)]
     diff = (logps - old).detach()
     mask_bool = mask.bool()
@@ -225,15 +228,15 @@ def _current_rss_kib():
 
 
 PROMPT_LENGTH = 6  # "ab+cd=" in the char tokenizer
-RAGGED_PROMPT_MAX = 192  # trl_gspo.benchmarks.ragged.PROMPT_LENGTHS["high"]
+RAGGED_PROMPT_MAX = 192  # gspo_benchmarks.ragged.PROMPT_LENGTHS["high"]
 
 
 def build_model(spec, tokenizer):
-    """The model of a trial: trl_gspo.tiny's builder for --shape tiny, a random config of the named shape otherwise.
+    """The model of a trial: gspo_examples.tiny's builder for --shape tiny, a random config of the named shape otherwise.
 
     Both trainers get a model built from the same spec and seed, hence the same initial weights.
     """
-    from trl_gspo.tiny import build_tiny_causal_lm
+    from gspo_examples.tiny import build_tiny_causal_lm
 
     prompt_length = RAGGED_PROMPT_MAX if spec.get("workload") == "ragged" else PROMPT_LENGTH
     max_positions = max(512, spec["completion_length"] + prompt_length + 8)
@@ -286,8 +289,8 @@ def make_trainer(spec, name, output_dir):
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
+    from gspo_examples.tiny import build_char_tokenizer
     from trl_gspo import GSPOConfig, GSPOTrainer
-    from trl_gspo.tiny import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     model = build_model(spec, tokenizer)
@@ -306,8 +309,8 @@ def make_trainer(spec, name, output_dir):
         max_steps=spec["steps"],
         learning_rate=1e-3,  # large enough for the tiny model's ratios to leave the clip band: clipping is exercised
         beta=0.0,
-        epsilon=EPSILON_LOW,
-        epsilon_high=EPSILON_HIGH,
+        epsilon=PAPER_EPSILON_LOW,
+        epsilon_high=PAPER_EPSILON_HIGH,
         loss_type="grpo",
         importance_sampling_level="sequence",
         temperature=1.0,
@@ -324,8 +327,8 @@ def make_trainer(spec, name, output_dir):
     if spec["suppress_eos"] and spec.get("workload") != "ragged":  # no EOS: completions run to max length
         common["generation_kwargs"] = {"suppress_tokens": [tokenizer.eos_token_id]}
     extra = {}
-    if spec.get("workload") == "ragged":  # identical synthetic rollouts on both sides (trl_gspo.benchmarks.ragged)
-        from trl_gspo.benchmarks.ragged import ragged_rollout_func
+    if spec.get("workload") == "ragged":  # identical synthetic rollouts on both sides (gspo_benchmarks.ragged)
+        from gspo_benchmarks.ragged import ragged_rollout_func
 
         os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
         extra["rollout_func"] = ragged_rollout_func(tokenizer, spec["completion_length"], seed=spec["seed"])
@@ -367,8 +370,8 @@ def record_pass_masks(trainer):
 
 
 def pass_padding_share(trainer, masks):
-    """Padded share of the slots the log-prob passes processed (see trl_gspo.benchmarks.ragged.padding_share)."""
-    from trl_gspo.benchmarks.ragged import padding_share
+    """Padded share of the slots the log-prob passes processed (see gspo_benchmarks.ragged.padding_share)."""
+    from gspo_benchmarks.ragged import padding_share
 
     chunks = [mask[i : i + size].cpu() for mask, size in masks for i in range(0, mask.size(0), size)]
     packed = bool(getattr(trainer.args, "padding_free", False))
@@ -703,7 +706,7 @@ def run_trial_subprocess(spec, timeout=1800):
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_VERBOSITY": "error",
         }
-        cmd = [sys.executable, "-m", "trl_gspo.benchmarks.trainer_ab", json.dumps(spec), out_path]
+        cmd = [sys.executable, "-m", "gspo_benchmarks.trainer_ab", json.dumps(spec), out_path]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0 or not os.path.exists(out_path):
             raise RuntimeError(
@@ -913,7 +916,7 @@ GOALS = {
     "peak_memory_ratio": 1.02,
     "objective_ratio": 1.10,
 }
-# issue 9: on the ragged workload with padding_free, GSPOTrainer must be clearly faster and use no more memory
+# on the ragged workload with padding_free, GSPOTrainer must be clearly faster and use no more memory
 RAGGED_PADDING_FREE_GOALS = {"step_time_ratio": 0.8, "step_time_ratio_trials": 0.8, "peak_memory_ratio": 1.0}
 
 

@@ -1,6 +1,6 @@
 """GSPO vs GSPO-token vs GRPO on one built-in task: same warm-started model, prompts, seeds and step budget.
 
-For every seed the task's splits and the warm-started model (trl_gspo.tasks.prepare_model, cached) are shared by
+For every seed the task's splits and the warm-started model (gspo_examples.tasks.prepare_model, cached) are shared by
 all arms; each arm then trains a fresh copy with GSPOTrainer, its held-out greedy accuracy is recorded every
 `eval_every` steps, and its log history is kept. The arms (`ARMS`):
 
@@ -12,7 +12,7 @@ all arms; each arm then trains a fresh copy with GSPOTrainer, its held-out greed
                 (token_rewards.summed_reward): the same reward information as gspo_token without the per-token
                 credit, so gspo_token vs gspo_dense isolates where the credit goes
 
-Everything else is shared (trl_gspo.tasks defaults; `TrainSettings`): 64 completions per optimizer step (8 prompts
+Everything else is shared (gspo_examples.tasks defaults; `TrainSettings`): 64 completions per optimizer step (8 prompts
 x 8), 4 optimizer steps per rollout, temperature 0.5, learning rate decayed linearly to 0, no KL, loss_type "grpo"
 (one weight per sequence) for every arm.
 
@@ -25,17 +25,22 @@ sequence-weighted fraction is n/a.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shlex
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .plotting import save_figure, series
-from .rewards import exact_match, get_reward_func
-from .token_rewards import summed_reward
+from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW
+from trl_gspo.plotting import save_figure, series
+from trl_gspo.rewards import exact_match, get_reward_func
+from trl_gspo.token_rewards import summed_reward
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,14 @@ class Arm:
 
 
 ARMS = {
-    "gspo": Arm("GSPO (sequence reward)", "sequence", 3e-4, 4e-4),
-    "gspo_token": Arm("GSPO-token (span reward)", "sequence_token", 3e-4, 4e-4, use_span_reward=True),
+    "gspo": Arm("GSPO (sequence reward)", "sequence", PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH),
+    "gspo_token": Arm(
+        "GSPO-token (span reward)", "sequence_token", PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH, use_span_reward=True
+    ),
     "grpo": Arm("GRPO (token level, 0.2/0.27)", "token", 0.2, 0.27),
-    "gspo_dense": Arm("GSPO (span reward summed)", "sequence", 3e-4, 4e-4, True, span_reward_summed=True),
+    "gspo_dense": Arm(
+        "GSPO (span reward summed)", "sequence", PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH, True, span_reward_summed=True
+    ),
 }
 DEFAULT_ARMS = ("gspo", "gspo_token", "grpo")
 
@@ -98,9 +107,10 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import GSPOConfig
+    from trl_gspo.config import GSPOConfig
+    from trl_gspo.trainer import GSPOTrainer
+
     from .tasks import HeldoutAccuracyCallback, greedy_accuracy
-    from .trainer import GSPOTrainer
 
     arm = ARMS[arm_name]
     torch.manual_seed(seed)
@@ -351,3 +361,70 @@ def write_report(results: Sequence[dict], output_dir, command: str, task_name: s
     path = output_dir / "comparison.md"
     path.write_text(text + "\n")
     return path
+
+
+# --- command line (scripts/compare.py) ---
+
+COMMANDS = """GSPO vs GSPO-token (span reward) vs GRPO on a built-in task, on CPU: a markdown table and PNG figures.
+
+The arms and what they share: gspo_examples.compare's docstring. Each seed warm-starts one model (cached under
+--cache-dir), and every arm trains a copy of it for the same number of steps.
+
+Commands
+    python scripts/compare.py                                   # place task, seed 0, gspo/gspo_token/grpo, 300 steps
+    python scripts/compare.py --seeds 0 1 2 --arms gspo gspo_token gspo_dense
+    python scripts/compare.py --task sort_digits --steps 200 --output-dir runs/compare-sort
+
+Writes <output-dir>/results.json (every run's log history), comparison.md and comparison.png.
+"""
+
+
+def parse_flags(argv=None):
+    parser = argparse.ArgumentParser(description=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="place", help="built-in task (default place: local precision)")
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=sorted(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="optimizer steps per run")
+    parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
+    parser.add_argument("--eval-every", type=int, default=TrainSettings.eval_every)
+    parser.add_argument("--test-rows", type=int, default=TrainSettings.test_rows)
+    parser.add_argument(
+        "--token-advantage-weight",
+        type=float,
+        default=TrainSettings.token_advantage_weight,
+        help="lambda of GSPO-token's group-normalised token component (GSPOConfig.token_advantage_weight)",
+    )
+    parser.add_argument("--output-dir", default="runs/compare")
+    parser.add_argument("--cache-dir", default=".cache/trl_gspo", help="where warm-started models are cached")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see scripts/demo.py)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a few steps on a small model and small splits (for the tests)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    flags = parse_flags(argv)
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
+    settings = TrainSettings(
+        steps=flags.steps,
+        learning_rate=flags.learning_rate,
+        eval_every=flags.eval_every,
+        test_rows=flags.test_rows,
+        monitor_rows=min(TrainSettings.monitor_rows, flags.test_rows),
+        threads=flags.threads,
+        token_advantage_weight=flags.token_advantage_weight,
+    )
+    if flags.tiny:
+        settings.split_sizes = {"train": 64, "dev": 16, "test": 16}
+        settings.model_kwargs = {"hidden_size": 32, "intermediate_size": 64}
+        settings.target_accuracy = 0.0  # stop the warm start at its first check
+        settings.per_device_train_batch_size = 16
+        settings.logging_steps = 1
+    start = time.perf_counter()
+    results = run_comparison(flags.task, flags.arms, flags.seeds, settings, flags.output_dir, flags.cache_dir)
+    command = "python scripts/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report = write_report(results, flags.output_dir, command.strip(), flags.task, settings)
+    print(report.read_text())
+    print(f"== wrote {report} and {report.with_suffix('.png')} in {time.perf_counter() - start:.0f} s")
+    return report

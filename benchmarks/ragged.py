@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..packing import assign_rows
+from trl_gspo.packing import assign_rows
 
 PROMPT_LENGTHS = {"median": 48, "sigma": 0.6, "low": 8, "high": 192}
 COMPLETION_LENGTHS = {"median": 128, "sigma": 0.7, "low": 8}

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .rewards import exact_match
+from trl_gspo.rewards import exact_match
 
 # Bump when a task's prompt format or a split's drawing changes: it is part of the cache key.
 TASKS_FORMAT_VERSION = 1
@@ -475,6 +475,47 @@ def ensure_task_assets(
         how = "found it in the cache" if info["cached"] else "built it"
         log(f"model_name_or_path={str(model_path)!r} does not exist: {how} ({folder}, warm-started on {task})")
     return folder
+
+
+# The tiny recipes' model_name_or_path is TINY_CACHE_DIR/<task>-warm-start: a name, not a folder. The warm-started
+# model is built (or found) in its parent folder, and only for a path of that name.
+TINY_CACHE_DIR = str(DEFAULT_CACHE_DIR)
+
+
+def tiny_warm_start_name(task: str) -> str:
+    return f"{task}-warm-start"
+
+
+def prepare_tiny_recipe(script_args, training_args, model_args, *, task: str) -> None:
+    """The tiny recipes' `prepare` function (GSPOScriptArguments.prepare, with prepare_kwargs {task: ...}): point
+    the run at the task's warm-started model and data, building them when missing (`ensure_task_assets`).
+
+    A missing model is built only when model_name_or_path is named `<task>-warm-start` (the recipe's path, or one
+    the user chose in that form); any other missing path is an error. The command line calls this under
+    `training_args.main_process_first`: with several processes the main one builds, the others find it built.
+    """
+    if task not in TASKS:
+        raise ValueError(f"prepare_kwargs task={task!r} is not a task; expected one of {sorted(TASKS)}.")
+    if not script_args.dataset_name or not model_args.model_name_or_path:
+        raise ValueError(f"task {task!r} needs model_name_or_path and dataset_name: where to find or build them.")
+    model_path, warm_start_name = Path(model_args.model_name_or_path), tiny_warm_start_name(task)
+    if not model_path.is_dir() and model_path.name != warm_start_name:
+        # a mistyped path must not silently become a newly built model
+        raise FileNotFoundError(
+            f"model_name_or_path={model_args.model_name_or_path!r}: no such model folder. For task {task!r} a "
+            f"missing model is built only at a path named {warm_start_name!r} (the recipe's "
+            f"{TINY_CACHE_DIR}/{warm_start_name}); give an existing model folder or such a path."
+        )
+    rank = training_args.process_index
+
+    def log(message: str) -> None:  # every rank says what it did: the main one built, the others found it
+        print(f"[rank {rank}] {message}" if training_args.world_size > 1 else message, flush=True)
+
+    model_args.model_name_or_path = str(
+        ensure_task_assets(
+            task, model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed, log=log
+        )
+    )
 
 
 class HeldoutAccuracyCallback(TrainerCallback):

@@ -1,6 +1,6 @@
 """Measure how far rollout log-probs (transformers generation) are from the recomputed pi_old, per precision.
 
-    python -m trl_gspo.benchmarks.rollout_mismatch [--steps 16] [--json out.json]
+    python -m gspo_benchmarks.rollout_mismatch [--steps 16] [--json out.json]
 
 Trains a tiny random qwen3 (hidden 64, 2 layers, char vocabulary) with GSPOConfig(use_rollout_logprobs=True,
 rollout_logprobs_check_interval=1), so every rollout also runs the pi_old forward and logs the sequence-level
@@ -34,8 +34,8 @@ def measure(setting: str, steps: int = 16, seed: int = 0) -> dict:
     """Per-rollout mismatch metrics of one short training run in `setting` (see SETTINGS)."""
     import datasets
 
+    from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
     from trl_gspo import GSPOConfig, GSPOTrainer
-    from trl_gspo.tiny import build_char_tokenizer, build_tiny_causal_lm
 
     options = SETTINGS[setting]
     tokenizer = build_char_tokenizer()
