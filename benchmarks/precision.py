@@ -25,7 +25,7 @@ is |log s_i(route) - log s_i(float64)| per sequence, with |log s_i(float64)| (th
 
 The old log-probs are those `_generate_and_score_completions` stores off-policy (steps_per_generation >
 gradient_accumulation_steps or num_iterations > 1); on-policy TRL uses the detached current log-probs and s_i = 1
-exactly. The functions are importable (tests/test_precision.py runs a small form of `measure`).
+exactly. The functions are importable (tests/e2e/test_precision.py runs a small form of `measure`).
 Results and conclusions: docs/PRECISION.md.
 """
 

@@ -53,7 +53,7 @@ from gspo_examples.tasks import HeldoutAccuracyCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
-# How the quick form (--quick, used by tests/test_demo.py) differs from the full demo.
+# How the quick form (--quick, used by tests/e2e/test_demo.py) differs from the full demo.
 QUICK = {"steps": 240, "learning_rate": 2e-4, "test_rows": 256, "monitor_rows": 64, "eval_every": 60}
 FULL = {"test_rows": 512, "monitor_rows": 128, "eval_every": 25}
 

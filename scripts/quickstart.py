@@ -3,7 +3,7 @@
     python scripts/quickstart.py                     # a tiny model built on the spot: CPU, no download, ~1 minute
     python scripts/quickstart.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 200   # a real model (GPU, hub)
 
-The README shows the lines between the "README snippet" markers; tests/test_docs.py checks that they match.
+The README shows the lines between the "README snippet" markers; tests/e2e/test_docs.py checks that they match.
 """
 
 from __future__ import annotations

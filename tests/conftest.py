@@ -48,25 +48,26 @@ def completion_length_reward(completions, **kwargs):
     return [float(len(t) % 4) for t in texts]
 
 
+# The shape of a small off-the-shelf test run, for GSPOConfig and for TRL's GRPOConfig alike.
+SMALL_RUN = dict(
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=4,
+    learning_rate=5e-3,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    bf16=False,
+    seed=0,
+)
+
+
 def small_config(output_dir, **overrides):
     from trl_gspo import GSPOConfig
 
-    values = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-    )
-    values.update(overrides)
-    return GSPOConfig(**values)
+    return GSPOConfig(output_dir=str(output_dir), **{**SMALL_RUN, **overrides})
 
 
 def reference_attention(q, k, v, causal, scale, window_size, softcap):

@@ -42,7 +42,7 @@ ROUTING_KEY = "moe_routing"
 ROUTER_CLASS_SUFFIX = "TopKRouter"
 
 # Routers whose forward makes exactly one top-k selection over the experts and returns its indices, so that
-# `ForcedTopK` replays them exactly; each is tested on a tiny model of its type (tests/test_moe.py,
+# `ForcedTopK` replays them exactly; each is tested on a tiny model of its type (tests/trainer/test_moe.py,
 # REPLAY_MODELS), and docs/MOE.md lists why the other `*TopKRouter` classes of transformers 5.24 are not here.
 REPLAY_ROUTER_CLASSES = frozenset(
     {

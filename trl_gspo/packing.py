@@ -18,7 +18,7 @@ entropies) back to the (B, T) completion layout of the padded path, with zeros w
 that record per-token state (e.g. MoE routing) can move it between the two layouts with them.
 
 Which models pack exactly is established by measurement and accepted positively (`packing_support_problem`): an
-allowlist of text-config `model_type`s, each tested (tests/test_packing.py) on a tiny float32 model whose packed
+allowlist of text-config `model_type`s, each tested (tests/unit/test_packing.py) on a tiny float32 model whose packed
 log-probs (several rows and one row, ragged left-padded prompts, right-padded completions; sdpa, eager and
 flash-attention through transformers' dispatch with reference kernels) are compared with each sequence run alone,
 unpadded. An allowlist rather than a construction-time probe: a probe forward would have to run on sharded (ZeRO-3,
@@ -184,7 +184,7 @@ def unpack_completion_values(packed: PackedBatch, values: torch.Tensor, logits_t
 
 
 # Exactness is established per model type by measurement, never assumed: for each type below,
-# tests/test_packing.py::test_allowed_model_type_packs_exactly builds a tiny model and checks the packed log-probs
+# tests/unit/test_packing.py::test_allowed_model_type_packs_exactly builds a tiny model and checks the packed log-probs
 # (several rows and one row; sdpa, eager and emulated flash-attention) against each sequence run alone, unpadded.
 # The test iterates over this set, so an entry cannot exist without its passing test.
 PACKING_EXACT_MODEL_TYPES = frozenset(
@@ -210,7 +210,7 @@ _MASK_WITHOUT_POSITION_IDS = (
     "the ones packed before it"
 )
 _RECURRENT_STATE = "has recurrent or convolution layers whose state carries across packed sequence boundaries"
-# Types measured inexact when packed (tests/test_packing.py::test_refused_model_type_is_inexact_when_packed).
+# Types measured inexact when packed (tests/unit/test_packing.py::test_refused_model_type_is_inexact_when_packed).
 PACKING_INEXACT_MODEL_TYPES = {
     "biogpt": _MASK_WITHOUT_POSITION_IDS,
     "bloom": _MASK_WITHOUT_POSITION_IDS,

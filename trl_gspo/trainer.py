@@ -20,7 +20,7 @@ GRPOTrainer too; the class statement below is the order in which they wrap GRPOT
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
 
 Order matters where two mixins wrap the same pass. The rollout log-probs must answer the pi_old pass before the
-padding-free mixin runs a forward for it (tests/test_mixins.py shows the swapped order running it), and so must the
+padding-free mixin runs a forward for it (tests/trainer/test_mixins.py shows the swapped order running it), and so must the
 aligned mixin's skipped TRL pi_old pass. The MoE mixin is outermost so that it records the pass that is really
 computed (the aligned one, per micro-batch) and disarms at the first pass on the policy model whoever answers it
 (otherwise it could record the PEFT reference pass); its hooks are off whenever padding-free or rollout log-probs are

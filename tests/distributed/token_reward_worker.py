@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: GSPO-token with a span reward in a world of 2, groups straddling processes.
+"""Worker for tests/distributed/test_launch.py: GSPO-token with a span reward in a world of 2, groups straddling processes.
 
 Each process saves, for its first rollout, the (B, T) advantages it trains on, its per-token rewards and loss mask
 and TRL's sequence advantages, to <out_dir>/rank<i>.pt; the test rebuilds the advantages from all ranks together.

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py and tests/test_launch_configs.py: a fixed-seed tiny GSPO run under whatever
+"""Worker for tests/distributed/test_launch.py: a fixed-seed tiny GSPO run under whatever
 `accelerate launch` set up.
 
     train_worker.py OUT.json [DEEPSPEED_CONFIG_JSON | "" | null] [OPTIONS_JSON]

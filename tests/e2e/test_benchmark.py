@@ -17,7 +17,7 @@ import torch
 from gspo_benchmarks import trainer_ab as bench
 from trl_gspo.objective import compute_policy_objective
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 
 

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from gspo_examples.tiny import save_tiny_model
 from trl_gspo import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_gspo.py"
 REWARD_MODULE = "gspo_e2e_rewards"  # written to a temp folder that is put on sys.path / PYTHONPATH
 REWARD_SOURCE = '''

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from trl.trainer import add_fused_lm_head
+from helpers import ragged_batch, tiny_model
 
 from trl_gspo.packing import (
     IGNORE_INDEX,
@@ -16,20 +15,6 @@ from trl_gspo.packing import (
     packs_into_one_row,
     unpack_completion_values,
 )
-
-
-def ragged_batch(prompt_lengths, completion_lengths, vocab=40, seed=0):
-    """A batch laid out as GRPOTrainer does: left-padded prompts, right-padded completions (pad id 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    batch, prompt_width, completion_width = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
-    prompt_ids = torch.randint(3, vocab, (batch, prompt_width), generator=generator)
-    completion_ids = torch.randint(3, vocab, (batch, completion_width), generator=generator)
-    prompt_mask = torch.arange(prompt_width).flip(0)[None, :] < torch.tensor(prompt_lengths)[:, None]
-    completion_mask = torch.arange(completion_width)[None, :] < torch.tensor(completion_lengths)[:, None]
-    input_ids = torch.cat([prompt_ids * prompt_mask, completion_ids * completion_mask], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    return input_ids, attention_mask, completion_width
-
 
 PROMPTS = [3, 7, 1, 5, 2, 6]
 COMPLETIONS = [9, 0, 4, 12, 1, 6]
@@ -101,48 +86,6 @@ def test_a_hole_in_the_mask_is_refused():
 # --- which models pack exactly: measured against each sequence run alone, unpadded ---
 
 TOLERANCE = 1e-5  # float32; exact packing measures 3e-7 to 7e-7 here
-TINY_SHAPE = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    # weights 5x larger than transformers' default: with 0.02 the state Jamba and LFM2 carry across a packed boundary
-    # moves log-probs by only 2e-5 (0.2-0.3 at 0.1), so a leak would hide near the tolerance
-    initializer_range=0.1,
-)
-# config fields beyond TINY_SHAPE, for every model type of packing.py's allowlist and of its refusal list
-TINY_CONFIGS = {
-    "gemma": dict(head_dim=8),
-    "gemma2": dict(head_dim=8),
-    "gemma3_text": dict(head_dim=8),
-    "gpt2": {},
-    "llama": {},
-    "mistral": dict(sliding_window=None),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-    "phi3": {},
-    "qwen2": {},
-    "qwen2_moe": dict(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
-    ),
-    "qwen3": dict(head_dim=8),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
-    "biogpt": {},
-    "bloom": {},
-    "mpt": dict(d_model=32, n_heads=4, n_layers=2),
-    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
-    "xglm": dict(d_model=32, ffn_dim=64, attention_heads=4, num_layers=2),
-    "jamba": dict(
-        num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4, mamba_expand=2
-    ),
-    "lfm2": dict(layer_types=["conv", "full_attention"], block_ff_dim=64),
-}
 # config features of allowed types that change the attention or the positions, each also measured exact
 WINDOW = 4  # tokens; the ragged batch's sequences are up to 18 long
 FEATURE_VARIANTS = {
@@ -173,23 +116,6 @@ FEATURE_VARIANTS = {
     ),
 }
 ATTENTION = ["sdpa", "eager", "flash_attention_2"]
-
-
-def tiny_model(model_type, attention="eager", **extra):
-    """A tiny random model of `model_type` in float32; flash-attention through the reference kernels below."""
-    config = AutoConfig.for_model(model_type, **{**TINY_SHAPE, **TINY_CONFIGS[model_type], **extra})
-    torch.manual_seed(0)
-    flash = attention.startswith("flash")
-    try:
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, attn_implementation="eager" if flash else attention
-        ).eval()
-    except ValueError as error:  # e.g. Gemma 2 refuses sdpa (softcapping): nothing to pack then
-        pytest.skip(f"transformers refuses {attention} for {model_type}: {error}")
-    if flash:  # set after loading: the flash-attention package is not installed (reference kernels instead)
-        model.config._attn_implementation = attention
-    add_fused_lm_head(model)
-    return model
 
 
 def packed_error(model, max_row_tokens=None, one_row=False):

@@ -10,7 +10,7 @@ import pytest
 
 from trl_gspo.plotting import find_trainer_state, load_log_history, plot_run, series
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

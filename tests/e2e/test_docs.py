@@ -26,16 +26,19 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = ("README.md", "recipes/README.md")
 FENCE_OPEN = re.compile(r"^```(bash|sh|shell|console)\s*$")
 COMMAND_WORDS = ("python", "accelerate", "make", "pip", "torchrun", "deepspeed", "trl-gspo-train")
 
 # (pattern searched in the command, why it is not run here)
 SKIPPED = [
-    (r"^make demo$", "the full 1000-step demo (minutes); its quick form runs in tests/test_demo.py"),
+    (r"^make demo$", "the full 1000-step demo (minutes); its quick form runs in tests/e2e/test_demo.py"),
     (r"^make test$", "runs this suite"),
-    (r"^make docs-figure$", "runs the full demo to redraw docs/demo_training_curves.png (demo: tests/test_demo.py)"),
+    (
+        r"^make docs-figure$",
+        "runs the full demo to redraw docs/demo_training_curves.png (demo: tests/e2e/test_demo.py)",
+    ),
     (r"--config recipes/qwen", "needs GPUs and a hub model (Qwen/...) and hub data; no GPU or hub here"),
     (r"^trl vllm-serve ", "starts a vLLM server: needs GPUs, vLLM and a hub model"),
 ]
@@ -89,7 +92,7 @@ def runnable_argv(command: str) -> list[str]:
         argv = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", *tokens[2:]]
     else:
         raise AssertionError(
-            f"documented command {command!r} is neither run nor skipped: add it to SKIPPED in tests/test_docs.py "
+            f"documented command {command!r} is neither run nor skipped: add it to SKIPPED in tests/e2e/test_docs.py "
             "with the reason it cannot run on a CPU, or make it runnable"
         )
     for pattern, extra in CUT_DOWN:

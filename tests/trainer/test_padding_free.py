@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
-from test_packing import PACKING_INEXACT_MODEL_TYPES, ragged_batch, tiny_model
+from helpers import ragged_batch, tiny_model
 
 import trl_gspo.packing as packing
 from trl_gspo import GSPOTrainer
-from trl_gspo.packing import packing_support_problem
+from trl_gspo.packing import PACKING_INEXACT_MODEL_TYPES, packing_support_problem
 
 PROMPTS = [3, 7, 1, 5, 2, 6]
 COMPLETIONS = [9, 0, 4, 12, 1, 6]  # one empty completion (e.g. masked as truncated)
@@ -198,7 +198,7 @@ def test_an_untested_attention_implementation_is_refused_at_construction(make_mo
 
 @pytest.mark.parametrize("model_type", ["opt", "bloom", "jamba", "lfm2"])
 def test_a_model_type_measured_inexact_is_refused_at_construction(tokenizer, tmp_path, model_type):
-    """tests/test_packing.py measures these inexact when packed; the trainer refuses them naming type and reason."""
+    """tests/unit/test_packing.py measures these inexact when packed; the trainer refuses them naming type and reason."""
     model = tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     reason = PACKING_INEXACT_MODEL_TYPES[model_type]
     with pytest.raises(

@@ -81,6 +81,7 @@ def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_mode
 
     # the loss GSPOTrainer computes on this rollout equals the objective called directly with these (B, T) advantages
     trainer.current_gradient_accumulation_steps = 1
+    out["old_per_token_logps"] = trainer._aligned_pi_old_pass(out)  # what _prepare_inputs gives each micro-batch
     loss = trainer._compute_loss(trainer.model, out)
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
@@ -166,7 +167,7 @@ def test_nan_and_inf_rewards_warn_once(make_model, tokenizer, tmp_path):
     # one inf among the 32 completions of a rollout (8 per step x 4 steps per rollout)
     assert any("'one_inf' returned NaN for 0.0% and +-inf for 3.1% of the 32" in m for m in messages)
     assert all(math.isfinite(v) for e in trainer.state.log_history for k, v in e.items() if k == "loss")
-    # rollouts without any finite reward, and the limit on them: tests/test_rewards.py
+    # rollouts without any finite reward, and the limit on them: tests/trainer/test_rewards.py
 
 
 def test_unscorable_completions_get_no_token_component(make_model, tokenizer, tmp_path):

@@ -15,7 +15,7 @@ from gspo_examples.tasks import TINY_CACHE_DIR, ensure_task_assets, read_jsonl, 
 from gspo_examples.tiny import save_tiny_model
 from trl_gspo import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_PREPARE = {"prepare": "gspo_examples.tasks:prepare_tiny_recipe", "prepare_kwargs": {"task": "sort_digits"}}
 ROWS = [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)} for i in range(16)]
 

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import completion_length_reward, prompt_dataset
+from conftest import SMALL_RUN, completion_length_reward, prompt_dataset
 from trl import GRPOConfig, GRPOTrainer
 
 import trl_gspo.packing as packing
@@ -15,19 +15,7 @@ from trl_gspo.packing import PaddingFreeMixin
 from trl_gspo.rollout_logprobs import RolloutLogprobsMixin
 from trl_gspo.token_rewards import TokenRewardsMixin
 
-BATCH = dict(
-    per_device_train_batch_size=8,
-    num_generations=4,
-    max_completion_length=8,
-    max_steps=3,
-    learning_rate=5e-3,
-    logging_steps=1,
-    report_to="none",
-    save_strategy="no",
-    use_cpu=True,
-    bf16=False,
-    seed=0,
-)
+BATCH = dict(SMALL_RUN, max_steps=3)
 
 
 def test_gspo_trainer_wraps_grpo_trainer_in_the_documented_order():

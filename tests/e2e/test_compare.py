@@ -13,7 +13,7 @@ import pytest
 from gspo_examples.compare import ARMS, arm_reward_funcs, late_mean, markdown_table, summarize_run
 from gspo_examples.tasks import get_task
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

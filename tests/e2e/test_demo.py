@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIN_GAIN = 0.15
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

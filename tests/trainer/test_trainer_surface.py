@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import completion_length_reward, prompt_dataset, small_config
+from conftest import SMALL_RUN, completion_length_reward, prompt_dataset, small_config
 from trl import GRPOConfig, GRPOTrainer
 
 from gspo_examples.tiny import save_tiny_model
@@ -16,22 +16,7 @@ from trl_gspo.rollout_buffer import UnsafeCheckpointError, load_rollout_buffer
 
 # --- metric names: everything GRPOTrainer logs for the same configuration ---------------------------------------------
 
-SHARED = dict(
-    per_device_train_batch_size=8,
-    num_generations=4,
-    max_completion_length=8,
-    max_steps=2,
-    steps_per_generation=2,
-    learning_rate=5e-3,
-    logging_steps=1,
-    report_to="none",
-    save_strategy="no",
-    use_cpu=True,
-    bf16=False,
-    seed=0,
-    loss_type="grpo",
-    importance_sampling_level="sequence",
-)
+SHARED = dict(SMALL_RUN, max_steps=2, steps_per_generation=2, loss_type="grpo", importance_sampling_level="sequence")
 
 
 def logged_keys(trainer_cls, args, model_path) -> set[str]:

@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import torch
+from helpers import reference_clip_flags, reference_objective
 
 from trl_gspo.objective import (
     DEFAULT_LOG_RATIO_BOUND,
@@ -15,64 +16,6 @@ from trl_gspo.objective import (
 )
 
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reference: one Python loop per sequence and token, float64, straight from arXiv 2507.18071 (eqs. 5-7, 10-11).
-# ---------------------------------------------------------------------------------------------------------------
-def reference_objective(
-    level,
-    logp,
-    old,
-    adv,
-    mask,
-    eps_low,
-    eps_high,
-    seq_weights=None,
-    tok_weights=None,
-    ref=None,
-    beta=0.0,
-    kl_correction=True,
-    bound=DEFAULT_LOG_RATIO_BOUND,
-):
-    """Loss = -(1/B) sum_i [ J_i ] + beta * (1/B) sum_i mean_t KL_it, computed element by element in float64."""
-    B, T = logp.shape
-    total = logp.new_zeros((), dtype=torch.float64)
-    for i in range(B):
-        tokens = [t for t in range(T) if mask[i, t] > 0]
-        n = len(tokens)
-        if n == 0:
-            continue
-        log_s = sum(logp[i, t] - old[i, t] for t in tokens) / n
-        log_s = torch.clamp(log_s, -bound, bound)
-        if level == "sequence":
-            s = torch.exp(log_s)
-            a = adv[i]
-            term = torch.minimum(s * a, torch.clamp(s, 1 - eps_low, 1 + eps_high) * a)
-        else:
-            term = 0.0
-            for t in tokens:
-                # s_it = sg[s_i] * pi_it / sg[pi_it]
-                s_t = torch.exp(log_s.detach()) * torch.exp(logp[i, t]) / torch.exp(logp[i, t].detach())
-                if abs(log_s.item()) >= bound:
-                    s_t = s_t.detach()
-                a = adv[i, t] if adv.dim() == 2 else adv[i]
-                w = 1.0 if tok_weights is None else tok_weights[i, t]
-                term = term + w * torch.minimum(s_t * a, torch.clamp(s_t, 1 - eps_low, 1 + eps_high) * a)
-            term = term / n
-        if seq_weights is not None:
-            term = term * seq_weights[i]
-        total = total - term
-        if beta:
-            kl = 0.0
-            for t in tokens:
-                d = ref[i, t] - logp[i, t]
-                k = torch.exp(d) - d - 1
-                if kl_correction:
-                    k = k * torch.exp(torch.clamp(logp[i, t] - old[i, t], -bound, bound))
-                kl = kl + k
-            total = total + beta * kl / n
-    return total / B
 
 
 def make_batch(B=5, T=7, scale=1e-3, seed=0, ragged=True, empty_row=True):
@@ -212,42 +155,6 @@ def test_sequence_and_token_weights_match_reference():
     assert_close(out.loss, expected)
     assert_close(grad, expected_grad)
     assert grad[tok_w == 0].abs().max().item() == 0.0
-
-
-def reference_clip_flags(level, logp, old, adv, mask, eps_low, eps_high, seq_weights=None, tok_weights=None):
-    """What the clip statistics should count, read off the float64 reference's gradient, one sequence at a time.
-
-    Counted: the sequences (GSPO) or tokens (GSPO-token) in the loss: unmasked, with non-zero weights. Clipped: a
-    counted one whose advantage is non-zero yet whose own reference term gives its log-probs no gradient (the clip
-    or the log-ratio clamp cut it off); low when log s_i < 0, high otherwise.
-    Returns (counted, low, high): lists of bools per sequence (GSPO), lists of lists per token (GSPO-token).
-    """
-    counted, low, high = [], [], []
-    for i in range(logp.size(0)):
-        tokens = [t for t in range(logp.size(1)) if mask[i, t] > 0]
-        x = logp[i : i + 1].detach().clone().requires_grad_(True)
-        term = reference_objective(level, x, old[i : i + 1], adv[i : i + 1], mask[i : i + 1], eps_low, eps_high)
-        if torch.is_tensor(term) and term.requires_grad:  # not so for an empty row, or GSPO-token at the bound
-            term.backward()
-        no_gradient = [x.grad is None or x.grad[0, t].item() == 0.0 for t in range(logp.size(1))]
-        log_s = math.fsum((logp[i, t] - old[i, t]).item() for t in tokens) / max(len(tokens), 1)
-        row_in_loss = bool(tokens) and (seq_weights is None or bool(seq_weights[i] != 0))
-        if level == "sequence":
-            clipped = row_in_loss and bool(adv[i] != 0) and all(no_gradient[t] for t in tokens)
-            counted.append(row_in_loss)
-            low.append(clipped and log_s < 0)
-            high.append(clipped and log_s > 0)
-            continue
-        row = [
-            row_in_loss and bool(mask[i, t] > 0) and (tok_weights is None or bool(tok_weights[i, t] != 0))
-            for t in range(x.size(1))
-        ]
-        token_adv = adv[i] if adv.dim() == 2 else adv[i].expand(x.size(1))
-        clipped = [row[t] and bool(token_adv[t] != 0) and no_gradient[t] for t in range(x.size(1))]
-        counted.append(row)
-        low.append([c and log_s < 0 for c in clipped])
-        high.append([c and log_s > 0 for c in clipped])
-    return counted, low, high
 
 
 @pytest.mark.parametrize("level", ["sequence", "sequence_token"])

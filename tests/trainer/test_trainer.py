@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
-from test_objective import reference_clip_flags, reference_objective
+from helpers import reference_clip_flags, reference_objective
 from trl import GRPOConfig, GRPOTrainer
 
 import trl_gspo.trainer as trainer_module

@@ -30,7 +30,7 @@ from trl_gspo.config import (  # noqa: E402
     GSPOPrecisionWarning,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 ACCELERATE_CONFIGS = RECIPES / "accelerate_configs"
 README = RECIPES / "README.md"

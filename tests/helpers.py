@@ -1,0 +1,187 @@
+"""Naive references and model builders shared by tests of several layers (unit, trainer).
+
+- `reference_objective`, `reference_clip_flags`: the GSPO objective and what its clip statistics should count, as
+  float64 loops over sequences and tokens, straight from the paper's formulas.
+- `ragged_batch`, `tiny_model`: a batch laid out as GRPOTrainer lays it out, and tiny random models of every model
+  type the padding-free allowlist or refusal list names.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from trl.trainer import add_fused_lm_head
+
+from trl_gspo.objective import DEFAULT_LOG_RATIO_BOUND
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: one Python loop per sequence and token, float64, straight from arXiv 2507.18071 (eqs. 5-7, 10-11).
+# ---------------------------------------------------------------------------------------------------------------
+def reference_objective(
+    level,
+    logp,
+    old,
+    adv,
+    mask,
+    eps_low,
+    eps_high,
+    seq_weights=None,
+    tok_weights=None,
+    ref=None,
+    beta=0.0,
+    kl_correction=True,
+    bound=DEFAULT_LOG_RATIO_BOUND,
+):
+    """Loss = -(1/B) sum_i [ J_i ] + beta * (1/B) sum_i mean_t KL_it, computed element by element in float64."""
+    B, T = logp.shape
+    total = logp.new_zeros((), dtype=torch.float64)
+    for i in range(B):
+        tokens = [t for t in range(T) if mask[i, t] > 0]
+        n = len(tokens)
+        if n == 0:
+            continue
+        log_s = sum(logp[i, t] - old[i, t] for t in tokens) / n
+        log_s = torch.clamp(log_s, -bound, bound)
+        if level == "sequence":
+            s = torch.exp(log_s)
+            a = adv[i]
+            term = torch.minimum(s * a, torch.clamp(s, 1 - eps_low, 1 + eps_high) * a)
+        else:
+            term = 0.0
+            for t in tokens:
+                # s_it = sg[s_i] * pi_it / sg[pi_it]
+                s_t = torch.exp(log_s.detach()) * torch.exp(logp[i, t]) / torch.exp(logp[i, t].detach())
+                if abs(log_s.item()) >= bound:
+                    s_t = s_t.detach()
+                a = adv[i, t] if adv.dim() == 2 else adv[i]
+                w = 1.0 if tok_weights is None else tok_weights[i, t]
+                term = term + w * torch.minimum(s_t * a, torch.clamp(s_t, 1 - eps_low, 1 + eps_high) * a)
+            term = term / n
+        if seq_weights is not None:
+            term = term * seq_weights[i]
+        total = total - term
+        if beta:
+            kl = 0.0
+            for t in tokens:
+                d = ref[i, t] - logp[i, t]
+                k = torch.exp(d) - d - 1
+                if kl_correction:
+                    k = k * torch.exp(torch.clamp(logp[i, t] - old[i, t], -bound, bound))
+                kl = kl + k
+            total = total + beta * kl / n
+    return total / B
+
+
+def reference_clip_flags(level, logp, old, adv, mask, eps_low, eps_high, seq_weights=None, tok_weights=None):
+    """What the clip statistics should count, read off the float64 reference's gradient, one sequence at a time.
+
+    Counted: the sequences (GSPO) or tokens (GSPO-token) in the loss: unmasked, with non-zero weights. Clipped: a
+    counted one whose advantage is non-zero yet whose own reference term gives its log-probs no gradient (the clip
+    or the log-ratio clamp cut it off); low when log s_i < 0, high otherwise.
+    Returns (counted, low, high): lists of bools per sequence (GSPO), lists of lists per token (GSPO-token).
+    """
+    counted, low, high = [], [], []
+    for i in range(logp.size(0)):
+        tokens = [t for t in range(logp.size(1)) if mask[i, t] > 0]
+        x = logp[i : i + 1].detach().clone().requires_grad_(True)
+        term = reference_objective(level, x, old[i : i + 1], adv[i : i + 1], mask[i : i + 1], eps_low, eps_high)
+        if torch.is_tensor(term) and term.requires_grad:  # not so for an empty row, or GSPO-token at the bound
+            term.backward()
+        no_gradient = [x.grad is None or x.grad[0, t].item() == 0.0 for t in range(logp.size(1))]
+        log_s = math.fsum((logp[i, t] - old[i, t]).item() for t in tokens) / max(len(tokens), 1)
+        row_in_loss = bool(tokens) and (seq_weights is None or bool(seq_weights[i] != 0))
+        if level == "sequence":
+            clipped = row_in_loss and bool(adv[i] != 0) and all(no_gradient[t] for t in tokens)
+            counted.append(row_in_loss)
+            low.append(clipped and log_s < 0)
+            high.append(clipped and log_s > 0)
+            continue
+        row = [
+            row_in_loss and bool(mask[i, t] > 0) and (tok_weights is None or bool(tok_weights[i, t] != 0))
+            for t in range(x.size(1))
+        ]
+        token_adv = adv[i] if adv.dim() == 2 else adv[i].expand(x.size(1))
+        clipped = [row[t] and bool(token_adv[t] != 0) and no_gradient[t] for t in range(x.size(1))]
+        counted.append(row)
+        low.append([c and log_s < 0 for c in clipped])
+        high.append([c and log_s > 0 for c in clipped])
+    return counted, low, high
+
+
+# --- tiny models and batches (padding-free tests) ---
+
+
+def ragged_batch(prompt_lengths, completion_lengths, vocab=40, seed=0):
+    """A batch laid out as GRPOTrainer does: left-padded prompts, right-padded completions (pad id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, prompt_width, completion_width = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
+    prompt_ids = torch.randint(3, vocab, (batch, prompt_width), generator=generator)
+    completion_ids = torch.randint(3, vocab, (batch, completion_width), generator=generator)
+    prompt_mask = torch.arange(prompt_width).flip(0)[None, :] < torch.tensor(prompt_lengths)[:, None]
+    completion_mask = torch.arange(completion_width)[None, :] < torch.tensor(completion_lengths)[:, None]
+    input_ids = torch.cat([prompt_ids * prompt_mask, completion_ids * completion_mask], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    return input_ids, attention_mask, completion_width
+
+
+TINY_SHAPE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    # weights 5x larger than transformers' default: with 0.02 the state Jamba and LFM2 carry across a packed boundary
+    # moves log-probs by only 2e-5 (0.2-0.3 at 0.1), so a leak would hide near the tolerance
+    initializer_range=0.1,
+)
+# config fields beyond TINY_SHAPE, for every model type of packing.py's allowlist and of its refusal list
+TINY_CONFIGS = {
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8),
+    "gemma3_text": dict(head_dim=8),
+    "gpt2": {},
+    "llama": {},
+    "mistral": dict(sliding_window=None),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "phi3": {},
+    "qwen2": {},
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "qwen3": dict(head_dim=8),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+    "biogpt": {},
+    "bloom": {},
+    "mpt": dict(d_model=32, n_heads=4, n_layers=2),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "xglm": dict(d_model=32, ffn_dim=64, attention_heads=4, num_layers=2),
+    "jamba": dict(
+        num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4, mamba_expand=2
+    ),
+    "lfm2": dict(layer_types=["conv", "full_attention"], block_ff_dim=64),
+}
+
+
+def tiny_model(model_type, attention="eager", **extra):
+    """A tiny random model of `model_type` in float32; flash-attention through the reference kernels below."""
+    config = AutoConfig.for_model(model_type, **{**TINY_SHAPE, **TINY_CONFIGS[model_type], **extra})
+    torch.manual_seed(0)
+    flash = attention.startswith("flash")
+    try:
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="eager" if flash else attention
+        ).eval()
+    except ValueError as error:  # e.g. Gemma 2 refuses sdpa (softcapping): nothing to pack then
+        pytest.skip(f"transformers refuses {attention} for {model_type}: {error}")
+    if flash:  # set after loading: the flash-attention package is not installed (reference kernels instead)
+        model.config._attn_implementation = attention
+    add_fused_lm_head(model)
+    return model
