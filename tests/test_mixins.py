@@ -13,6 +13,7 @@ from trl_gspo.moe import MoERoutingMixin
 from trl_gspo.packing import PaddingFreeMixin
 from trl_gspo.rollout_logprobs import RolloutLogprobsMixin
 from trl_gspo.token_rewards import TokenRewardsMixin
+from trl_gspo.vllm_cpu import VLLMColocateCPUMixin
 
 BATCH = dict(
     per_device_train_batch_size=8,
@@ -30,12 +31,13 @@ BATCH = dict(
 
 
 def test_gspo_trainer_wraps_grpo_trainer_in_the_documented_order():
-    assert GSPOTrainer.__mro__[1:7] == (
+    assert GSPOTrainer.__mro__[1:8] == (
         MoERoutingMixin,
         RolloutLogprobsMixin,
         PaddingFreeMixin,
         TokenRewardsMixin,
         RolloutDiagnosticsMixin,
+        VLLMColocateCPUMixin,
         GRPOTrainer,
     )
 

@@ -17,6 +17,7 @@ GRPOTrainer too; the class statement below is the order in which they wrap GRPOT
     PaddingFreeMixin         trl_gspo/packing.py          every log-prob pass on packed rows
     TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
+    VLLMColocateCPUMixin     trl_gspo/vllm_cpu.py         vLLM engine dtype, weight sync on a CPU engine
 
 Order matters where two mixins wrap the same pass: the rollout log-probs must answer the pi_old pass before the
 padding-free mixin runs a forward for it, and the MoE record must see the pass that is really computed
@@ -33,6 +34,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
+from trl.generation.vllm_generation import VLLMGeneration
 
 from .banner import distributed_backend, start_banner
 from .config import GSPOConfig, upgrade_grpo_config
@@ -43,6 +45,7 @@ from .packing import PaddingFreeMixin
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import RolloutLogprobsMixin
 from .token_rewards import TokenRewardsMixin
+from .vllm_cpu import VLLMColocateCPUMixin
 
 logger = logging.get_logger(__name__)
 
@@ -81,7 +84,13 @@ TRL_PRIVATE_API = {
     "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
     # MoE: the policy pass's backward clears the replay state
     "training_step": ("model", "inputs", "num_items_in_batch"),
+    # vLLM on CPU: TRL's parameter iterator feeds the engine's reload; the LLM(...) call inside _init_vllm (through
+    # the module global trl.generation.vllm_generation.LLM) gets the engine dtype
+    "VLLMGeneration._iter_named_params": (),
+    "VLLMGeneration._init_vllm": (),
 }
+# Classes other than GRPOTrainer named in TRL_PRIVATE_API keys ("Class.method").
+_TRL_PRIVATE_API_OWNERS = {"VLLMGeneration": VLLMGeneration}
 TRL_PRIVATE_ATTRIBUTES = {
     "core": (
         "_buffered_inputs",
@@ -115,14 +124,16 @@ def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
     """Raise RuntimeError naming every private GRPOTrainer method GSPOTrainer needs that is missing or changed."""
     problems = []
     for name, params in TRL_PRIVATE_API.items():
-        method = getattr(trainer_cls, name, None)
+        owner, _, method_name = name.rpartition(".")
+        owner_cls = _TRL_PRIVATE_API_OWNERS[owner] if owner else trainer_cls
+        method = getattr(owner_cls, method_name, None)
         if method is None:
-            problems.append(f"{trainer_cls.__name__}.{name} is gone")
+            problems.append(f"{owner_cls.__name__}.{method_name} is gone")
             continue
         signature = inspect.signature(method).parameters
         missing = [p for p in params if p not in signature]
         if missing:
-            problems.append(f"{trainer_cls.__name__}.{name} no longer takes {missing}")
+            problems.append(f"{owner_cls.__name__}.{method_name} no longer takes {missing}")
     if problems:
         import trl
 
@@ -152,6 +163,7 @@ class GSPOTrainer(
     PaddingFreeMixin,
     TokenRewardsMixin,
     RolloutDiagnosticsMixin,
+    VLLMColocateCPUMixin,
     GRPOTrainer,
 ):
     """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.
