@@ -13,8 +13,10 @@ in bfloat16 while the trainer computes in float32. `GSPOConfig.vllm_dtype` passe
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from contextlib import contextmanager
 
+import torch
 from trl.generation import vllm_generation
 from trl.import_utils import is_vllm_available
 
@@ -34,7 +36,26 @@ def reload_engine_weights(generation: vllm_generation.VLLMGeneration) -> None:
     as vLLM expects, by TRL's own iterator) is loaded and post-processed, then the prefix cache is dropped."""
     runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
     runner.reload_weights(weights_iterator=generation._iter_named_params())
+    repack_tied_weights(runner.get_model())
     generation.llm.reset_prefix_cache()
+
+
+def repack_tied_weights(engine_model: torch.nn.Module) -> None:
+    """Re-pack the CPU kernels' copy of every weight that two engine modules share (a tied LM head).
+
+    vLLM's CPU layers compute from a packed copy of their weight, made after loading. The reload re-packs each layer
+    it loads; a tied LM head is never loaded (its weight is the embedding's, updated in place), so without this it
+    keeps computing the logits from the packed copy of the weights it started with.
+    """
+    sharing = defaultdict(list)
+    for module in engine_model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel():
+            sharing[weight.data_ptr()].append(module)
+    for modules in sharing.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
 
 
 @contextmanager
