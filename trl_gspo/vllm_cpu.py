@@ -88,11 +88,7 @@ class VLLMColocateCPUMixin:
         dtype = getattr(args, "vllm_dtype", "auto") if args is not None else "auto"
         with engine_dtype(dtype):
             super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        # vLLM refuses sleep mode on a CPU ("Sleep mode is not supported on current platform"), so the CPU sync
+        # never has sleeping weights to wake
         if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu(self.vllm_generation.llm):
-            generation = self.vllm_generation
-            if generation.enable_sleep_mode:
-                raise ValueError(
-                    "vllm_enable_sleep_mode=True with a CPU vLLM engine: its weights are re-pushed through the CPU "
-                    "sync, which does not wake them. Set vllm_enable_sleep_mode=False."
-                )
-            generation.sync_weights = functools.partial(reload_engine_weights, generation)
+            self.vllm_generation.sync_weights = functools.partial(reload_engine_weights, self.vllm_generation)
