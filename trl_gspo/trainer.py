@@ -18,6 +18,7 @@ GRPOTrainer too; the class statement below is the order in which they wrap GRPOT
     PaddingFreeMixin         trl_gspo/packing.py          every log-prob pass on packed rows
     TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
+    VLLMColocateCPUMixin     trl_gspo/vllm_cpu.py         vLLM engine dtype, weight sync on a CPU engine
 
 Order matters where two mixins wrap the same pass. The rollout log-probs must answer the pi_old pass before the
 padding-free mixin runs a forward for it (tests/trainer/test_mixins.py shows the swapped order running it), and so must the
@@ -56,6 +57,7 @@ from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import RolloutLogprobsMixin
 from .token_rewards import TokenRewardsMixin
 from .trl_api import check_trl_private_api, check_trl_private_attributes
+from .vllm_cpu import VLLMColocateCPUMixin
 
 logger = logging.get_logger(__name__)
 
@@ -70,6 +72,7 @@ class GSPOTrainer(
     PaddingFreeMixin,
     TokenRewardsMixin,
     RolloutDiagnosticsMixin,
+    VLLMColocateCPUMixin,
     GRPOTrainer,
 ):
     """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.

