@@ -64,6 +64,14 @@ MATH_VERIFY_MISSING = (
 )
 
 
+def check_reward_dependencies(reward_funcs) -> None:
+    """Raise ImportError, naming the extra to install, for a reward function whose optional package is missing
+    (today: math_accuracy without math-verify), at trainer construction rather than at the first step."""
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if any(getattr(func, "func", func) is math_accuracy for func in funcs):  # also wrapped in functools.partial
+        _import_math_verify()
+
+
 def _import_math_verify():
     """Import math-verify lazily (it is an optional extra) and return it with its timeout exception class."""
     try:

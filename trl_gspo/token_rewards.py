@@ -56,7 +56,7 @@ from transformers.utils import logging
 from trl.trainer.utils import is_async_callable
 
 from .config import GSPO_TOKEN_LEVEL, MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS
-from .rewards import completion_text
+from .rewards import check_reward_dependencies, completion_text
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
@@ -323,6 +323,11 @@ class TokenRewardCollector:
 
     def convert(self, func_index: int, name: str, outputs: Sequence[Any]) -> list[Any]:
         """Validate one function's outputs; return what TRL expects (numbers or None), keep the token values."""
+        if outputs is None or isinstance(outputs, (str, bytes, numbers.Number)) or not hasattr(outputs, "__len__"):
+            raise TypeError(
+                f"reward function {name!r} returned {type(outputs).__name__} {str(outputs)[:60]!r}: expected a list "
+                f"with one entry per completion ({len(self.texts)})."
+            )
         if len(outputs) != len(self.texts):
             return list(outputs)  # TRL raises its own error naming the function
         scalars, token_values = [], []
@@ -481,6 +486,7 @@ class TokenRewardsMixin:
 
     def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
         check_trl_private_api()
+        check_reward_dependencies(reward_funcs)
         if args is not None:
             check_token_reward_level(reward_funcs, args.importance_sampling_level)
         self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf

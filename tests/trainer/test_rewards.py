@@ -465,3 +465,42 @@ def test_nonfinite_rollout_limit_is_validated(tmp_path, bad):
         ValueError, match=rf"max_consecutive_nonfinite_reward_rollouts={bad!r} must be an integer >= 1"
     ):
         GSPOConfig(output_dir=str(tmp_path), use_cpu=True, max_consecutive_nonfinite_reward_rollouts=bad)
+
+
+def test_math_accuracy_without_math_verify_is_refused_at_trainer_construction(
+    monkeypatch, make_model, tokenizer, tmp_path
+):
+    """From Python too: GSPOTrainer(reward_funcs=math_accuracy) names the missing extra before any step runs."""
+    from conftest import prompt_dataset, small_config
+
+    from trl_gspo import GSPOTrainer
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ImportError, match=r"'trl-gspo\[math\]'"):
+        GSPOTrainer(
+            model=make_model(),
+            reward_funcs=[math_accuracy],
+            args=small_config(tmp_path),
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("returned", [None, 1.0, "abc"])
+def test_a_reward_returning_no_list_is_named_through_the_python_api(make_model, tokenizer, tmp_path, returned):
+    from conftest import prompt_dataset, small_config
+
+    from trl_gspo import GSPOTrainer
+
+    def not_a_list(completions, **kwargs):
+        return returned
+
+    trainer = GSPOTrainer(
+        model=make_model(),
+        reward_funcs=[not_a_list],
+        args=small_config(tmp_path, max_steps=1),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(TypeError, match=r"reward function 'not_a_list' returned .*expected a list with one entry"):
+        trainer.train()
