@@ -1,6 +1,6 @@
 """The trainer A/B benchmark behind `scripts/benchmark.py`: GSPOTrainer against TRL's GRPOTrainer on identical work.
 
-What is measured and how is in the script's docstring and BENCHMARKS.md. This module holds the machinery: the
+What is measured and how is in gspo_benchmarks.cli's docstring and BENCHMARKS.md and BENCHMARKS.md. This module holds the machinery: the
 objective-alone comparison, one training trial (run in its own interpreter, `python -m
 gspo_benchmarks.trainer_ab SPEC_JSON OUT_JSON`, so its peak RSS is its own), the lockstep and in-process A/B
 runs, the summaries, markdown tables and goals. A ratio is GSPO / TRL: below 1 means GSPOTrainer is cheaper.

@@ -1,6 +1,6 @@
 """GSPOTrainer from Python, end to end: the README's "Use it from Python" snippet, runnable as is.
 
-    python scripts/quickstart.py                     # a tiny model built on the spot: CPU, no download, ~1 minute
+    python scripts/quickstart.py                     # a tiny model built on the spot: CPU, no download, about 10 seconds
     python scripts/quickstart.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 200   # a real model (GPU, hub)
 
 The README shows the lines between the "README snippet" markers; tests/e2e/test_docs.py checks that they match.

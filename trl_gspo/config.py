@@ -134,9 +134,10 @@ class GSPOConfig(GRPOConfig):
 
         padding_free (`bool`, defaults to `False`):
             Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
-            same results as the padded path. Off by default: measured on CPU only (0.46x TRL's step on ragged work,
-            no change on equal lengths, BENCHMARKS.md); on GPUs the dense block-diagonal sdpa mask is untested.
-            Text-only models with sdpa, eager or flash-attention; others are refused when the trainer is built. For
+            same results as the padded path. Off by default: measured on CPU only (BENCHMARKS.md); on GPUs the dense
+            block-diagonal sdpa mask is untested. Only model types measured exact when packed
+            (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES) with sdpa, eager or flash-attention; any other is refused
+            when the trainer is built. For
             a MoE model with an aux loss, the policy pass packs each chunk into one row (the load-balancing loss then
             sees exactly the padded path's tokens) at the cost of attention quadratic in that row.
         padding_free_row_tokens (`int` or `None`, defaults to `None`):
@@ -205,7 +206,8 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
-            "layout. Text-only models with sdpa, eager or flash-attention only."
+            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES); any "
+            "other is refused when the trainer is built."
         },
     )
     padding_free_row_tokens: int | None = field(
@@ -254,7 +256,9 @@ class GSPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "MoE models: reuse the experts chosen in the pi_old pass in the policy pass (R2 routing replay), "
-            "with weights from the current router logits so the router still learns. Refused for dense models."
+            "with the router's own forward computing the weights at those experts, so the router still learns. Refused "
+            "for dense models, routers outside trl_gspo.moe.REPLAY_ROUTER_CLASSES, on-policy schedules, and with "
+            "padding_free or use_rollout_logprobs."
         },
     )
 
@@ -509,11 +513,12 @@ class GSPOConfig(GRPOConfig):
             )
         elif self.mixed_precision in ("bf16", "fp16"):  # set by bf16/fp16 or by the accelerate launch config
             warnings.warn(
-                f"GSPOConfig: {self.mixed_precision} mixed precision with an off-policy schedule. Measured on tiny models "
-                "(docs/PRECISION.md), half-precision log-probs get the sequence log-ratio wrong by 1e-4 to 4e-3 after "
-                f"one optimizer step, more than the clip band (epsilon={self.epsilon}); float32 (bf16=False) brings "
-                "it under 5e-7 at 1.1-1.5x the forward cost on CPU (also pass --mixed_precision no to accelerate launch). "
-                "Keep bf16 where memory or speed forbids float32.",
+                f"GSPOConfig: {self.mixed_precision} mixed precision with an off-policy schedule: half-precision "
+                "log-probs can get the sequence log-ratio wrong by more than the clip band "
+                f"(epsilon={self.epsilon}) after one optimizer step, so rounding decides some clips "
+                "(measurements: docs/PRECISION.md). float32 (bf16=False; with accelerate launch also "
+                "--mixed_precision no) keeps it far inside the band; keep half precision where memory or speed "
+                "forbids float32.",
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )
