@@ -70,6 +70,19 @@ def small_config(output_dir, **overrides):
     return GSPOConfig(output_dir=str(output_dir), **{**SMALL_RUN, **overrides})
 
 
+def small_trainer(model, tokenizer, tmp_path, reward_funcs=completion_length_reward, **overrides):
+    """A GSPOTrainer on `prompt_dataset()` with `small_config(tmp_path, **overrides)`."""
+    from trl_gspo import GSPOTrainer
+
+    return GSPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=small_config(tmp_path, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+
+
 def reference_attention(q, k, v, causal, scale, window_size, softcap):
     """Attention of one sequence, (S, H, D) layout as flash-attention takes it (grouped key/value heads)."""
     k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)

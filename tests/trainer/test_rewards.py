@@ -384,17 +384,9 @@ def all_nan(completions, **kwargs):
 
 
 def tiny_trainer(make_model, tokenizer, tmp_path, reward_funcs, **overrides):
-    from conftest import prompt_dataset, small_config
+    from conftest import small_trainer
 
-    from trl_gspo import GSPOTrainer
-
-    return GSPOTrainer(
-        model=make_model("qwen2"),
-        reward_funcs=reward_funcs,
-        args=small_config(tmp_path, **overrides),
-        train_dataset=prompt_dataset(),
-        processing_class=tokenizer,
-    )
+    return small_trainer(make_model("qwen2"), tokenizer, tmp_path, reward_funcs, **overrides)
 
 
 def streaks(trainer):
@@ -471,36 +463,16 @@ def test_math_accuracy_without_math_verify_is_refused_at_trainer_construction(
     monkeypatch, make_model, tokenizer, tmp_path
 ):
     """From Python too: GSPOTrainer(reward_funcs=math_accuracy) names the missing extra before any step runs."""
-    from conftest import prompt_dataset, small_config
-
-    from trl_gspo import GSPOTrainer
-
     monkeypatch.setitem(sys.modules, "math_verify", None)
     with pytest.raises(ImportError, match=r"'trl-gspo\[math\]'"):
-        GSPOTrainer(
-            model=make_model(),
-            reward_funcs=[math_accuracy],
-            args=small_config(tmp_path),
-            train_dataset=prompt_dataset(),
-            processing_class=tokenizer,
-        )
+        tiny_trainer(make_model, tokenizer, tmp_path, [math_accuracy])
 
 
 @pytest.mark.parametrize("returned", [None, 1.0, "abc"])
 def test_a_reward_returning_no_list_is_named_through_the_python_api(make_model, tokenizer, tmp_path, returned):
-    from conftest import prompt_dataset, small_config
-
-    from trl_gspo import GSPOTrainer
-
     def not_a_list(completions, **kwargs):
         return returned
 
-    trainer = GSPOTrainer(
-        model=make_model(),
-        reward_funcs=[not_a_list],
-        args=small_config(tmp_path, max_steps=1),
-        train_dataset=prompt_dataset(),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(make_model, tokenizer, tmp_path, [not_a_list], max_steps=1)
     with pytest.raises(TypeError, match=r"reward function 'not_a_list' returned .*expected a list with one entry"):
         trainer.train()

@@ -5,10 +5,9 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import completion_length_reward, prompt_dataset, small_config
+from conftest import completion_length_reward, small_trainer
 
 import trl_gspo.token_rewards as token_rewards_module
-from trl_gspo import GSPOTrainer
 from trl_gspo.objective import compute_policy_objective
 from trl_gspo.token_rewards import TokenRewardError, token_level_reward
 
@@ -21,13 +20,7 @@ def first_char_span(completions, **kwargs):
 
 def make_trainer(make_model, tokenizer, tmp_path, reward_funcs, **overrides):
     overrides.setdefault("importance_sampling_level", "sequence_token")
-    return GSPOTrainer(
-        model=make_model("qwen2"),
-        reward_funcs=reward_funcs,
-        args=small_config(tmp_path, **overrides),
-        train_dataset=prompt_dataset(),
-        processing_class=tokenizer,
-    )
+    return small_trainer(make_model("qwen2"), tokenizer, tmp_path, reward_funcs, **overrides)
 
 
 def rollout_rows(trainer, prompts=2):
