@@ -324,11 +324,25 @@ class MoERoutingMixin:
         unwrapped = self.accelerator.unwrap_model(self.model)
         routers = find_routers(unwrapped)
         model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
+        # routers of another shape (e.g. DeepSeek-V3's *TopkRouter returns only logits): no hook can see their experts
+        unhookable = sorted(
+            {type(m).__name__ for m in unwrapped.modules() if "router" in type(m).__name__.lower()}
+            - {type(router).__name__ for router in routers}
+        )
         if self._routing_replay and not routers:
+            found = (
+                f"routes with {', '.join(unhookable)}, which does not return its experts" if unhookable else "has none"
+            )
             raise ValueError(
                 f"routing_replay=True needs a Mixture-of-Experts model with *TopKRouter modules (Qwen3-MoE, "
                 f"Qwen2-MoE, Mixtral, OLMoE, ...); this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
-                "has none. Set routing_replay=False."
+                f"{found}. Set routing_replay=False."
+            )
+        if unhookable and not routers and self._log_routing_drift_on:
+            logger.warning(
+                f"moe/routing_drift is not logged for this model ({type(unwrapped).__name__}): it routes with "
+                f"{', '.join(unhookable)}, which does not return its experts (trl_gspo/moe.py hooks *TopKRouter "
+                "modules). Set log_routing_drift=False to silence this."
             )
         unsupported = sorted({type(router).__name__ for router in routers} - REPLAY_ROUTER_CLASSES)
         if self._routing_replay and unsupported:
