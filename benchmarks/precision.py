@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""How accurately does bf16 training compute GSPO's sequence log-ratio? A measurement against float64.
+"""How accurately does half-precision training compute GSPO's sequence log-ratio? A measurement against float64.
 
 GSPO clips the sequence ratio s_i = exp(mean_t (logp_new - logp_old)) to [1 - 3e-4, 1 + 4e-4]: log s_i must be
 right to well under 3e-4 or the clip decision is noise. This script builds a tiny causal LM (float32 master
 weights), samples completions from it, takes ONE AdamW step on the on-policy GSPO loss, and computes log s_i
-for the old and new weights by four routes:
+for the old and new weights by six routes:
 
     bf16         TRL's training route: `add_fused_lm_head(model, cast_lm_head_to_fp32=False,
                  outputs=("log_probs", "entropy"))`, then `model(..., labels=labels, fused_lm_head=True)` under
@@ -12,6 +12,11 @@ for the old and new weights by four routes:
                  `GRPOTrainer._get_per_token_logps_and_entropies` (GRPOConfig's default is bf16=True).
     bf16_head32  the same with `cast_lm_head_to_fp32=True`: the backbone under bf16 autocast, the LM-head
                  projection and log-softmax in float32 outside autocast.
+    fp16         the bf16 route under `torch.autocast(device, float16)` over the float32 master weights: what
+                 `TrainingArguments(fp16=True)` does (its GradScaler only scales the loss, not the forward).
+                 CPU autocast runs float16 natively (torch >= 2.x), so this is a real float16 computation.
+    fp16_weights the model itself cast to float16 (`model.half()`: weights rounded to float16, no autocast), the
+                 fused head as in fp32: a half-precision pi_old/inference copy of the float32 master weights.
     fp32         the same fused head, no autocast: everything in float32.
     tf32         fp32 with every matmul reading its operands rounded to TF32 (10-bit mantissa), i.e. float32
                  training on an Ampere+ GPU with `allow_tf32=True` / `tf32=True`, emulated on the CPU.
@@ -58,17 +63,20 @@ class Route:
     """One way of computing the per-token log-probs, as the trainer would."""
 
     name: str
-    autocast: bool
+    autocast_dtype: torch.dtype | None  # None: no autocast
     cast_lm_head_to_fp32: bool
     label: str
     tf32: bool = False  # emulate TF32 tensor cores (GPU float32 with allow_tf32): not a real cost on CPU
+    weights_dtype: torch.dtype = torch.float32  # the dtype the model's weights are held in
 
 
 ROUTES = {
-    "bf16": Route("bf16", True, False, "bf16 autocast, fused head (TRL default)"),
-    "bf16_head32": Route("bf16_head32", True, True, "bf16 autocast + cast_lm_head_to_fp32"),
-    "fp32": Route("fp32", False, False, "float32, no autocast"),
-    "tf32": Route("tf32", False, False, "float32 with TF32 matmuls (emulated)", tf32=True),
+    "bf16": Route("bf16", torch.bfloat16, False, "bf16 autocast, fused head (TRL default)"),
+    "bf16_head32": Route("bf16_head32", torch.bfloat16, True, "bf16 autocast + cast_lm_head_to_fp32"),
+    "fp16": Route("fp16", torch.float16, False, "fp16 autocast, fused head (fp16=True)"),
+    "fp16_weights": Route("fp16_weights", None, False, "model cast to float16", weights_dtype=torch.float16),
+    "fp32": Route("fp32", None, False, "float32, no autocast"),
+    "tf32": Route("tf32", None, False, "float32 with TF32 matmuls (emulated)", tf32=True),
 }
 
 
@@ -120,8 +128,8 @@ def trl_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
 
 
 def route_model(master: torch.nn.Module, route: Route) -> torch.nn.Module:
-    """A float32 copy of `master` patched with TRL's fused LM head as `GRPOTrainer.__init__` does it."""
-    model = build_like(master, torch.float32)
+    """A copy of `master` in the route's weight dtype, patched with TRL's fused LM head as `GRPOTrainer.__init__`."""
+    model = build_like(master, route.weights_dtype)
     add_fused_lm_head(
         model, temperature=1.0, cast_lm_head_to_fp32=route.cast_lm_head_to_fp32, outputs=("log_probs", "entropy")
     )
@@ -165,7 +173,7 @@ def route_logps(
     """(B, T) per-token log-probs of the completion by `route`, as the trainer computes them (float32 out)."""
     labels = trl_labels(input_ids, attention_mask, logits_to_keep)
     device_type = input_ids.device.type
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if route.autocast else nullcontext()
+    ctx = nullcontext() if route.autocast_dtype is None else torch.autocast(device_type, dtype=route.autocast_dtype)
     with ctx, EmulateTF32() if route.tf32 else nullcontext():
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
     return outputs.log_probs[:, -logits_to_keep:].float()
@@ -329,11 +337,11 @@ def adamw_step(model, old_state, grads, lr):
     return new_state
 
 
-def bf16_changed_fraction(old_state, new_state) -> float:
-    """Fraction of the weights whose bf16 rounding (what autocast feeds the matmuls) moved in the step."""
+def half_changed_fraction(old_state, new_state, dtype=torch.bfloat16) -> float:
+    """Fraction of the weights whose `dtype` rounding (what autocast feeds the matmuls) moved in the step."""
     changed = total = 0
     for name, old in old_state.items():
-        changed += (old.bfloat16() != new_state[name].bfloat16()).sum().item()
+        changed += (old.to(dtype) != new_state[name].to(dtype)).sum().item()
         total += old.numel()
     return changed / total
 
@@ -389,7 +397,8 @@ def measure(settings: Settings, log=print) -> dict:
                         "length": length,
                         "mask": mask_kind,
                         "lr": lr,
-                        "bf16_changed_fraction": bf16_changed_fraction(old_state, new_state),
+                        "bf16_changed_fraction": half_changed_fraction(old_state, new_state, torch.bfloat16),
+                        "fp16_changed_fraction": half_changed_fraction(old_state, new_state, torch.float16),
                         "mean_token_entropy": entropy,
                         "mean_token_logp": ref_old[mask.bool()].mean().item(),
                         "token_logp_abs_err_old": token_errors,
@@ -456,7 +465,7 @@ def markdown_table(result: dict) -> str:
     rows = result["rows"]
     keyed = {(r["length"], r["mask"], r["lr"], r["route"]): r for r in rows}
     diag = {(d["length"], d["mask"], d["lr"]): d for d in result["diagnostics"]}
-    head = ["length", "mask", "lr", "median \\|log s\\| (fp64)", "bf16 weights moved"]
+    head = ["length", "mask", "lr", "median \\|log s\\| (fp64)", "bf16 weights moved", "fp16 weights moved"]
     for name in routes:
         head += [f"{name} max err", f"{name} median err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -472,6 +481,7 @@ def markdown_table(result: dict) -> str:
             f"{key[2]:.0e}",
             f"{r['median_abs_signal']:.2e}",
             f"{diag[key]['bf16_changed_fraction']:.1%}",
+            f"{diag[key]['fp16_changed_fraction']:.1%}",
         ]
         for name in routes:
             entry = keyed[(*key, name)]
