@@ -6,6 +6,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
@@ -70,6 +71,11 @@ def pi_old_pass_runs(args: GRPOConfig) -> bool:
     return is_off_policy_schedule(args) or (args.use_vllm and args.vllm_importance_sampling_correction)
 
 
+def fp16_runs_in_float32(use_cpu: bool) -> bool:
+    """Whether fp16=True computes in float32: accelerate enables fp16 autocast and its GradScaler only off the CPU."""
+    return use_cpu or not torch.accelerator.is_available()
+
+
 def default_bf16(use_cpu: bool) -> bool:
     """GSPOConfig's bf16 when left unset: True only on an accelerator with bf16 support, never with use_cpu."""
     return not use_cpu and is_torch_bf16_gpu_available()
@@ -80,7 +86,8 @@ class GSPOOnPolicyWarning(UserWarning):
 
 
 class GSPOPrecisionWarning(UserWarning):
-    """Mixed-precision log-probs are too coarse for the sequence clip band (see docs/PRECISION.md)."""
+    """Mixed-precision log-probs too coarse for the sequence clip band, or fp16 that has no effect on the CPU
+    (see docs/PRECISION.md)."""
 
 
 class GSPOClipRangeWarning(UserWarning):
@@ -511,14 +518,32 @@ class GSPOConfig(GRPOConfig):
                 GSPOOnPolicyWarning,
                 stacklevel=3,
             )
-        elif self.mixed_precision in ("bf16", "fp16"):  # set by bf16/fp16 or by the accelerate launch config
+        # mixed_precision is set by bf16/fp16 or by the accelerate launch config
+        elif self.mixed_precision == "fp16" and fp16_runs_in_float32(self.use_cpu):
             warnings.warn(
-                f"GSPOConfig: {self.mixed_precision} mixed precision with an off-policy schedule: half-precision "
-                "log-probs can get the sequence log-ratio wrong by more than the clip band "
-                f"(epsilon={self.epsilon}) after one optimizer step, so rounding decides some clips "
-                "(measurements: docs/PRECISION.md). float32 (bf16=False; with accelerate launch also "
-                "--mixed_precision no) keeps it far inside the band; keep half precision where memory or speed "
-                "forbids float32.",
+                "GSPOConfig: fp16 mixed precision on the CPU: accelerate enables fp16 autocast and its GradScaler "
+                "only on an accelerator device, so this run computes in float32 and fp16 has no effect "
+                "(docs/PRECISION.md).",
+                GSPOPrecisionWarning,
+                stacklevel=3,
+            )
+        elif self.mixed_precision == "bf16":
+            warnings.warn(
+                "GSPOConfig: bf16 mixed precision with an off-policy schedule: bf16 log-probs get the sequence "
+                f"log-ratio wrong by more than the clip band (epsilon={self.epsilon}) after one optimizer step, so "
+                "rounding decides many clips. float32 (bf16=False; with accelerate launch also --mixed_precision "
+                "no) keeps it far inside the band. fp16=True is several times more accurate than bf16 but still "
+                "not inside the band. Measurements: docs/PRECISION.md.",
+                GSPOPrecisionWarning,
+                stacklevel=3,
+            )
+        elif self.mixed_precision == "fp16":
+            warnings.warn(
+                "GSPOConfig: fp16 mixed precision with an off-policy schedule: fp16 log-probs are several times "
+                "more accurate than bf16 but can still get the sequence log-ratio wrong by a sizeable part of the "
+                f"clip band (epsilon={self.epsilon}), so rounding still decides some clips. float32 (fp16=False; "
+                "with accelerate launch also --mixed_precision no) keeps it far inside the band. Measurements: "
+                "docs/PRECISION.md.",
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )

@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+import torch
 from trl import GRPOConfig
 
 from trl_gspo import (
@@ -166,8 +167,12 @@ def test_from_grpo_config_keeps_user_fields(tmp_path):
 
 
 def test_half_precision_off_policy_warns(tmp_path):
-    with pytest.warns(GSPOPrecisionWarning, match="PRECISION.md"):
+    with pytest.warns(GSPOPrecisionWarning, match="PRECISION.md") as caught:
         make(tmp_path, bf16=True)
+    # bf16 is told it misses the band, and pointed to float32 first (fp16 helps but does not get there)
+    (message,) = [str(w.message) for w in caught if w.category is GSPOPrecisionWarning]
+    assert "bf16 log-probs get the sequence log-ratio wrong by more than the clip band" in message
+    assert "bf16=False" in message and "fp16=True is several times more accurate" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error", GSPOPrecisionWarning)
         make(tmp_path, bf16=False)  # float32 log-probs
@@ -283,3 +288,19 @@ def test_settings_with_effect_do_not_warn(tmp_path):
         make(tmp_path, token_advantage_weight=0.5, importance_sampling_level="sequence_token")
         make(tmp_path, padding_free=True, padding_free_row_tokens=64)
         make(tmp_path, use_rollout_logprobs=True, rollout_logprobs_check_interval=1)
+
+
+def test_fp16_warning_depends_on_the_device(tmp_path, monkeypatch):
+    # on the CPU accelerate runs fp16=True in float32 (tests/trainer/test_mixed_precision.py): say so, not "rounding"
+    with pytest.warns(GSPOPrecisionWarning, match="computes in float32 and fp16 has no effect") as caught:
+        make(tmp_path, fp16=True, bf16=False)
+    assert not any("rounding" in str(w.message) for w in caught if w.category is GSPOPrecisionWarning)
+    # on an accelerator fp16 really rounds: the milder warning, still pointing to float32
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    with pytest.warns(GSPOPrecisionWarning, match="several times more accurate than bf16") as caught:
+        GSPOConfig(
+            output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=8, num_generations=4, fp16=True
+        )
+    (message,) = [str(w.message) for w in caught if w.category is GSPOPrecisionWarning]
+    assert "rounding still decides some clips" in message and "fp16=False" in message
+    assert "has no effect" not in message
