@@ -508,6 +508,16 @@ class GSPOConfig(GRPOConfig):
     def _warn_on_suspicious_setup(self):
         if not self.is_sequence_level:
             return
+        # mixed_precision is set by bf16/fp16 or by the accelerate launch config
+        fp16_is_float32 = self.mixed_precision == "fp16" and fp16_runs_in_float32(self.use_cpu)
+        if fp16_is_float32:
+            warnings.warn(
+                "GSPOConfig: fp16 mixed precision on the CPU: accelerate enables fp16 autocast and its GradScaler "
+                "only on an accelerator device, so this run computes in float32 and fp16 has no effect "
+                "(docs/PRECISION.md).",
+                GSPOPrecisionWarning,
+                stacklevel=3,
+            )
         if self.is_on_policy:
             warnings.warn(
                 f"GSPOConfig: gradient_accumulation_steps={self.gradient_accumulation_steps}, steps_per_generation="
@@ -518,18 +528,9 @@ class GSPOConfig(GRPOConfig):
                 GSPOOnPolicyWarning,
                 stacklevel=3,
             )
-        # mixed_precision is set by bf16/fp16 or by the accelerate launch config
-        elif self.mixed_precision == "fp16" and fp16_runs_in_float32(self.use_cpu):
-            warnings.warn(
-                "GSPOConfig: fp16 mixed precision on the CPU: accelerate enables fp16 autocast and its GradScaler "
-                "only on an accelerator device, so this run computes in float32 and fp16 has no effect "
-                "(docs/PRECISION.md).",
-                GSPOPrecisionWarning,
-                stacklevel=3,
-            )
         elif self.mixed_precision == "bf16":
             warnings.warn(
-                "GSPOConfig: bf16 mixed precision with an off-policy schedule: bf16 log-probs get the sequence "
+                "GSPOConfig: bf16 mixed precision with an off-policy schedule: bf16 log-probs can get the sequence "
                 f"log-ratio wrong by more than the clip band (epsilon={self.epsilon}) after one optimizer step, so "
                 "rounding decides many clips. float32 (bf16=False; with accelerate launch also --mixed_precision "
                 "no) keeps it far inside the band. fp16=True is several times more accurate than bf16 but still "
@@ -537,11 +538,12 @@ class GSPOConfig(GRPOConfig):
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )
-        elif self.mixed_precision == "fp16":
+        elif self.mixed_precision == "fp16" and not fp16_is_float32:
             warnings.warn(
                 "GSPOConfig: fp16 mixed precision with an off-policy schedule: fp16 log-probs are several times "
-                "more accurate than bf16 but can still get the sequence log-ratio wrong by a sizeable part of the "
-                f"clip band (epsilon={self.epsilon}), so rounding still decides some clips. float32 (fp16=False; "
+                "more accurate than bf16 but not enough: for short completions they can still get the sequence "
+                f"log-ratio wrong by as much as the clip band (epsilon={self.epsilon}), so rounding still decides "
+                "some clips. float32 (fp16=False; "
                 "with accelerate launch also --mixed_precision no) keeps it far inside the band. Measurements: "
                 "docs/PRECISION.md.",
                 GSPOPrecisionWarning,
