@@ -14,7 +14,7 @@ for the old and new weights by six routes:
                  projection and log-softmax in float32 outside autocast.
     fp16         the bf16 route under `torch.autocast(device, float16)` over the float32 master weights: what
                  `TrainingArguments(fp16=True)` does (its GradScaler only scales the loss, not the forward).
-                 CPU autocast runs float16 natively (torch >= 2.x), so this is a real float16 computation.
+                 CPU autocast runs float16 for real (torch 2.13), so this is not an emulation.
     fp16_weights the model itself cast to float16 (`model.half()`: weights rounded to float16, no autocast), the
                  fused head as in fp32: a half-precision pi_old/inference copy of the float32 master weights.
     fp32         the same fused head, no autocast: everything in float32.

@@ -73,7 +73,9 @@ def pi_old_pass_runs(args: GRPOConfig) -> bool:
 
 def fp16_runs_in_float32(use_cpu: bool) -> bool:
     """Whether fp16=True computes in float32: accelerate enables fp16 autocast and its GradScaler only off the CPU."""
-    return use_cpu or not torch.accelerator.is_available()
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS and out-of-tree devices alike
+        return use_cpu or not torch.accelerator.is_available()
+    return use_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 def default_bf16(use_cpu: bool) -> bool:
@@ -541,9 +543,9 @@ class GSPOConfig(GRPOConfig):
         elif self.mixed_precision == "fp16" and not fp16_is_float32:
             warnings.warn(
                 "GSPOConfig: fp16 mixed precision with an off-policy schedule: fp16 log-probs are several times "
-                "more accurate than bf16 but not enough: for short completions they can still get the sequence "
-                f"log-ratio wrong by as much as the clip band (epsilon={self.epsilon}), so rounding still decides "
-                "some clips. float32 (fp16=False; "
+                "more accurate than bf16 but not enough: they can still get the sequence log-ratio wrong by as "
+                f"much as the clip band (epsilon={self.epsilon}), most for short completions, so rounding still "
+                "decides some clips. float32 (fp16=False; "
                 "with accelerate launch also --mixed_precision no) keeps it far inside the band. Measurements: "
                 "docs/PRECISION.md.",
                 GSPOPrecisionWarning,
