@@ -30,7 +30,9 @@ def build(make_model, tokenizer, tmp_path, model_type="qwen2", **overrides):
     )
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+# fp16 is not among them: fp16=True on a CPU computes in float32 (accelerate has no CPU fp16 autocast,
+# tests/trainer/test_mixed_precision.py), so here it would repeat the fp32 case under another name
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
 def test_every_ratio_is_exactly_one_at_learning_rate_zero(make_model, tokenizer, tmp_path, precision, padding_free):
     packing = {"padding_free_row_tokens": 200} if padding_free else {}  # several sequences share a row
@@ -41,7 +43,6 @@ def test_every_ratio_is_exactly_one_at_learning_rate_zero(make_model, tokenizer,
         max_steps=4,
         padding_free=padding_free,
         bf16=precision == "bf16",
-        fp16=precision == "fp16",
         **packing,
     )
     trainer.train()
