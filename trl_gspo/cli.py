@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from .config import GSPOConfig
-from .rewards import load_reward_funcs, wrap_reward_checked
+from .rewards import load_reward_funcs, split_import_path, wrap_reward_checked
 from .trainer import GSPOTrainer
 
 LOCAL_DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -291,11 +291,11 @@ def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
 def resolve_prepare(path: str):
     """The `prepare` function named by ``package.module:function`` (or ``package.module.function``); a ValueError
     naming the field when it cannot be imported or is not callable."""
-    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attribute:
+    parts = split_import_path(path)
+    if parts is None:
         raise ValueError(f"prepare={path!r}: expected 'package.module:function'.")
     try:
-        target = getattr(importlib.import_module(module_name), attribute)
+        target = getattr(importlib.import_module(parts[0]), parts[1])
     except (ImportError, AttributeError) as error:
         raise ValueError(f"prepare={path!r} cannot be imported: {type(error).__name__}: {error}") from None
     if not callable(target):

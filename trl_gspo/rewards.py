@@ -222,14 +222,19 @@ REWARD_FUNCS: dict[str, Callable[..., Any]] = {
 REWARD_FACTORIES = frozenset({"soft_overlong_penalty"})
 
 
+def split_import_path(path: str) -> tuple[str, str] | None:
+    """(module, attribute) of ``package.module:attr`` or ``package.module.attr``; None for any other form."""
+    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
+    return (module_name, attribute) if module_name and attribute else None
+
+
 def _import_dotted(path: str) -> Any:
     """Import ``package.module:attr`` or ``package.module.attr``, raising ValueError that names ``path`` on failure."""
-    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attribute:
+    parts = split_import_path(path)
+    if parts is None:
         raise ValueError(f"invalid reward import path {path!r}; use 'package.module:func' or 'package.module.func'")
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attribute)
+        return getattr(importlib.import_module(parts[0]), parts[1])
     except Exception as error:
         raise ValueError(f"cannot import reward function {path!r}: {type(error).__name__}: {error}") from error
 
@@ -246,11 +251,10 @@ def get_reward_func(spec: str, **kwargs) -> RewardFunc:
         is_factory = spec in REWARD_FACTORIES
         if kwargs and not is_factory:
             raise ValueError(f"reward function {spec!r} takes no arguments, got {sorted(kwargs)}")
-        if target is math_accuracy:  # say so now, not at the first training step
-            try:
-                _import_math_verify()
-            except ImportError as error:
-                raise ValueError(str(error)) from error
+        try:  # say so now, not at the first training step
+            check_reward_dependencies([target])
+        except ImportError as error:
+            raise ValueError(str(error)) from error
     elif "." in spec or ":" in spec:
         target = _import_dotted(spec)
         is_factory = bool(kwargs)

@@ -614,19 +614,9 @@ def test_drift_is_off_with_a_speed_option_and_the_run_says_so(tmp_path, tokenize
 
 def tiny_deepseek_v3(tokenizer):
     """DeepSeek-V3's router is a *TopkRouter that returns only logits: its experts are chosen outside the router."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
+    return tiny_moe(
+        tokenizer,
         "deepseek_v3",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
         n_group=1,
         topk_group=1,
         first_k_dense_replace=0,
@@ -635,10 +625,7 @@ def tiny_deepseek_v3(tokenizer):
         qk_rope_head_dim=8,
         qk_nope_head_dim=8,
         v_head_dim=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def test_a_router_without_experts_in_its_output_is_named_not_silently_skipped(tmp_path, tokenizer, caplog):
