@@ -18,6 +18,7 @@ a batch would weight sequences by length).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -369,11 +370,15 @@ def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor, with_kl: b
     return metrics
 
 
+def outside_clip_band(log_ratio: torch.Tensor, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
+    """Where the sequence log-ratio log s_i leaves [log(1 - eps_low), log(1 + eps_high)], whatever the advantage."""
+    return (log_ratio < math.log(1 - epsilon_low)) | (log_ratio > math.log(1 + epsilon_high))
+
+
 def outside_clip_band_counts(out: ObjectiveOutput, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
     """(2,) float [sequences whose s_i is outside [1 - eps_low, 1 + eps_high], non-empty sequences], whatever the sign
     of the advantage: at a rollout's first optimizer step (no update yet) any such sequence is rounding, not
     learning. Sums over micro-batches and processes give the fraction."""
-    ratio = torch.exp(out.seq_log_ratio)
     counted = out.lengths > 0
-    outside = ((ratio < 1 - epsilon_low) | (ratio > 1 + epsilon_high)) & counted
+    outside = outside_clip_band(out.seq_log_ratio, epsilon_low, epsilon_high) & counted
     return torch.stack([outside.sum(), counted.sum()]).float()

@@ -27,7 +27,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .config import ROLLOUT_LOGPROBS_CHECK_INTERVAL
-from .objective import masked_token_diff, sequence_log_ratio
+from .objective import masked_token_diff, outside_clip_band, sequence_log_ratio
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 
@@ -119,8 +119,8 @@ def rollout_mismatch(ratios: torch.Tensor, epsilon_low: float, epsilon_high: flo
     ratios = ratios[~torch.isnan(ratios)]
     if ratios.numel() == 0:
         return {}
-    low, high = math.log(1 - epsilon_low), math.log(1 + epsilon_high)
-    outside = ((ratios < low) | (ratios > high)).float().mean()
+    high = math.log(1 + epsilon_high)
+    outside = outside_clip_band(ratios, epsilon_low, epsilon_high).float().mean()
     mean_abs, max_abs, outside = torch.stack([ratios.abs().mean(), ratios.abs().max(), outside]).tolist()
     return {
         "seq_abs_log_ratio_mean": mean_abs,
