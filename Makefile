@@ -50,9 +50,11 @@ $(VLLM_VENV)/.installed: pyproject.toml examples/pyproject.toml | $(VLLM_BIN)/py
 
 vllm-env: $(VLLM_VENV)/.installed
 
-# VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps vLLM's engine in the test process (TRL's colocate mode reaches into it).
+# Every tests/*/test_vllm*.py file; VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps vLLM's engine in the test process
+# (TRL's colocate mode reaches into it).
+VLLM_TESTS := $(sort $(wildcard tests/*/test_vllm*.py))
 test-vllm: vllm-env
-	OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q tests/e2e/test_vllm_colocate.py tests/trainer/test_vllm_config.py
+	OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q $(VLLM_TESTS)
 
 bench: install
 	$(BIN)/python scripts/benchmark.py
