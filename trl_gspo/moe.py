@@ -1,4 +1,4 @@
-"""Mixture-of-Experts routing: no router logits in generate(), the routing drift metric, routing replay (R2).
+"""Mixture-of-Experts routing: no router logits in generate(), the routing drift metric, routing replay (R2 and R3).
 
 Pure functions (tested against naive references), one hook manager, `RouterHooks`, and the trainer mixin
 `MoERoutingMixin` that wires them into the rollout and the loss (on GSPOTrainer or TRL's plain GRPOTrainer).
@@ -20,6 +20,10 @@ indices from there, so a forward hook on the routers sees, and can replace, the 
   unchanged parameters replay is bit-identical and the router still gets gradients. Only the router classes in
   `REPLAY_ROUTER_CLASSES` (each tested on a tiny model) are accepted. The replay state lives until backward has
   finished: gradient checkpointing re-runs the router during backward and must see the same experts.
+- rollout routing replay (R3, `rollout_routing_replay`): generate() is recorded too (prefill and cached decoding),
+  one `rollout_routing.RolloutRouting` per row, laid out as TRL's rows under ROLLOUT_ROUTING_KEY with a mask of the
+  positions generation routed; the pi_old pass replays those experts (the router chooses the other positions) and
+  records its natural routing; the policy pass replays what the pi_old pass used.
 """
 
 from __future__ import annotations

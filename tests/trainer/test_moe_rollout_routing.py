@@ -25,7 +25,11 @@ from trl_gspo.rollout_routing import (
     rollout_routing_rows,
 )
 
-R3_FAMILIES = ["qwen3_moe", "mixtral", "minimax_m2"]  # softmax + renormalise, softmax always renormalised, sigmoid + bias
+R3_FAMILIES = [
+    "qwen3_moe",
+    "mixtral",
+    "minimax_m2",
+]  # softmax + renormalise, softmax always renormalised, sigmoid + bias
 
 
 # ---- the record's layout ------------------------------------------------------------------------------------------
@@ -57,7 +61,9 @@ def test_rollout_routing_rows_match_a_position_loop():
             assert known[row, position].item() == routed
             if routed:
                 assert torch.equal(experts[row, position], record.experts[unpadded - s])
-    with pytest.raises(ValueError, match="row 1 has a prompt of 5 and a completion of 1 tokens; the rows hold 4 and 7"):
+    with pytest.raises(
+        ValueError, match="row 1 has a prompt of 5 and a completion of 1 tokens; the rows hold 4 and 7"
+    ):
         rollout_routing_rows(records, prompt_width=4, completion_width=7)
 
 
@@ -125,7 +131,11 @@ def test_recorded_generation_routing_equals_a_full_forward_of_each_sequence(tmp_
     assert len({len(c) for c in completion_ids}) > 1 and max(len(c) for c in completion_ids) > 3
     decoded_positions = 0
     for prompt, completion, record in zip(prompt_ids, completion_ids, records, strict=True):
-        assert (record.prompt_length, record.completion_length, record.prompt_start) == (len(prompt), len(completion), 0)
+        assert (record.prompt_length, record.completion_length, record.prompt_start) == (
+            len(prompt),
+            len(completion),
+            0,
+        )
         fed = prompt + completion[:-1]  # the last sampled token is never fed
         expected = natural_routing(model, fed)
         assert torch.equal(record.experts.long().sort(-1).values, expected)
@@ -223,22 +233,15 @@ def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp
 
     checked = 0
     for forward in forwards:
-        rows, length = forward["input_ids"].shape
-        for row in range(rows):
-            mask = forward["attention_mask"][row].bool()
-            candidates = trainer.rollout_records[tuple(forward["input_ids"][row][mask].tolist())]
+        used = torch.stack([forward["used"][layer] for layer in sorted(forward["used"])], dim=1)
+        used = used.view(*forward["input_ids"].shape, *used.shape[1:])  # (B, L, layers, k)
+        for row, (ids, mask) in enumerate(zip(forward["input_ids"], forward["attention_mask"].bool(), strict=True)):
             start = int(mask.int().argmax())  # the row's first real token (left-padded prompt)
-
-            def uses(record):
-                return all(
-                    torch.equal(
-                        forward["used"][layer].view(rows, length, -1)[row, start : start + record.experts.size(0)],
-                        record.experts[:, layer].long(),
-                    )
-                    for layer in forward["used"]
-                )
-
-            assert any(uses(record) for record in candidates)
+            candidates = trainer.rollout_records[tuple(ids[mask].tolist())]
+            assert any(
+                torch.equal(used[row, start : start + record.experts.size(0)], record.experts.long())
+                for record in candidates
+            )
             checked += 1
     # one rollout of 16 rows: 16 pi_old rows (4 micro-batches, or TRL's 4 chunks) and 4 policy passes of 4 rows
     assert checked == 32 and [f["policy"] for f in forwards] == [False] * 4 + [True] * 4
@@ -307,3 +310,19 @@ def test_rollout_routing_replay_refuses_untested_routers_and_other_generation_at
             processing_class=tokenizer,
             rollout_func=rollout_func,
         )
+
+
+# ---- the measurement (docs/MOE.md) ------------------------------------------------------------------------------
+
+
+def test_measurement_finds_no_mismatch_when_generation_runs_in_float32():
+    """The measurement's pipeline is aligned: with float32 generation the rollout's experts and log-probs are the
+    training forward's (a row or position off would show as disagreement); bf16 generation shows some."""
+    from gspo_benchmarks.rollout_routing import measure
+
+    same = measure("std 0.5", "float32", batch=8, max_new_tokens=8)
+    for name in ("no replay", "R3"):
+        assert same[name]["routing_disagreement/token_layer"] == 0.0
+        assert same[name]["token_abs_log_ratio_mean"] < 1e-6
+    bf16 = measure("std 0.5", "bf16 autocast", batch=8, max_new_tokens=8)
+    assert bf16["no replay"]["token_abs_log_ratio_mean"] > 1e-4
