@@ -451,11 +451,15 @@ class MoERoutingMixin:
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         routing, prefill = self._moe_hooks.recorded_steps(len(prompt_ids))
         padded = padded_length(max(len(ids) for ids in prompt_ids), self.pad_to_multiple_of)
-        if prefill != padded:
+        # generation stops with its longest completion (TRL cuts the others at their first EOS)
+        expected = padded + max(len(ids) for ids in completion_ids) - 1
+        if prefill != padded or routing.size(1) != expected:
             raise RuntimeError(
-                f"rollout_routing_replay: generate() routed {prefill} positions per row in its first forward, not "
-                f"the {padded} of the left-padded prompts; only a generation that prefills the prompts in one forward "
-                "(no chunked prefill) can be recorded."
+                f"rollout_routing_replay: generate() routed {prefill} positions per row in its first forward and "
+                f"{routing.size(1)} in all; a prefill of the {padded} left-padded prompt positions, then one position "
+                f"per decoding step ({expected} in all) was expected. Generation with a chunked prefill, beam search "
+                "or assisted decoding cannot be recorded: remove those generation settings or set "
+                "rollout_routing_replay=False."
             )
         self._moe_rollout_records = records_from_generation(
             routing, [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids], padded

@@ -326,3 +326,11 @@ def test_measurement_finds_no_mismatch_when_generation_runs_in_float32():
         assert same[name]["token_abs_log_ratio_mean"] < 1e-6
     bf16 = measure("std 0.5", "bf16 autocast", batch=8, max_new_tokens=8)
     assert bf16["no replay"]["token_abs_log_ratio_mean"] > 1e-4
+
+
+def test_a_generation_that_is_not_one_prefill_then_one_position_per_step_is_refused(tmp_path, tokenizer):
+    """Beam search routes num_beams rows per prompt: the record would be misread, so generation raises."""
+    trainer = r3_trainer(tmp_path, tiny_moe(tokenizer, "qwen3_moe"), tokenizer, generation_kwargs={"num_beams": 2})
+    prompt_ids = [tokenizer(p)["input_ids"] for p in ["1+1=", "123+456="]]
+    with pytest.raises(RuntimeError, match="routed 16 positions per row in its first forward.*beam search"):
+        trainer._generate_single_turn(prompt_ids, None, {}, 1)
