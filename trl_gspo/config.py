@@ -140,6 +140,9 @@ class GSPOConfig(GRPOConfig):
         routing_replay (`bool`, defaults to `False`):
             MoE models: replay the pi_old pass's experts in the policy pass (R2), weights from the current router.
             Refused with an on-policy schedule here, and for a dense model by the trainer.
+        rollout_routing_replay (`bool`, defaults to `False`):
+            MoE models, transformers generation: replay the experts generate() chose (R3) in the pi_old and policy
+            passes. Refused with vLLM, continuous batching, padding-free or rollout log-probs, on-policy schedules.
 
         padding_free (`bool`, defaults to `False`):
             Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
@@ -268,6 +271,16 @@ class GSPOConfig(GRPOConfig):
             "with the router's own forward computing the weights at those experts, so the router still learns. Refused "
             "for dense models, routers outside trl_gspo.moe.REPLAY_ROUTER_CLASSES, on-policy schedules, and with "
             "padding_free or use_rollout_logprobs."
+        },
+    )
+    rollout_routing_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "MoE models, transformers generation: record the experts generate() chose for every token it fed "
+            "(prompt prefill and cached decoding) and replay them in the pi_old and policy passes (R3, arXiv "
+            "2510.11370); positions generation did not route (the last completion token, padding) take the pi_old "
+            "pass's own routing, as with routing_replay. Same routers as routing_replay; refused with use_vllm, "
+            "use_transformers_continuous_batching, padding_free, use_rollout_logprobs and on-policy schedules."
         },
     )
 
@@ -455,26 +468,45 @@ class GSPOConfig(GRPOConfig):
             )
 
     def _validate_routing_fields(self):
-        """routing_replay needs a pi_old pass to record: refused when TRL runs none (every step on-policy)."""
-        if self.routing_replay and not pi_old_pass_runs(self):
-            raise ValueError(
-                f"GSPOConfig.routing_replay=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
-                f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every "
-                "step is on-policy, TRL runs no pi_old pass and there is no routing to replay. Set "
-                "steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), or "
-                "routing_replay=False."
-            )
-        for switch in ("use_rollout_logprobs", "padding_free"):
-            if self.routing_replay and getattr(self, switch):
-                why = (
-                    "there is no pi_old forward whose routing could be recorded"
-                    if switch == "use_rollout_logprobs"
-                    else "the routing record is kept in the padded (B, L) layout, which packed passes do not have"
-                )
+        """Replay needs a pi_old pass to record (refused when every step is on-policy) and the padded layout; R3
+        needs the transformers generate() path, the one whose routing is recorded."""
+        for replay in ("routing_replay", "rollout_routing_replay"):
+            if not getattr(self, replay):
+                continue
+            if not pi_old_pass_runs(self):
                 raise ValueError(
-                    f"GSPOConfig.routing_replay=True cannot be combined with {switch}=True: {why}. Set one of them "
-                    "to False."
+                    f"GSPOConfig.{replay}=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
+                    f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every "
+                    "step is on-policy, TRL runs no pi_old pass and there is no routing to replay. Set "
+                    "steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), or "
+                    f"{replay}=False."
                 )
+            for switch in ("use_rollout_logprobs", "padding_free"):
+                if getattr(self, switch):
+                    why = (
+                        "there is no pi_old forward whose routing could be recorded"
+                        if switch == "use_rollout_logprobs"
+                        else "the routing record is kept in the padded (B, L) layout, which packed passes do not have"
+                    )
+                    raise ValueError(
+                        f"GSPOConfig.{replay}=True cannot be combined with {switch}=True: {why}. Set one of them "
+                        "to False."
+                    )
+        if self.rollout_routing_replay and self.use_vllm:
+            raise ValueError(
+                "GSPOConfig.rollout_routing_replay=True cannot be combined with use_vllm=True: it replays the routing "
+                "recorded in transformers generation. vLLM 0.31 returns the routed experts "
+                "(enable_return_routed_experts) only with its Model Runner V2, which needs Triton, i.e. a GPU; this "
+                "project runs vLLM on CPU only (no CUDA vLLM wheel fits its GPU test machines) and TRL's vLLM client "
+                "does not pass routed experts on, so that path is untested (docs/MOE.md says what an engine adapter "
+                "needs). Set use_vllm=False or rollout_routing_replay=False."
+            )
+        if self.rollout_routing_replay and self.use_transformers_continuous_batching:
+            raise ValueError(
+                "GSPOConfig.rollout_routing_replay=True cannot be combined with use_transformers_continuous_batching="
+                "True: the routing is recorded from generate() on left-padded rows, and continuous batching schedules "
+                "tokens of different requests into one forward. Set one of them to False."
+            )
 
     def _validate_vllm_fields(self):
         if self.vllm_dtype not in VLLM_DTYPES:

@@ -56,7 +56,7 @@ TRL_PRIVATE_API = {
     ),
     # rollout log-probs, MoE, token rewards, diagnostics: the rollout
     "_generate_and_score_completions": ("inputs",),
-    # rollout log-probs: generation
+    # rollout log-probs: generation; MoE rollout routing replay: _generate_single_turn
     "_generate": ("prompts",),
     "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
     # token rewards, diagnostics: the rewards
@@ -80,6 +80,7 @@ TRL_PRIVATE_ATTRIBUTES = {
         "_metrics",
     ),  # and, set by train(): current_gradient_accumulation_steps
     "MoE, rollout log-probs": ("_metrics",),
+    "MoE rollout routing replay": ("tools", "rollout_func", "pad_to_multiple_of"),
     "token rewards": ("_tokenizer", "reward_weights", "reward_func_names", "_metrics"),
     "diagnostics": ("reward_weights", "_metrics"),
     "aligned pi_old": ("_buffered_inputs", "use_vllm", "vllm_importance_sampling_correction", "aux_loss_enabled"),
