@@ -39,6 +39,7 @@ Results and conclusions: docs/PRECISION.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl.trainer.utils import add_fused_lm_head
 
 from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
@@ -314,19 +316,24 @@ def make_batch(tokenizer, model: torch.nn.Module, settings: Settings, max_length
     return prompt, completion
 
 
+# The KV cache's argument and output field: `cache` since transformers 5.18, `past_key_values` before (the device
+# image and the vLLM environment have 5.17).
+KV_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 @torch.no_grad()
 def sample_completions(model, prompt, max_length, n_special, generator):
     """Ancestral sampling at temperature 1 (special tokens excluded) in float32, with the KV cache."""
     out = model(input_ids=prompt, use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1]
+    cache, logits = getattr(out, KV_CACHE), out.logits[:, -1]
     tokens = []
     for _ in range(max_length):
         logits = logits.double()
         logits[:, :n_special] = -math.inf
         token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         tokens.append(token)
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        out = model(input_ids=token, **{KV_CACHE: cache}, use_cache=True)
+        cache, logits = getattr(out, KV_CACHE), out.logits[:, -1]
     return torch.cat(tokens, dim=1)
 
 
