@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-WHEELS=.whl
+WHEELS=${GSPO_CHECK_WHEELS:-.whl}  # the test points it at an empty folder: the installed packages are used
 # trl's version is pinned by pyproject.toml (trl>=1.16,<1.17); datasets, dill, multiprocess: as tested in .venv
 DOWNLOADS=("trl==1.16.0" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19")
 LIMIT_MIB=64
