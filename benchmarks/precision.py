@@ -19,7 +19,8 @@ for the old and new weights by six routes:
                  fused head as in fp32: a half-precision pi_old/inference copy of the float32 master weights.
     fp32         the same fused head, no autocast: everything in float32.
     tf32         fp32 with every matmul reading its operands rounded to TF32 (10-bit mantissa), i.e. float32
-                 training on an Ampere+ GPU with `allow_tf32=True` / `tf32=True`, emulated on the CPU.
+                 training on an Ampere+ GPU with `allow_tf32=True` / `tf32=True`: emulated on the CPU, the real
+                 tensor-core kernels on CUDA (`--device cuda`, where the other routes run with TF32 off).
 
 Each is compared with a float64 recomputation from the same weights (a float64 copy of the model whose RMSNorm
 and rotary embedding are patched to stay in float64; plain log_softmax over the full logits). The error reported
@@ -27,6 +28,7 @@ is |log s_i(route) - log s_i(float64)| per sequence, with |log s_i(float64)| (th
 
     python scripts/measure_precision.py                       # lengths 16 64 256 1024, lr 1e-5 1e-6
     python scripts/measure_precision.py --lengths 16 128 --json /tmp/precision.json
+    python scripts/measure_precision.py --device cuda          # the same on CUDA kernels (benchmarks/gpu_check.sh)
 
 The old log-probs are those `_generate_and_score_completions` stores off-policy (steps_per_generation >
 gradient_accumulation_steps or num_iterations > 1); on-policy TRL uses the detached current log-probs and s_i = 1
@@ -37,23 +39,25 @@ Results and conclusions: docs/PRECISION.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
 import sys
 import time
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl.trainer.utils import add_fused_lm_head
 
 from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
 from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW
-from trl_gspo.objective import compute_policy_objective, sequence_log_ratio
+from trl_gspo.objective import compute_policy_objective, outside_clip_band, sequence_log_ratio
 
 TARGET = PAPER_EPSILON_LOW / 10  # "well below eps_low"
 
@@ -99,6 +103,7 @@ class Settings:
     completions: str = "sampled"
     seed: int = 0
     timing_repeats: int = 2
+    device: str = "cpu"
 
 
 @dataclass
@@ -114,6 +119,7 @@ class Row:
     median_abs_signal: float
     max_abs_signal: float
     max_err_over_eps_low: float
+    flipped_clip_decisions: int  # sequences the route puts on the other side of the clip band than float64 does
     errors: list[float] = field(default_factory=list)
 
 
@@ -127,9 +133,9 @@ def trl_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     return labels
 
 
-def route_model(master: torch.nn.Module, route: Route) -> torch.nn.Module:
+def route_model(master: torch.nn.Module, route: Route, device: str = "cpu") -> torch.nn.Module:
     """A copy of `master` in the route's weight dtype, patched with TRL's fused LM head as `GRPOTrainer.__init__`."""
-    model = build_like(master, route.weights_dtype)
+    model = build_like(master, route.weights_dtype).to(device)
     add_fused_lm_head(
         model, temperature=1.0, cast_lm_head_to_fp32=route.cast_lm_head_to_fp32, outputs=("log_probs", "entropy")
     )
@@ -167,6 +173,25 @@ class EmulateTF32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextmanager
+def cuda_tf32(enabled: bool):
+    """TF32 tensor cores on or off for CUDA matmuls and convolutions, as `TrainingArguments(tf32=...)` sets them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def matmul_precision(route: Route, device_type: str):
+    """CUDA: real TF32 for the tf32 route and strict float32 for every other one (whatever the process default);
+    CPU: the TF32 emulation for the tf32 route."""
+    if device_type == "cuda":
+        return cuda_tf32(route.tf32)
+    return EmulateTF32() if route.tf32 else nullcontext()
+
+
 def route_logps(
     model: torch.nn.Module, route: Route, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
 ) -> torch.Tensor:
@@ -174,7 +199,7 @@ def route_logps(
     labels = trl_labels(input_ids, attention_mask, logits_to_keep)
     device_type = input_ids.device.type
     ctx = nullcontext() if route.autocast_dtype is None else torch.autocast(device_type, dtype=route.autocast_dtype)
-    with ctx, EmulateTF32() if route.tf32 else nullcontext():
+    with ctx, matmul_precision(route, device_type):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
     return outputs.log_probs[:, -logits_to_keep:].float()
 
@@ -230,6 +255,15 @@ def ratio_errors(
     return (sequence_log_ratio(new, old, mask).double() - reference_ratio).abs()
 
 
+def flipped_clip_decisions(
+    new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, reference_ratio: torch.Tensor
+) -> torch.Tensor:
+    """(B,) bool: the route's s_i and float64's fall on different sides of the clip band [1 - eps_low, 1 + eps_high]
+    (`outside_clip_band`, either side, whatever the advantage's sign): a clip that rounding decided."""
+    route = outside_clip_band(sequence_log_ratio(new, old, mask).double(), PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH)
+    return route != outside_clip_band(reference_ratio, PAPER_EPSILON_LOW, PAPER_EPSILON_HIGH)
+
+
 # --- model, data, optimizer step -------------------------------------------------------------------------------------
 
 
@@ -282,19 +316,24 @@ def make_batch(tokenizer, model: torch.nn.Module, settings: Settings, max_length
     return prompt, completion
 
 
+# The KV cache's argument and output field: `cache` since transformers 5.18, `past_key_values` before (the device
+# image and the vLLM environment have 5.17).
+KV_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 @torch.no_grad()
 def sample_completions(model, prompt, max_length, n_special, generator):
     """Ancestral sampling at temperature 1 (special tokens excluded) in float32, with the KV cache."""
     out = model(input_ids=prompt, use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1]
+    cache, logits = getattr(out, KV_CACHE), out.logits[:, -1]
     tokens = []
     for _ in range(max_length):
         logits = logits.double()
         logits[:, :n_special] = -math.inf
         token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         tokens.append(token)
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        out = model(input_ids=token, **{KV_CACHE: cache}, use_cache=True)
+        cache, logits = getattr(out, KV_CACHE), out.logits[:, -1]
     return torch.cat(tokens, dim=1)
 
 
@@ -352,27 +391,30 @@ def half_changed_fraction(old_state, new_state, dtype=torch.bfloat16) -> float:
 def measure(settings: Settings, log=print) -> dict:
     """Run the measurement: {"settings", "rows", "timing_ms_per_forward", "diagnostics", "total_seconds"}."""
     max_length = max(settings.lengths)
+    device = settings.device
     tokenizer, master = build_master(settings, settings.prompt_length + max_length + 8)
     routes = {name: ROUTES[name] for name in settings.routes}
-    models = {name: route_model(master, route) for name, route in routes.items()}
+    models = {name: route_model(master, route, device) for name, route in routes.items()}
     train_route = ROUTES["bf16"]
-    train_model = models["bf16"] if "bf16" in models else route_model(master, train_route)
-    model64 = make_exact_float64(build_like(master, torch.float64))
-    old_state = {name: p.detach().clone() for name, p in master.named_parameters()}
+    train_model = models["bf16"] if "bf16" in models else route_model(master, train_route, device)
+    model64 = make_exact_float64(build_like(master, torch.float64)).to(device)
+    old_state = {name: p.detach().to(device) for name, p in master.named_parameters()}
 
     start = time.perf_counter()
-    prompt, completion_all = make_batch(tokenizer, master, settings, max_length)
+    prompt, completion_all = make_batch(tokenizer, master, settings, max_length)  # sampled on the CPU: same batch
+    prompt, completion_all = prompt.to(device), completion_all.to(device)
     log(f"# batch ready ({settings.completions} completions, {time.perf_counter() - start:.1f}s)")
 
     rows, timing, diagnostics = [], {}, []
     for length in settings.lengths:
         completion = completion_all[:, :length]
         for mask_kind in settings.masks:
-            mask = completion_mask(mask_kind, settings.batch_size, length, settings.seed)
+            mask = completion_mask(mask_kind, settings.batch_size, length, settings.seed).to(device)
             completion_ids = completion.masked_fill(mask == 0, tokenizer.pad_token_id)
             input_ids = torch.cat([prompt, completion_ids], dim=1)
             attention_mask = torch.cat([torch.ones_like(prompt), mask], dim=1)
             advantages = torch.randn(settings.batch_size, generator=torch.Generator().manual_seed(settings.seed + 3))
+            advantages = advantages.to(device)
 
             grads = gspo_gradients(train_model, train_route, input_ids, attention_mask, mask, advantages)
             load_weights(model64, old_state)
@@ -408,6 +450,7 @@ def measure(settings: Settings, log=print) -> dict:
                     load_weights(models[name], new_state)
                     new = timed_logps(models[name], route, input_ids, attention_mask, length, timing, name, 1)
                     err = ratio_errors(new, old_logps[name], mask, ref_ratio)
+                    flipped = flipped_clip_decisions(new, old_logps[name], mask, ref_ratio)
                     rows.append(
                         Row(
                             length=length,
@@ -419,6 +462,7 @@ def measure(settings: Settings, log=print) -> dict:
                             median_abs_signal=ref_ratio.abs().median().item(),
                             max_abs_signal=ref_ratio.abs().max().item(),
                             max_err_over_eps_low=err.max().item() / PAPER_EPSILON_LOW,
+                            flipped_clip_decisions=int(flipped.sum().item()),
                             errors=err.tolist(),
                         )
                     )
@@ -442,10 +486,17 @@ def timed_logps(model, route, input_ids, attention_mask, length, timing, name, r
     """`route_logps` under no_grad, `repeats` times; the wall times go to timing[(name, length)]."""
     result = None
     for _ in range(max(1, repeats)):
+        synchronize(input_ids.device)
         start = time.perf_counter()
         result = route_logps(model, route, input_ids, attention_mask, length)
+        synchronize(input_ids.device)
         timing.setdefault((name, length), []).append(time.perf_counter() - start)
     return result
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -508,6 +559,74 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(result: dict) -> str:
+    """The one table per route: worst error of log s_i by completion length (over masks and learning rates), the
+    rows that meet eps_low / 10, the clip decisions it flips against float64, the cost per forward and a verdict."""
+    settings = result["settings"]
+    lengths, device = settings["lengths"], settings["device"]
+    timing = result["timing_ms_per_forward"]
+    longest = str(max(lengths))
+    head = ["route", *(f"max err T={n}" for n in lengths), "rows meeting 3e-5", "clip decisions flipped"]
+    head += [f"ms per forward, T={longest} ({device}; x fp32)", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in settings["routes"]:
+        rows = [row for row in result["rows"] if row["route"] == name and row["lr"] > 0]
+        worst = {n: max(row["max_abs_err"] for row in rows if row["length"] == n) for n in lengths}
+        meeting = sum(row["max_abs_err"] < TARGET for row in rows)
+        flipped = sum(row["flipped_clip_decisions"] for row in rows)
+        decisions = len(rows) * settings["batch_size"]
+        cost = f"{timing[name][longest]:.1f}"
+        if "fp32" in timing:
+            cost += f" ({timing[name][longest] / timing['fp32'][longest]:.2f}x)"
+        if ROUTES[name].tf32 and device == "cpu":
+            cost += ", emulated: no cost figure"
+        verdict = "meets eps_low/10 in every row" if meeting == len(rows) else "misses eps_low/10"
+        cells = [name, *(f"{worst[n]:.1e}" for n in lengths), f"{meeting}/{len(rows)}"]
+        cells += [f"{flipped}/{decisions} ({flipped / decisions:.1%})", cost, verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def forward_cost_ms(
+    shape: dict, routes, batch_size: int, length: int, device: str, repeats: int = 3, num_layers: int | None = None
+) -> dict[str, float]:
+    """Median ms of one no-grad fused-head forward per route on a random model of `shape` (a
+    gspo_benchmarks.trainer_ab.SHAPES entry: what a real model's LM head and layers cost), batch x (16 + length)."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        shape["model_type"],
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=num_layers or shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        tie_word_embeddings=shape["tie_word_embeddings"],
+        max_position_embeddings=length + 64,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        master = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    input_ids = torch.randint(0, shape["vocab_size"], (batch_size, 16 + length), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    costs = {}
+    for name in routes:
+        route = ROUTES[name]
+        model = copy.deepcopy(master).to(route.weights_dtype)
+        add_fused_lm_head(
+            model, temperature=1.0, cast_lm_head_to_fp32=route.cast_lm_head_to_fp32, outputs=("log_probs", "entropy")
+        )
+        timing = {}
+        timed_logps(model, route, input_ids, attention_mask, length, {}, name, 1)  # warm-up
+        timed_logps(model, route, input_ids, attention_mask, length, timing, name, repeats)
+        costs[name] = 1e3 * statistics.median(timing[(name, length)])
+        del model
+    return costs
+
+
 def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     defaults = Settings()
     parser = argparse.ArgumentParser(
@@ -533,6 +652,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--completions", choices=["sampled", "random"], default=defaults.completions)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--timing-repeats", type=int, default=defaults.timing_repeats)
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (TF32 is then real, not emulated)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the full result here")
     args = parser.parse_args(argv)
@@ -552,6 +672,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         completions=args.completions,
         seed=args.seed,
         timing_repeats=args.timing_repeats,
+        device=args.device,
     )
     return settings, args
 
@@ -564,6 +685,8 @@ def main(argv=None) -> int:
     entropy = statistics.mean(d["mean_token_entropy"] for d in diag)
     logp = statistics.mean(d["mean_token_logp"] for d in diag)
     print(markdown_table(result))
+    print()
+    print(summary_table(result))
     print()
     print(
         f"mean token entropy {entropy:.2f} nats, mean completion log-prob {logp:.2f}; total {result['total_seconds']:.0f}s"

@@ -26,14 +26,27 @@ def optimizer_steps_per_rollout(args) -> float:
     return args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
 
 
-def start_banner(world_size: int, backend: str, mixed_precision: str, args) -> str:
+def computed_precision(mixed_precision: str, device_type: str) -> str:
+    """What a run computes in, from accelerate's `mixed_precision` ('no', 'bf16', 'fp16') and the device type: fp16
+    on the CPU is float32 ('no'), since accelerate enables fp16 autocast and its GradScaler only on an accelerator
+    (the condition of `Accelerator.native_amp`; trl_gspo.config.fp16_runs_in_float32 is the same from the config)."""
+    return "no" if mixed_precision == "fp16" and device_type == "cpu" else mixed_precision
+
+
+def start_banner(world_size: int, backend: str, mixed_precision: str, args, device_type: str) -> str:
     """One line naming world size, backend, mixed precision and the GSPO settings that matter (see module doc).
 
-    `mixed_precision` is what the run computes in ('no', 'bf16', 'fp16'); when it is half precision while the
-    config says bf16=False and fp16=False, the launch environment set it, and the line says so.
+    `mixed_precision` is accelerate's ('no', 'bf16', 'fp16'); the line names what the run computes in on
+    `device_type` (`computed_precision`). When it is half precision while the config says bf16=False and
+    fp16=False, the launch environment set it, and the line says so.
     """
-    precision = "none (float32)" if mixed_precision == "no" else mixed_precision
-    if mixed_precision != "no" and not (args.bf16 or args.fp16):
+    computed = computed_precision(mixed_precision, device_type)
+    precision = "none (float32)" if computed == "no" else computed
+    if computed != mixed_precision:
+        precision = (
+            "none (float32: fp16 has no effect on the CPU, accelerate runs fp16 autocast only on an accelerator)"
+        )
+    elif mixed_precision != "no" and not (args.bf16 or args.fp16):
         precision += (
             " (from the launch config / ACCELERATE_MIXED_PRECISION: it overrides bf16=False in the config; "
             "pass --mixed_precision no to accelerate launch for float32)"

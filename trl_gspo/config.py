@@ -566,9 +566,11 @@ class GSPOConfig(GRPOConfig):
             warnings.warn(
                 "GSPOConfig: bf16 mixed precision with an off-policy schedule: bf16 log-probs can get the sequence "
                 f"log-ratio wrong by more than the clip band (epsilon={self.epsilon}) after one optimizer step, so "
-                "rounding decides many clips. float32 (bf16=False; with accelerate launch also --mixed_precision "
-                "no) keeps it far inside the band. fp16=True is several times more accurate than bf16 but still "
-                "not inside the band. Measurements: docs/PRECISION.md.",
+                "rounding decides many clips. On a GPU pick float32 with TF32 off (bf16=False, tf32 unset; with "
+                "accelerate launch also --mixed_precision no), the only precision measured inside eps_low/10; "
+                "where that is too slow, fp16=True (the Trainer scales the loss) is several times more accurate "
+                "than bf16 and flips fewer clip decisions, but is still not inside the band, nor is TF32. "
+                "Measurements: docs/PRECISION.md.",
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )
@@ -577,9 +579,9 @@ class GSPOConfig(GRPOConfig):
                 "GSPOConfig: fp16 mixed precision with an off-policy schedule: fp16 log-probs are several times "
                 "more accurate than bf16 but not enough: they can still get the sequence log-ratio wrong by as "
                 f"much as the clip band (epsilon={self.epsilon}), most for short completions, so rounding still "
-                "decides some clips. float32 (fp16=False; "
-                "with accelerate launch also --mixed_precision no) keeps it far inside the band. Measurements: "
-                "docs/PRECISION.md.",
+                "decides some clips. On a GPU, float32 with TF32 off (fp16=False, tf32 unset; with accelerate "
+                "launch also --mixed_precision no) is the only precision measured inside eps_low/10; fp16 is the "
+                "faster second choice, ahead of bf16. Measurements: docs/PRECISION.md.",
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )

@@ -117,7 +117,8 @@ class GSPOTrainer(
         if self.accelerator.is_main_process:
             backend = distributed_backend(self.accelerator)
             world = self.accelerator.num_processes
-            print(start_banner(world, backend, self.accelerator.mixed_precision, self.args), flush=True)
+            precision, device_type = self.accelerator.mixed_precision, self.accelerator.device.type
+            print(start_banner(world, backend, precision, self.args, device_type), flush=True)
 
     def _save_checkpoint(self, model, trial):
         """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly.

@@ -12,6 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 from gspo_examples.tiny import save_tiny_model
 from trl_gspo import GSPOTrainer
 from trl_gspo.banner import distributed_backend, optimizer_steps_per_rollout, start_banner
+from trl_gspo.config import GSPOPrecisionWarning
 from trl_gspo.rollout_buffer import UnsafeCheckpointError, load_rollout_buffer
 
 # --- metric names: everything GRPOTrainer logs for the same configuration ---------------------------------------------
@@ -54,22 +55,24 @@ def test_logs_every_metric_grpo_trainer_logs(tmp_path, extra):
 
 def test_banner_names_world_backend_precision_and_gspo_settings(tmp_path):
     args = small_config(tmp_path, gradient_accumulation_steps=2)  # steps_per_generation 8: 4 steps per rollout
-    line = start_banner(2, "DDP", "no", args)
+    line = start_banner(2, "DDP", "no", args, "cuda")
     assert line.startswith("GSPO run: world size 2, backend DDP, mixed precision none (float32) |")
     assert "importance_sampling_level='sequence'" in line and "clip range [1-0.0003, 1+0.0004]" in line
     assert "4 optimizer steps per rollout (off-policy)" in line
     assert optimizer_steps_per_rollout(args) == 4
     # the launch config's bf16 over a recipe's bf16: false is named as such
-    overridden = start_banner(8, "DeepSpeed ZeRO-3", "bf16", args)
+    overridden = start_banner(8, "DeepSpeed ZeRO-3", "bf16", args, "cuda")
     assert "mixed precision bf16 (from the launch config" in overridden and "bf16=False" in overridden
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         on_policy = small_config(tmp_path, steps_per_generation=1, bf16=True)
-    line = start_banner(1, "single process", "bf16", on_policy)
+    line = start_banner(1, "single process", "bf16", on_policy, "cpu")
     assert "mixed precision bf16 |" in line and "1 optimizer steps per rollout (on-policy" in line
     assert line.endswith("(on-policy: the ratio is 1)")  # no switch on, none named
     switched = small_config(tmp_path, padding_free=True, importance_sampling_level="sequence_token")
-    assert start_banner(1, "single process", "no", switched).endswith("| padding_free, token_advantage_weight=1")
+    assert start_banner(1, "single process", "no", switched, "cpu").endswith(
+        "| padding_free, token_advantage_weight=1"
+    )
 
 
 def test_distributed_backend_names():
@@ -93,6 +96,26 @@ def test_trainer_prints_the_banner_once(make_model, tokenizer, tmp_path, capsys)
     )
     out = capsys.readouterr().out
     assert out.count("GSPO run: world size 1, backend single process, mixed precision none (float32)") == 1
+
+
+def test_banner_names_fp16_on_the_cpu_as_float32(make_model, tokenizer, tmp_path, capsys):
+    """fp16=True on the CPU computes in float32 (accelerate records fp16 but runs no fp16 autocast there): the banner
+    says what the run computes in, not the setting."""
+    with pytest.warns(GSPOPrecisionWarning):
+        args = small_config(tmp_path, fp16=True)
+    trainer = GSPOTrainer(
+        model=make_model(),
+        reward_funcs=completion_length_reward,
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    assert trainer.accelerator.mixed_precision == "fp16" and not trainer.accelerator.native_amp
+    banner = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("GSPO run: "))
+    assert "mixed precision none (float32: fp16 has no effect on the CPU" in banner
+    assert "mixed precision fp16" not in banner
+    # on an accelerator fp16 is what runs, named as such
+    assert "mixed precision fp16 |" in start_banner(1, "single process", "fp16", args, "cuda")
 
 
 # --- rollout buffer: weights_only loading ----------------------------------------------------------------------------

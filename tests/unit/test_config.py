@@ -172,7 +172,9 @@ def test_half_precision_off_policy_warns(tmp_path):
     # bf16 is told it misses the band, and pointed to float32 first (fp16 helps but does not get there)
     (message,) = [str(w.message) for w in caught if w.category is GSPOPrecisionWarning]
     assert "bf16 log-probs can get the sequence log-ratio wrong by more than the clip band" in message
-    assert "bf16=False" in message and "fp16=True is several times more accurate" in message
+    assert "On a GPU pick float32 with TF32 off (bf16=False" in message
+    assert "fp16=True (the Trainer scales the loss) is several times more accurate" in message
+    assert "still not inside the band, nor is TF32" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error", GSPOPrecisionWarning)
         make(tmp_path, bf16=False)  # float32 log-probs
@@ -305,4 +307,5 @@ def test_fp16_warning_depends_on_the_device(tmp_path, monkeypatch):
         )
     (message,) = [str(w.message) for w in caught if w.category is GSPOPrecisionWarning]
     assert "rounding still decides some clips" in message and "fp16=False" in message
+    assert "float32 with TF32 off" in message and "fp16 is the faster second choice, ahead of bf16" in message
     assert "has no effect" not in message
