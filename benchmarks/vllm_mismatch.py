@@ -5,9 +5,9 @@
 Runs in .venv-vllm (`make vllm-env`). For each engine dtype a colocated-style vLLM engine (`LLM(...)` with TRL's
 `logprobs_mode="processed_logprobs"`) serves a tiny random float32 qwen3 (hidden 128, 2 heads of 64, 2 layers:
 vLLM's CPU attention needs head_dim 64). It samples `--group` completions for each of `--prompts` prompts at
-temperature 1 with exactly L tokens (`ignore_eos`, `max_tokens` = L; eos may be sampled) and returns each sampled token's
-log-prob; the trainer's side is one float32 transformers forward of the same tokens, as GRPOTrainer's pi_old pass
-computes it. Per (dtype, L), over the sampled tokens / sequences:
+temperature 1 with exactly L tokens (`ignore_eos`, `max_tokens` = L; eos may be sampled) and returns each sampled
+token's log-prob; the trainer's side is one float32 transformers forward of the same tokens, as GRPOTrainer's pi_old
+pass computes it. Per (dtype, L), over the sampled tokens / sequences:
 
 - token |d|: d_t = log p_trainer - log p_engine, mean and max of |d_t| (TRL logs these as
   `sampling/sampling_logp_difference/*`).
