@@ -147,7 +147,7 @@ def measure_dtype(model_dir: str, dtype: str, lengths, prompt_count: int, group:
             seed=seed,
             gpu_memory_utilization=0.1,  # on a CPU: the share of RAM reserved (KV cache); the tiny model needs little
         )
-    except Exception as error:  # noqa: BLE001 - the engine's reason goes into the table
+    except Exception as error:  # a dtype the engine cannot serve: its reason goes into the table
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
     try:
         engine_start = time.perf_counter() - started
