@@ -133,7 +133,10 @@ class GSPOConfig(GRPOConfig):
         vllm_importance_sampling_length_normalized (`bool`, defaults to `True`):
             With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
-            all tokens, which collapses long sequences.
+            all tokens, which collapses long sequences. `sampling/importance_sampling_ratio/*` then log these
+            weights. With TRL's default `vllm_importance_sampling_clip_max=3`, `"sequence_mask"` drops only
+            sequences whose mean per-token log-ratio exceeds ln 3 (1.1): precision mismatch stays orders of
+            magnitude below (docs/VLLM.md), so it guards against gross disagreement and changes nothing else.
         log_routing_drift (`bool`, defaults to `True`):
             MoE models: log `moe/routing_drift/token_layer` and `moe/routing_drift/token_any_layer` (see
             docs/MOE.md). Ignored by dense models and when no pi_old pass runs (on-policy schedule).
@@ -208,7 +211,9 @@ class GSPOConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "With vLLM and a 'sequence_*' vllm_importance_sampling_mode, use the geometric mean of the token "
-            "ratios (GSPO's form) instead of their product."
+            "ratios (GSPO's form) instead of their product; sampling/importance_sampling_ratio/* log these weights. "
+            "At TRL's default cap (vllm_importance_sampling_clip_max=3) 'sequence_mask' then drops only sequences "
+            "whose mean per-token log-ratio exceeds ln 3, far beyond precision mismatch (docs/VLLM.md)."
         },
     )
 

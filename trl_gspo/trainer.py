@@ -1,8 +1,9 @@
 """GSPOTrainer: TRL's GRPOTrainer with GSPO's sequence-level importance ratio and clipping.
 
 The core (this module) is what is GSPO: construction (a GRPOConfig is upgraded to a GSPOConfig), `_compute_loss`
-(the algorithm, top to bottom), the checkpoint hooks that make a resume inside a rollout exact, and the metric
-reduction. With `importance_sampling_level="token"` `_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
+(the algorithm, top to bottom), the length-normalised vLLM importance weights of a rollout, the checkpoint hooks that
+make a resume inside a rollout exact, and the metric reduction. With `importance_sampling_level="token"`
+`_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
 
 What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
@@ -32,6 +33,7 @@ an override placed below it is not reached.
 from __future__ import annotations
 
 import inspect
+import math
 import textwrap
 from pathlib import Path
 
@@ -144,6 +146,46 @@ class GSPOTrainer(
             self._buffered_inputs = load_rollout_buffer(path, self.accelerator.device)
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
 
+    def _generate_and_score_completions(self, inputs):
+        """TRL's rollout; length-normalised engine weights where they apply (`_length_normalize_engine_weights`)."""
+        output = super()._generate_and_score_completions(inputs)
+        if (
+            self.importance_sampling_level != "token"  # TRL's own loss: its product-form weights
+            and self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and self.vllm_importance_sampling_mode.startswith("sequence")
+            and getattr(self.args, "vllm_importance_sampling_length_normalized", False)
+        ):
+            self._length_normalize_engine_weights(output)
+        return output
+
+    def _length_normalize_engine_weights(self, output: dict) -> None:
+        """Replace TRL's product-form `importance_sampling_ratio` of a rollout (vLLM importance correction, a
+        "sequence_*" mode) with `length_normalized_is_weight` from TRL's pi_old and the engine's log-probs: the
+        weights the loss applies. The `sampling/importance_sampling_ratio/{min,mean,max}` TRL logged for the rollout
+        are replaced too, by those of these weights over the non-empty sequences of all processes."""
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        weights = length_normalized_is_weight(
+            output["old_per_token_logps"],
+            output["sampling_per_token_logps"],
+            mask,
+            self.vllm_importance_sampling_mode,
+            self.vllm_importance_sampling_clip_min,
+            self.vllm_importance_sampling_clip_max,
+            self.args.log_ratio_bound,
+        )
+        output["importance_sampling_ratio"] = weights.unsqueeze(1)
+        in_loss = self.accelerator.gather(weights.masked_fill(mask.sum(-1) == 0, math.nan))
+        in_loss = in_loss[~torch.isnan(in_loss)]
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, reduce in (("min", torch.min), ("mean", torch.mean), ("max", torch.max)):
+            values = metrics[f"sampling/importance_sampling_ratio/{name}"]
+            values.pop()  # TRL's product-form value for this rollout
+            if in_loss.numel():
+                values.append(reduce(in_loss).item())
+
     def _compute_loss(self, model, inputs):
         """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.
 
@@ -187,23 +229,12 @@ class GSPOTrainer(
             else:  # per-token advantages (GSPO-token) give a per-token keep mask
                 token_weights.append(keep)
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            sequence_mode = self.vllm_importance_sampling_mode.startswith("sequence")
-            if sequence_mode and args.vllm_importance_sampling_length_normalized:
-                sequence_weights.append(
-                    length_normalized_is_weight(
-                        old_per_token_logps,
-                        inputs["sampling_per_token_logps"],
-                        mask,
-                        self.vllm_importance_sampling_mode,
-                        self.vllm_importance_sampling_clip_min,
-                        self.vllm_importance_sampling_clip_max,
-                        args.log_ratio_bound,
-                    )
-                )
-            elif sequence_mode:
-                sequence_weights.append(inputs["importance_sampling_ratio"].squeeze(1))
+            # (B, 1) per sequence (length-normalised by default: _generate_and_score_completions), (B, T) per token
+            weight = inputs["importance_sampling_ratio"]
+            if weight.size(1) == 1:
+                sequence_weights.append(weight.squeeze(1))
             else:
-                token_weights.append(inputs["importance_sampling_ratio"])
+                token_weights.append(weight)
         entropy_mask = None
         if self.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)

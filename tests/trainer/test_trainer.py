@@ -230,24 +230,62 @@ def test_off_policy_sequence_mask(trainer):
     assert math.isclose(compute_loss(trainer, inputs).item(), expected, rel_tol=1e-5)
 
 
+def as_rollout_with_engine_logps(trainer, inputs, sampling, mode="sequence_truncate", clip=(None, 3.0)):
+    """`inputs` as TRL's rollout leaves them with vLLM's importance correction: the engine's log-probs, TRL's
+    product-form sequence weight and the rollout's `sampling/importance_sampling_ratio/*` metrics. Returns TRL's
+    weights (B,)."""
+    mask = inputs["completion_mask"].double()
+    product = torch.exp(((inputs["old_per_token_logps"] - sampling).double() * mask).sum(-1)).clamp(*clip).float()
+    inputs["sampling_per_token_logps"] = sampling
+    inputs["importance_sampling_ratio"] = product.unsqueeze(1)
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    trainer.vllm_importance_sampling_mode = mode
+    trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = clip
+    for name, value in (("min", product.min()), ("mean", product.mean()), ("max", product.max())):
+        trainer._metrics["train"][f"sampling/importance_sampling_ratio/{name}"].append(value.item())
+    return product
+
+
 @pytest.mark.parametrize("length_normalized", [True, False])
 def test_vllm_importance_correction(trainer, length_normalized):
     inputs, logps, _ = synthetic_inputs(trainer)
     g = torch.Generator().manual_seed(5)
     sampling = inputs["old_per_token_logps"] + 0.3 * torch.randn(logps.shape, generator=g)
     mask = inputs["completion_mask"].double()
-    diff = (inputs["old_per_token_logps"] - sampling).double() * mask
-    inputs["sampling_per_token_logps"] = sampling
-    inputs["importance_sampling_ratio"] = torch.exp(diff.sum(-1, keepdim=True)).clamp(max=3.0).float()  # TRL's
-    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
-    trainer.vllm_importance_sampling_mode = "sequence_truncate"
+    product = as_rollout_with_engine_logps(trainer, inputs, sampling)
     trainer.args.vllm_importance_sampling_length_normalized = length_normalized
     if length_normalized:
+        trainer.model.train()
+        trainer._length_normalize_engine_weights(inputs)  # what the rollout does then
+        diff = (inputs["old_per_token_logps"] - sampling).double() * mask
         weights = torch.exp(diff.sum(-1) / mask.sum(-1)).clamp(max=3.0)
     else:
-        weights = inputs["importance_sampling_ratio"].squeeze(1).double()
+        weights = product.double()
     expected = reference_for(trainer, inputs, logps, seq_weights=weights)
     assert math.isclose(compute_loss(trainer, inputs).item(), expected, rel_tol=1e-5)
+    # the rollout's logged weights are those the loss applied, not TRL's product form
+    logged = [
+        trainer._metrics["train"][f"sampling/importance_sampling_ratio/{name}"] for name in ("min", "mean", "max")
+    ]
+    assert all(len(values) == 1 for values in logged)
+    for values, expected_value in zip(logged, (weights.min(), weights.mean(), weights.max())):
+        assert math.isclose(values[0], expected_value.item(), rel_tol=1e-6)
+    if length_normalized:
+        assert not torch.allclose(weights, product.double(), rtol=1e-3)  # the two forms differ on this batch
+
+
+def test_length_normalized_engine_weights_leave_empty_sequences_out_of_the_metrics(trainer):
+    inputs, logps, _ = synthetic_inputs(trainer)
+    inputs["completion_mask"][3] = 0  # no completion token: weight exp(0) = 1, not in the loss
+    sampling = inputs["old_per_token_logps"] + 0.3
+    as_rollout_with_engine_logps(trainer, inputs, sampling, mode="sequence_mask", clip=(0.5, 3.0))
+    trainer.model.train()
+    trainer._length_normalize_engine_weights(inputs)
+    assert inputs["importance_sampling_ratio"].flatten().tolist() == pytest.approx([math.exp(-0.3)] * 3 + [1.0])
+    for name in ("min", "mean", "max"):
+        assert trainer._metrics["train"][f"sampling/importance_sampling_ratio/{name}"] == pytest.approx(
+            [math.exp(-0.3)]
+        )
 
 
 def test_entropy_mask_under_gspo_token(make_model, tokenizer, tmp_path):
@@ -444,11 +482,10 @@ def test_clip_metrics_count_what_is_in_the_loss(make_model, tokenizer, tmp_path,
     else:
         sampling = old.clone()
         sampling[3] -= 1.0  # engine weight e^1, outside [0.5, 2]: masked to 0
-        inputs["sampling_per_token_logps"] = sampling
-        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
-        trainer.vllm_importance_sampling_mode = "sequence_mask"
-        trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = 0.5, 2.0
+        as_rollout_with_engine_logps(trainer, inputs, sampling, mode="sequence_mask", clip=(0.5, 2.0))
         trainer.args.vllm_importance_sampling_length_normalized = True
+        trainer.model.train()
+        trainer._length_normalize_engine_weights(inputs)
         is_weight = torch.exp(((old - sampling).double() * mask).sum(-1) / mask.sum(-1))
         weights = torch.where((is_weight < 0.5) | (is_weight > 2.0), 0.0, is_weight)
     assert weights[3] == 0 and (weights[:3] != 0).all(), "the case must drop exactly the clipped sequence 3"
