@@ -26,7 +26,9 @@ MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonf
 # GSPOConfig.vllm_dtype values: "auto" is vLLM's own choice (TRL's colocate mode passes none)
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-# generation_kwargs that change the sampling distribution before SampledTokenLogProbs sees it
+# generation_kwargs that change the sampling distribution the rollout log-probs describe: transformers' generate
+# (before SampledTokenLogProbs sees it) and vLLM's SamplingParams (min_tokens masks eos out of vLLM's processed
+# log-probs: 1.3e-2 per token against a float32 trainer, docs/VLLM.md)
 DISTRIBUTION_CHANGING_KWARGS = (
     "repetition_penalty",
     "encoder_repetition_penalty",
@@ -42,6 +44,13 @@ DISTRIBUTION_CHANGING_KWARGS = (
     "exponential_decay_length_penalty",
     "guidance_scale",
     "temperature",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "logits_processors",
 )
 # generation_kwargs that truncate the distribution (after the record with transformers; inside vLLM's log-probs)
 TRUNCATING_KWARGS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")

@@ -157,6 +157,17 @@ def test_vllm_refusals(tmp_path):
         GSPOConfig(**common, vllm_importance_sampling_correction=False, top_p=0.9)
 
 
+@pytest.mark.parametrize("sampling", [{"min_tokens": 8}, {"presence_penalty": 0.5}, {"logit_bias": {3: 1.0}}])
+def test_vllm_sampling_params_that_change_the_distribution_are_refused(tmp_path, sampling):
+    """vLLM's SamplingParams reach the engine through generation_kwargs; min_tokens masks eos out of the processed
+    log-probs, so they describe another distribution than the trainer's."""
+    from trl_gspo import GSPOConfig
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, use_vllm=True, use_rollout_logprobs=True)
+    with pytest.raises(ValueError, match=rf"{next(iter(sampling))}.*change the sampling distribution"):
+        GSPOConfig(**common, vllm_importance_sampling_correction=False, generation_kwargs=sampling)
+
+
 def rollout_trainer(make_model, tokenizer, tmp_path, rollout_func):
     return GSPOTrainer(
         model=make_model("qwen3", max_position_embeddings=1024),
