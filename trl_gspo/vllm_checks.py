@@ -52,21 +52,22 @@ def wait_for_server(base_url: str, timeout: float) -> None:
 
     deadline = time.monotonic() + timeout
     while True:
-        left = deadline - time.monotonic()
         try:
-            if requests.get(f"{base_url}/health", timeout=max(min(left, 10.0), 0.1)).status_code == 200:
+            left = deadline - time.monotonic()
+            if requests.get(f"{base_url}/health", timeout=min(max(left, 0.1), 10.0)).status_code == 200:
                 return
             problem = "it answers /health with an error"
         except requests.RequestException as error:
-            problem = f"{type(error).__name__}"
-        if time.monotonic() + POLL_INTERVAL_S >= deadline:
+            problem = type(error).__name__
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise ConnectionError(
                 f"vllm_mode='server': no vLLM server answered at {base_url} ({server_address(base_url)}) within "
                 f"vllm_server_timeout={timeout} s (last try: {problem}). Start it first (`trl vllm-serve --model "
                 "<model> --port <port>`), check vllm_server_base_url / vllm_server_host / vllm_server_port, or raise "
                 "vllm_server_timeout while it loads."
             )
-        time.sleep(POLL_INTERVAL_S)
+        time.sleep(min(POLL_INTERVAL_S, left))
 
 
 def server_logprobs_mode(base_url: str) -> str:
