@@ -20,6 +20,7 @@ GRPOTrainer too; the class statement below is the order in which they wrap GRPOT
     TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
     RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
     VLLMColocateCPUMixin     trl_gspo/vllm_cpu.py         vLLM engine dtype, weight sync on a CPU engine
+    VLLMChecksMixin          trl_gspo/vllm_checks.py      vLLM set-up errors: server sync/reach/log-probs, engine
 
 Order matters where two mixins wrap the same pass. The rollout log-probs must answer the pi_old pass before the
 padding-free mixin runs a forward for it (tests/trainer/test_mixins.py shows the swapped order running it), and so must the
@@ -27,7 +28,8 @@ aligned mixin's skipped TRL pi_old pass. The MoE mixin is outermost so that it r
 computed (the aligned one, per micro-batch) and disarms at the first pass on the policy model whoever answers it
 (otherwise it could record the PEFT reference pass); its hooks are off whenever padding-free or rollout log-probs are
 on, since the routing record needs an unpacked forward. The padding-free mixin ends the log-prob chain when it is on:
-an override placed below it is not reached.
+an override placed below it is not reached. The vLLM checks sit inside the CPU mixin, so that use_vllm=True without
+vLLM is refused first, and their engine-error wrapper sees the engine dtype the CPU mixin passes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import RolloutLogprobsMixin
 from .token_rewards import TokenRewardsMixin
 from .trl_api import check_trl_private_api, check_trl_private_attributes
+from .vllm_checks import VLLMChecksMixin
 from .vllm_cpu import VLLMColocateCPUMixin
 
 logger = logging.get_logger(__name__)
@@ -75,6 +78,7 @@ class GSPOTrainer(
     TokenRewardsMixin,
     RolloutDiagnosticsMixin,
     VLLMColocateCPUMixin,
+    VLLMChecksMixin,
     GRPOTrainer,
 ):
     """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.

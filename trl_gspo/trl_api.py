@@ -85,6 +85,7 @@ TRL_PRIVATE_ATTRIBUTES = {
     "diagnostics": ("reward_weights", "_metrics"),
     "aligned pi_old": ("_buffered_inputs", "use_vllm", "vllm_importance_sampling_correction", "aux_loss_enabled"),
     "vLLM on CPU": ("use_vllm", "vllm_mode"),  # and, with use_vllm: vllm_generation
+    "vLLM checks": ("use_vllm", "vllm_mode"),  # and, in colocate mode: vllm_generation
 }
 
 

@@ -40,7 +40,7 @@ SKIPPED = [
         "runs the full demo to redraw docs/demo_training_curves.png (demo: tests/e2e/test_demo.py)",
     ),
     (r"--config recipes/qwen", "needs GPUs and a hub model (Qwen/...) and hub data; no GPU or hub here"),
-    (r"^trl vllm-serve ", "starts a vLLM server: needs GPUs, vLLM and a hub model"),
+    (r"^(\w+=\S+ )*trl vllm-serve ", "starts a vLLM server: needs GPUs, vLLM and a hub model"),
 ]
 # (pattern, arguments appended to cut the command down to seconds)
 CUT_DOWN = [

@@ -35,11 +35,20 @@ RECIPES = ROOT / "recipes"
 ACCELERATE_CONFIGS = RECIPES / "accelerate_configs"
 README = RECIPES / "README.md"
 FULL_RECIPE = RECIPES / "qwen2.5-1.5b" / "gsm8k" / "gspo_full.yaml"
+# the vLLM forms of a recipe -> (vllm_mode, the recipe they are the vLLM form of)
+VLLM_RECIPES = {
+    "qwen2.5-1.5b/gsm8k/gspo_full_vllm_colocate.yaml": ("colocate", "qwen2.5-1.5b/gsm8k/gspo_full.yaml"),
+    "qwen2.5-1.5b/gsm8k/gspo_full_vllm_server.yaml": ("server", "qwen2.5-1.5b/gsm8k/gspo_full.yaml"),
+    "qwen3-30b-a3b/dapo_math/gspo_zero3_vllm_colocate.yaml": ("colocate", "qwen3-30b-a3b/dapo_math/gspo_zero3.yaml"),
+    "qwen3-30b-a3b/dapo_math/gspo_zero3_vllm_server.yaml": ("server", "qwen3-30b-a3b/dapo_math/gspo_zero3.yaml"),
+}
 EXPECTED_RECIPES = (
     "qwen2.5-1.5b/gsm8k/gspo_full.yaml",
     "qwen2.5-1.5b/gsm8k/gspo_lora.yaml",
     "qwen3-30b-a3b/dapo_math/gspo_zero3.yaml",
+    *VLLM_RECIPES,
 )
+GPUS_PER_NODE = 8
 EXPECTED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp2")
 DEEPSPEED_EXPECTED = {  # name -> (zero stage, optimizer offload device, parameter offload device)
     "zero2": (2, "none", "none"),
@@ -180,6 +189,75 @@ def test_unknown_recipe_key_is_a_clear_error(tmp_path):
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("name", sorted(VLLM_RECIPES))
+def test_vllm_recipe_is_its_base_recipe_generating_with_vllm(name, tmp_path):
+    """Only the generation engine (and the run folder) differs from the base recipe; the forms parse as vLLM runs."""
+    mode, base = VLLM_RECIPES[name]
+    recipe, base_recipe = (yaml.safe_load((RECIPES / path).read_text()) for path in (name, base))
+    differing = {key for key in recipe.keys() | base_recipe.keys() if recipe.get(key) != base_recipe.get(key)}
+    assert {key for key in differing if not key.startswith("vllm_")} == {"use_vllm", "output_dir"}
+    _, args, _ = parse_recipe(RECIPES / name, tmp_path)
+    assert args.use_vllm and args.vllm_mode == mode
+    assert args.vllm_importance_sampling_mode.startswith("sequence")  # GSPO refuses the token modes
+
+
+def shell_commands(text: str, program: str) -> list[list[str]]:
+    """Every `program ...` command in `text` (shell lines or `#` comment lines, `\\` continuations joined), as argv
+    with a leading VAR=value environment first: ["VAR=value", ..., program, arguments...]."""
+    text = re.sub(r"\\\n\s*#?\s*", " ", text)
+    pattern = re.compile(rf"^[#`$\s]*((?:\w+=\S+\s+)*){re.escape(program)}\s+(.*)$")
+    commands = []
+    for line in text.splitlines():
+        if match := pattern.match(line):
+            commands.append(
+                [*match.group(1).split(), program, *shlex.split(match.group(2).split("`")[0], comments=True)]
+            )
+    return commands
+
+
+def visible_gpus(command: list[str]) -> set[int]:
+    for word in command:
+        if word.startswith("CUDA_VISIBLE_DEVICES="):
+            return {int(gpu) for gpu in word.split("=", 1)[1].split(",")}
+    return set(range(GPUS_PER_NODE))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (mode, _) in VLLM_RECIPES.items() if mode == "server"))
+def test_server_recipe_commands_fit_the_recipe(name, tmp_path):
+    """The header's `trl vllm-serve` and `accelerate launch` commands parse, serve the recipe's model on the port it
+    connects to with room for its completions, and split a node's GPUs without sharing one."""
+    from accelerate.commands.launch import launch_command_parser
+    from trl.scripts.vllm_serve import make_parser
+
+    text = (RECIPES / name).read_text()
+    _, args, model_args = parse_recipe(RECIPES / name, tmp_path)
+    [serve] = shell_commands(text, "trl vllm-serve")
+    [launch] = shell_commands(text, "accelerate launch")
+
+    server_args, extra = make_parser().parse_args_and_config(
+        serve[serve.index("trl vllm-serve") + 1 :], return_remaining_strings=True
+    )
+    assert not extra, f"{name}: trl vllm-serve does not take {extra}"
+    assert server_args.model == model_args.model_name_or_path
+    assert server_args.port == int(args.vllm_server_base_url.rsplit(":", 1)[1])
+    assert server_args.max_model_len >= args.max_completion_length + 512  # and the prompt
+    server_gpus = server_args.tensor_parallel_size * server_args.data_parallel_size
+
+    after_launch = launch[launch.index("accelerate launch") + 1 :]
+    launch_args = launch_command_parser().parse_args([w for w in after_launch if "<" not in w])
+    assert launch_args.training_script == "scripts/train_gspo.py"
+    assert launch_args.training_script_args[:2] == ["--config", f"recipes/{name}"]
+    trainers = launch_args.num_processes or GPUS_PER_NODE
+    trainer_gpus, serve_gpus = visible_gpus(launch), visible_gpus(serve)
+    assert len(trainer_gpus) == trainers and len(serve_gpus) == server_gpus
+    if serve_gpus != set(range(GPUS_PER_NODE)) or trainer_gpus != set(range(GPUS_PER_NODE)):  # one node
+        assert not trainer_gpus & serve_gpus and len(trainer_gpus | serve_gpus) <= GPUS_PER_NODE
+    # every rollout and every optimizer step holds whole groups of completions
+    step = trainers * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    assert step % args.num_generations == 0
+    assert trainers * args.per_device_train_batch_size * args.steps_per_generation % args.num_generations == 0
 
 
 # --- recipes/README.md -----------------------------------------------------------------------------------------------

@@ -14,13 +14,14 @@ from trl_gspo.moe import MoERoutingMixin
 from trl_gspo.packing import PaddingFreeMixin
 from trl_gspo.rollout_logprobs import RolloutLogprobsMixin
 from trl_gspo.token_rewards import TokenRewardsMixin
+from trl_gspo.vllm_checks import VLLMChecksMixin
 from trl_gspo.vllm_cpu import VLLMColocateCPUMixin
 
 BATCH = dict(SMALL_RUN, max_steps=3)
 
 
 def test_gspo_trainer_wraps_grpo_trainer_in_the_documented_order():
-    assert GSPOTrainer.__mro__[1:9] == (
+    assert GSPOTrainer.__mro__[1:10] == (
         MoERoutingMixin,
         AlignedPiOldMixin,
         RolloutLogprobsMixin,
@@ -28,6 +29,7 @@ def test_gspo_trainer_wraps_grpo_trainer_in_the_documented_order():
         TokenRewardsMixin,
         RolloutDiagnosticsMixin,
         VLLMColocateCPUMixin,
+        VLLMChecksMixin,
         GRPOTrainer,
     )
 
