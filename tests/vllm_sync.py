@@ -9,11 +9,16 @@ two. It can also break the sync on purpose, to show that the check catches a bro
   the weights of one optimizer step ago.
 """
 
+import os
 from contextlib import nullcontext
 
 import torch
 from transformers import TrainerCallback
 from vllm import SamplingParams
+
+# Without it a CPU engine reserves vllm_gpu_memory_utilization (TRL: 0.3) of the machine's memory for its KV cache:
+# 7.4 GB peak RSS per engine on a 24 GB machine, against 1.9 GB with 1 GiB (the tiny model needs far less)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 SYNC_FAULTS = ("skip", "early")
 FLOAT32_TOLERANCE = 1e-5  # engine and trainer in float32: the same weights agree to rounding (seen: below 1e-6)

@@ -21,18 +21,9 @@ from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: E402
 from vllm_sync import FLOAT32_TOLERANCE, SYNC_FAULTS, SyncRecorder, engine_logprobs, fixed_sequence, max_gap  # noqa: E402
 
-from gspo_examples.tiny import save_tiny_model  # noqa: E402
 from trl_gspo import GSPOTrainer  # noqa: E402
 
 ENGINE_DEADLINE_S = 120  # engine start about 15 s on 2 shared cores, plus a few steps
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    # vLLM's CPU attention needs head_dim 64 (it refuses 16): hidden 128 with 2 heads. Qwen3, not Qwen2: a qwen2
-    # folder reloads the character tokenizer as the byte-level Qwen2Tokenizer (examples/tiny.py)
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    return save_tiny_model(path, model_type="qwen3", hidden_size=128, num_heads=2, num_layers=2)
 
 
 @contextmanager
@@ -119,9 +110,9 @@ def logged(trainer, name):
     return [entry[name] for entry in trainer.state.log_history if name in entry]
 
 
-def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(tiny_model_dir, tmp_path):
+def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(vllm_model_dir, tmp_path):
     overrides = dict(max_steps=4, use_rollout_logprobs=True, rollout_logprobs_check_interval=2)
-    with colocated_trainer(tiny_model_dir, tmp_path, **overrides) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, **overrides) as trainer:
         sequence = fixed_sequence(trainer)
         assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.float32
         assert max_gap(trainer, sequence) < FLOAT32_TOLERANCE  # the engine loaded the checkpoint
@@ -157,9 +148,9 @@ def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(tiny_model_d
             VLLMGeneration.sync_weights(trainer.vllm_generation)
 
 
-def test_bfloat16_engine_mismatch_is_what_rollout_logprobs_report(tiny_model_dir, tmp_path):
+def test_bfloat16_engine_mismatch_is_what_rollout_logprobs_report(vllm_model_dir, tmp_path):
     overrides = dict(vllm_dtype="auto", use_rollout_logprobs=True, rollout_logprobs_check_interval=1)
-    with colocated_trainer(tiny_model_dir, tmp_path, **overrides) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, **overrides) as trainer:
         # TRL's colocate mode passes no dtype: vLLM serves the float32 checkpoint in bfloat16 on a CPU
         assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.bfloat16
         sequence = fixed_sequence(trainer)
@@ -172,9 +163,9 @@ def test_bfloat16_engine_mismatch_is_what_rollout_logprobs_report(tiny_model_dir
 
 
 @pytest.mark.parametrize("fault", SYNC_FAULTS)
-def test_sync_check_fails_on_a_skipped_or_early_sync(tiny_model_dir, tmp_path, fault):
+def test_sync_check_fails_on_a_skipped_or_early_sync(vllm_model_dir, tmp_path, fault):
     """The check of the tests above and of the 2-process ones, against a sync broken on purpose (vllm_sync.py)."""
-    with colocated_trainer(tiny_model_dir, tmp_path, max_steps=4) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, max_steps=4) as trainer:
         syncs = SyncRecorder(trainer, fault=fault)
         trainer.train()  # rollouts at steps 0 and 2
         assert len(syncs.gaps) == 2
@@ -183,14 +174,14 @@ def test_sync_check_fails_on_a_skipped_or_early_sync(tiny_model_dir, tmp_path, f
         assert syncs.gaps[1] > 100 * FLOAT32_TOLERANCE
 
 
-def test_lora_sync_merges_the_adapter_into_the_engine(tiny_model_dir, tmp_path):
+def test_lora_sync_merges_the_adapter_into_the_engine(vllm_model_dir, tmp_path):
     """TRL's sync merges the adapter, hands the merged weights (under their base names) to the engine and unmerges.
     Only the adapter trains, so the trainer moving away from the base model while the engine keeps up shows the
     merge; the base weights being unchanged afterwards shows the unmerge."""
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    with colocated_trainer(tiny_model_dir, tmp_path, peft_config=lora, max_steps=4) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, peft_config=lora, max_steps=4) as trainer:
         base_weight = trainer.model.get_parameter("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
         base_before = base_weight.detach().clone()
         syncs = SyncRecorder(trainer)
