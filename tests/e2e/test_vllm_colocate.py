@@ -21,6 +21,7 @@ from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: E402
 from vllm_sync import FLOAT32_TOLERANCE, SYNC_FAULTS, SyncRecorder, engine_logprobs, fixed_sequence, max_gap  # noqa: E402
 
+from gspo_examples.tiny import save_tiny_model  # noqa: E402
 from trl_gspo import GSPOTrainer  # noqa: E402
 
 ENGINE_DEADLINE_S = 120  # engine start about 15 s on 2 shared cores, plus a few steps
@@ -190,3 +191,14 @@ def test_lora_sync_merges_the_adapter_into_the_engine(vllm_model_dir, tmp_path):
         assert len(syncs.gaps) == 2 and max(syncs.gaps) < FLOAT32_TOLERANCE
         assert syncs.trainer_moved() > 100 * FLOAT32_TOLERANCE
         torch.testing.assert_close(base_weight.detach(), base_before, rtol=0, atol=1e-6)
+
+
+def test_moe_model_refused_on_a_cpu_engine(tmp_path):
+    """vLLM's CPU engine serves a tiny Qwen3-MoE (4 experts, top-2): it starts and generates, and at load its
+    log-probs equal the trainer's. But its weight reload leaves the CPU MoE kernel's packed expert weights in the
+    checkpoint layout: after a sync, even of unchanged weights, the token gap was 0.18 (measured with
+    benchmarks/vllm_cpu_sync_repro.py). GSPOTrainer refuses the combination at construction, naming why."""
+    model_dir = save_tiny_model(tmp_path / "moe", model_type="qwen3_moe", hidden_size=128, num_heads=2, num_layers=2)
+    with pytest.raises(ValueError, match=r"use_vllm=True .* mixture-of-experts .* wrong log-probs"):
+        with colocated_trainer(model_dir, tmp_path):
+            pass
