@@ -196,8 +196,8 @@ def test_lora_sync_merges_the_adapter_into_the_engine(vllm_model_dir, tmp_path):
 def test_moe_model_refused_on_a_cpu_engine(tmp_path):
     """vLLM's CPU engine serves a tiny Qwen3-MoE (4 experts, top-2): it starts and generates, and at load its
     log-probs equal the trainer's. But its weight reload leaves the CPU MoE kernel's packed expert weights in the
-    checkpoint layout: after a sync, even of unchanged weights, the token gap was 0.18 (measured with
-    benchmarks/vllm_cpu_sync_repro.py). GSPOTrainer refuses the combination at construction, naming why."""
+    checkpoint layout: after a reload of unchanged weights the token gap was 0.18 (this model) and 0.05
+    (`python benchmarks/vllm_cpu_sync_repro.py --moe`). GSPOTrainer refuses the combination at construction, naming why."""
     model_dir = save_tiny_model(tmp_path / "moe", model_type="qwen3_moe", hidden_size=128, num_heads=2, num_layers=2)
     with pytest.raises(ValueError, match=r"use_vllm=True .* mixture-of-experts .* wrong log-probs"):
         with colocated_trainer(model_dir, tmp_path):
