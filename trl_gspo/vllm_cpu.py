@@ -60,6 +60,13 @@ def repack_tied_weights(engine_model: torch.nn.Module) -> None:
                 module.quant_method.process_weights_after_loading(module)
 
 
+def engine_moe_layers(engine_model: torch.nn.Module) -> list[str]:
+    """Names of the engine model's routed-expert (fused MoE) layers."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return [name for name, module in engine_model.named_modules() if isinstance(module, RoutedExperts)]
+
+
 @contextmanager
 def engine_dtype(dtype: str):
     """Within the block, TRL's colocate mode builds its `LLM` with `dtype` ("auto": unchanged, TRL's behaviour)."""
@@ -94,4 +101,16 @@ class VLLMColocateCPUMixin:
         # vLLM refuses sleep mode on a CPU ("Sleep mode is not supported on current platform"), so the CPU sync
         # never has sleeping weights to wake
         if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu(self.vllm_generation.llm):
+            runner = self.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
+            moe_layers = engine_moe_layers(runner.get_model())
+            if moe_layers:
+                del self.vllm_generation.llm  # unusable: free the engine before refusing
+                raise ValueError(
+                    "use_vllm=True with vllm_mode='colocate' on a CPU engine cannot sync a mixture-of-experts model "
+                    f"({len(moe_layers)} expert layers, e.g. {moe_layers[0]}): vLLM's CPU MoE kernel computes from "
+                    "a packed copy of the expert weights made at load, and its weight reload (the only sync that "
+                    "works on a CPU engine) leaves them in the checkpoint layout, so after any sync the engine "
+                    "computes wrong log-probs, even when the weights did not change. Generate with transformers "
+                    "(use_vllm=False) for MoE models on a CPU, or use a GPU engine."
+                )
             self.vllm_generation.sync_weights = functools.partial(reload_engine_weights, self.vllm_generation)

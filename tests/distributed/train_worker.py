@@ -14,6 +14,7 @@ built on CPU (gloo) and then marked MULTI_GPU before the accelerator state is bu
 applied (the test asserts the parameters are DTensor shards).
 """
 
+import importlib
 import json
 import os
 import sys
@@ -43,9 +44,9 @@ def skip_deepspeed_shm_op():
     """DeepSpeed on CPU builds (C++ compile, minutes under load, rebuilt whenever another venv touched the shared
     cache) a shared-memory all-reduce op that only speeds up collectives; without it, it uses torch.distributed."""
     if os.environ.get("DS_ACCELERATOR") == "cpu":
-        import deepspeed.comm.torch
-
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        # the module itself: `deepspeed.comm.torch` as an attribute is PyTorch (deepspeed.comm imports torch)
+        ds_torch_backend = importlib.import_module("deepspeed.comm.torch")
+        ds_torch_backend.build_shm_op = lambda: None
 
 
 def local_numel(param) -> int:

@@ -18,22 +18,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # TRL's colocate m
 import torch  # noqa: E402
 from conftest import completion_length_reward, prompt_dataset, small_config  # noqa: E402
 from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: E402
+from vllm_sync import FLOAT32_TOLERANCE, SYNC_FAULTS, SyncRecorder, engine_logprobs, fixed_sequence, max_gap  # noqa: E402
 
 from gspo_examples.tiny import save_tiny_model  # noqa: E402
 from trl_gspo import GSPOTrainer  # noqa: E402
 
 ENGINE_DEADLINE_S = 120  # engine start about 15 s on 2 shared cores, plus a few steps
-FLOAT32_TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    # vLLM's CPU attention needs head_dim 64 (it refuses 16): hidden 128 with 2 heads. Qwen3, not Qwen2: a qwen2
-    # folder reloads the character tokenizer as the byte-level Qwen2Tokenizer (examples/tiny.py)
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    return save_tiny_model(path, model_type="qwen3", hidden_size=128, num_heads=2, num_layers=2)
 
 
 @contextmanager
@@ -53,7 +44,7 @@ def deadline(seconds):
 
 
 @contextmanager
-def colocated_trainer(model_dir, output_dir, **overrides):
+def colocated_trainer(model_dir, output_dir, peft_config=None, **overrides):
     """A GSPOTrainer generating with a colocated vLLM engine; the engine is shut down on exit, even on failure."""
     values = dict(
         use_vllm=True,
@@ -73,6 +64,7 @@ def colocated_trainer(model_dir, output_dir, **overrides):
                 completion_length_reward,
                 args=small_config(output_dir, **values),
                 train_dataset=prompt_dataset("standard"),
+                peft_config=peft_config,
             )
             yield trainer
     finally:
@@ -81,36 +73,6 @@ def colocated_trainer(model_dir, output_dir, **overrides):
         del trainer
         gc.collect()
         cleanup_dist_env_and_memory()
-
-
-def fixed_sequence(trainer):
-    """A prompt and a completion of the trainer's tokenizer, as token ids."""
-    tokenizer = trainer.processing_class
-    return tokenizer("12+5=", add_special_tokens=False)["input_ids"], tokenizer("17;34+1", add_special_tokens=False)[
-        "input_ids"
-    ]
-
-
-def engine_logprobs(trainer, prompt_ids, completion_ids) -> torch.Tensor:
-    """The engine's log-probs of `completion_ids` after `prompt_ids` (its prompt log-probs, temperature 1)."""
-    ids = prompt_ids + completion_ids
-    params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-    [output] = trainer.vllm_generation.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-    per_position = output.prompt_logprobs[len(prompt_ids) :]
-    return torch.tensor([entry[token].logprob for entry, token in zip(per_position, completion_ids)])
-
-
-def trainer_logprobs(trainer, prompt_ids, completion_ids) -> torch.Tensor:
-    """The training model's log-probs of the same tokens: one plain float32 forward."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        logits = trainer.model(input_ids=ids).logits.float()
-    logps = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], dim=-1)
-    return logps.gather(-1, torch.tensor(completion_ids)[:, None]).squeeze(-1)
-
-
-def max_gap(trainer, sequence) -> float:
-    return (engine_logprobs(trainer, *sequence) - trainer_logprobs(trainer, *sequence)).abs().max().item()
 
 
 class RolloutForwards:
@@ -145,32 +107,18 @@ class RolloutForwards:
             self._paused = False
 
 
-def record_syncs(trainer, sequence, forwards):
-    """The trainer's log-probs of `sequence` at each weight sync, as the engine should hold them after it."""
-    at_sync = []
-    sync = trainer.vllm_generation.sync_weights
-
-    def recording_sync():
-        sync()
-        with forwards.paused():
-            at_sync.append(trainer_logprobs(trainer, *sequence))
-
-    trainer.vllm_generation.sync_weights = recording_sync
-    return at_sync
-
-
 def logged(trainer, name):
     return [entry[name] for entry in trainer.state.log_history if name in entry]
 
 
-def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(tiny_model_dir, tmp_path):
+def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(vllm_model_dir, tmp_path):
     overrides = dict(max_steps=4, use_rollout_logprobs=True, rollout_logprobs_check_interval=2)
-    with colocated_trainer(tiny_model_dir, tmp_path, **overrides) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, **overrides) as trainer:
         sequence = fixed_sequence(trainer)
         assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.float32
         assert max_gap(trainer, sequence) < FLOAT32_TOLERANCE  # the engine loaded the checkpoint
         forwards = RolloutForwards(trainer)
-        at_sync = record_syncs(trainer, sequence, forwards)
+        syncs = SyncRecorder(trainer, context=forwards.paused)
 
         trainer.train()  # rollouts at steps 0 and 2, each after a sync; 2 optimizer steps on each
         losses = logged(trainer, "loss")
@@ -182,10 +130,12 @@ def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(tiny_model_d
         print(f"float32 engine: sequence mismatch {mismatch:.2e}")
         assert mismatch < FLOAT32_TOLERANCE  # a float32 engine samples from the trainer's distribution
 
+        # each sync made the engine the trainer, which had moved between them
+        assert len(syncs.gaps) == 2 and max(syncs.gaps) < FLOAT32_TOLERANCE
+        assert syncs.trainer_moved() > 100 * FLOAT32_TOLERANCE
         # the engine holds the weights of the last sync; the 2 optimizer steps since are not in it
-        assert len(at_sync) == 2
         stale = engine_logprobs(trainer, *sequence)
-        assert (stale - at_sync[-1]).abs().max().item() < FLOAT32_TOLERANCE
+        assert (stale - torch.tensor(syncs.trainer_logps[-1])).abs().max().item() < FLOAT32_TOLERANCE
         assert max_gap(trainer, sequence) > 100 * FLOAT32_TOLERANCE  # a skipped or early sync is seen
 
         stale_gap = max_gap(trainer, sequence)
@@ -199,9 +149,9 @@ def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(tiny_model_d
             VLLMGeneration.sync_weights(trainer.vllm_generation)
 
 
-def test_bfloat16_engine_mismatch_is_what_rollout_logprobs_report(tiny_model_dir, tmp_path):
+def test_bfloat16_engine_mismatch_is_what_rollout_logprobs_report(vllm_model_dir, tmp_path):
     overrides = dict(vllm_dtype="auto", use_rollout_logprobs=True, rollout_logprobs_check_interval=1)
-    with colocated_trainer(tiny_model_dir, tmp_path, **overrides) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, **overrides) as trainer:
         # TRL's colocate mode passes no dtype: vLLM serves the float32 checkpoint in bfloat16 on a CPU
         assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.bfloat16
         sequence = fixed_sequence(trainer)
@@ -211,3 +161,44 @@ def test_bfloat16_engine_mismatch_is_what_rollout_logprobs_report(tiny_model_dir
         print(f"bfloat16 engine: token gap {gap:.2e}, sequence mismatch {mismatch:.2e}")
         assert gap > 100 * FLOAT32_TOLERANCE
         assert mismatch > 10 * FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("fault", SYNC_FAULTS)
+def test_sync_check_fails_on_a_skipped_or_early_sync(vllm_model_dir, tmp_path, fault):
+    """The check of the tests above and of the 2-process ones, against a sync broken on purpose (vllm_sync.py)."""
+    with colocated_trainer(vllm_model_dir, tmp_path, max_steps=4) as trainer:
+        syncs = SyncRecorder(trainer, fault=fault)
+        trainer.train()  # rollouts at steps 0 and 2
+        assert len(syncs.gaps) == 2
+        assert syncs.gaps[0] < FLOAT32_TOLERANCE  # nothing trained yet: even a broken sync holds the weights
+        print(f"{fault} sync: token gap {syncs.gaps[1]:.2e} at the second rollout")
+        assert syncs.gaps[1] > 100 * FLOAT32_TOLERANCE
+
+
+def test_lora_sync_merges_the_adapter_into_the_engine(vllm_model_dir, tmp_path):
+    """TRL's sync merges the adapter, hands the merged weights (under their base names) to the engine and unmerges.
+    Only the adapter trains, so the trainer moving away from the base model while the engine keeps up shows the
+    merge; the base weights being unchanged afterwards shows the unmerge."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with colocated_trainer(vllm_model_dir, tmp_path, peft_config=lora, max_steps=4) as trainer:
+        base_weight = trainer.model.get_parameter("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
+        base_before = base_weight.detach().clone()
+        syncs = SyncRecorder(trainer)
+        trainer.train()
+        print(f"LoRA: token gaps after the syncs {syncs.gaps}, trainer moved {syncs.trainer_moved():.2e}")
+        assert len(syncs.gaps) == 2 and max(syncs.gaps) < FLOAT32_TOLERANCE
+        assert syncs.trainer_moved() > 100 * FLOAT32_TOLERANCE
+        torch.testing.assert_close(base_weight.detach(), base_before, rtol=0, atol=1e-6)
+
+
+def test_moe_model_refused_on_a_cpu_engine(tmp_path):
+    """vLLM's CPU engine serves a tiny Qwen3-MoE (4 experts, top-2): it starts and generates, and at load its
+    log-probs equal the trainer's. But its weight reload leaves the CPU MoE kernel's packed expert weights in the
+    checkpoint layout: after a reload of unchanged weights the token gap was 0.18 (this model) and 0.05
+    (`python benchmarks/vllm_cpu_sync_repro.py --moe`). GSPOTrainer refuses the combination at construction, naming why."""
+    model_dir = save_tiny_model(tmp_path / "moe", model_type="qwen3_moe", hidden_size=128, num_heads=2, num_layers=2)
+    with pytest.raises(ValueError, match=r"use_vllm=True .* mixture-of-experts .* wrong log-probs"):
+        with colocated_trainer(model_dir, tmp_path):
+            pass
