@@ -160,4 +160,10 @@ class VLLMChecksMixin:
         with engine_errors_named(model_name):
             super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         if not args.vllm_enable_sleep_mode:  # a sleeping engine has no weights to run
-            check_engine_runs(self.vllm_generation.llm, model_name)
+            try:
+                check_engine_runs(self.vllm_generation.llm, model_name)
+            except RuntimeError:
+                # free the engine now: the error's traceback keeps this trainer alive, and an engine freed later
+                # tears down the distributed state of the next engine built in this process
+                del self.vllm_generation.llm
+                raise

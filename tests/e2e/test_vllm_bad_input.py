@@ -49,9 +49,11 @@ def test_head_dim_the_cpu_engine_cannot_run_is_refused_at_construction(tmp_path)
     assert "\n" not in message and caught.value.__suppress_context__  # one line, not vLLM's exception chain
 
 
-def test_engine_refusal_while_it_is_built_is_one_line_naming_the_model(tmp_path):
-    # on a CPU vllm_gpu_memory_utilization is the share of host memory vLLM reserves; all of it is refused
-    model_dir = save_tiny_model(tmp_path / "tiny", model_type="qwen3", hidden_size=128, num_heads=2)
+def test_engine_refusal_while_it_is_built_is_one_line_naming_the_model(vllm_model_dir, tmp_path, monkeypatch):
+    # on a CPU vllm_gpu_memory_utilization is the share of host memory vLLM reserves; all of it is refused (unless
+    # VLLM_CPU_KVCACHE_SPACE, which tests/vllm_sync.py sets for the other tests, fixes the KV cache size instead)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    model_dir = vllm_model_dir
     with pytest.raises(RuntimeError) as caught:
         build_colocated(model_dir, tmp_path / "out", vllm_gpu_memory_utilization=0.99)
     message = str(caught.value)

@@ -15,11 +15,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM tests run in .venv-vllm: make test-vllm")
 
-import test_vllm_colocate  # noqa: E402
 import torch  # noqa: E402
-from test_vllm_colocate import colocated_trainer, logged, trainer_logprobs  # noqa: E402
-
-tiny_model_dir = test_vllm_colocate.tiny_model_dir  # the same tiny qwen3 folder (a module fixture)
+from test_vllm_colocate import colocated_trainer, logged  # noqa: E402
+from vllm_sync import trainer_logprobs  # noqa: E402
 
 # (mode, length-normalised, clip_min, clip_max): one rollout each, in this order, on one engine. The bounds sit
 # inside the spread of each kind of weight with a bfloat16 engine, so that the mask or the clamp acts on some weights
@@ -56,7 +54,7 @@ def independent_weights(trainer, batch, mode, normalized, clip_min, clip_max):
     return rows
 
 
-def test_every_importance_mode_logs_and_applies_the_weights_of_an_independent_computation(tiny_model_dir, tmp_path):
+def test_every_importance_mode_logs_and_applies_the_weights_of_an_independent_computation(vllm_model_dir, tmp_path):
     overrides = dict(
         vllm_dtype="bfloat16",  # the weights then differ from 1
         vllm_importance_sampling_correction=True,
@@ -66,7 +64,7 @@ def test_every_importance_mode_logs_and_applies_the_weights_of_an_independent_co
         max_steps=STEPS_PER_ROLLOUT * len(SCHEDULE),
         max_completion_length=32,
     )
-    with colocated_trainer(tiny_model_dir, tmp_path, **overrides) as trainer:
+    with colocated_trainer(vllm_model_dir, tmp_path, **overrides) as trainer:
         assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.bfloat16
         schedule, expected_logs, first_steps = iter(SCHEDULE), [], []
         generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss

@@ -34,19 +34,11 @@ from trl.generation.vllm_client import VLLMClient  # noqa: E402
 from trl.scripts.vllm_serve import ScriptArguments, build_command  # noqa: E402
 
 import trl_gspo.vllm_checks as vllm_checks  # noqa: E402
-from gspo_examples.tiny import save_tiny_model  # noqa: E402
 from trl_gspo import GSPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SERVER_START_TIMEOUT_S = 240  # two processes import torch and vLLM on 2 shared cores
 FLOAT32_TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    # vLLM's CPU attention needs head_dim 64: hidden 128 with 2 heads (tests/e2e/test_vllm_colocate.py)
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    return save_tiny_model(path, model_type="qwen3", hidden_size=128, num_heads=2, num_layers=2)
 
 
 def free_port() -> int:
@@ -141,8 +133,8 @@ def tail(path, lines=30) -> str:
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_model_dir, tmp_path_factory):
-    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log") as base_url:
+def server_url(vllm_model_dir, tmp_path_factory):
+    with vllm_server(vllm_model_dir, tmp_path_factory.mktemp("server") / "server.log") as base_url:
         yield base_url
 
 
@@ -177,16 +169,16 @@ def test_server_mode_training_is_refused_on_a_cpu(server_url, tmp_path):
         VLLMClient(base_url=server_url, connection_timeout=5).init_communicator(device=torch.device("cpu"))
 
 
-def test_rollout_comes_from_the_server_with_the_trainers_log_probs(server_url, tiny_model_dir, tmp_path, as_on_cuda):
+def test_rollout_comes_from_the_server_with_the_trainers_log_probs(server_url, vllm_model_dir, tmp_path, as_on_cuda):
     # temperature 0.7: the server's log-probs match the trainer's pi_old only if both are temperature-scaled
     overrides = dict(use_rollout_logprobs=True, rollout_logprobs_check_interval=1, temperature=0.7)
     trainer = GSPOTrainer(
-        tiny_model_dir,
+        vllm_model_dir,
         completion_length_reward,
         args=server_config(tmp_path, server_url, **overrides),
         train_dataset=prompt_dataset("standard"),
     )
-    loaded = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    loaded = load_file(os.path.join(vllm_model_dir, "model.safetensors"))
     syncs = []
 
     def nothing_to_sync():
@@ -217,8 +209,8 @@ def served_requests(base_url) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:request_success_total"))
 
 
-def test_server_with_raw_log_probs_is_refused_for_rollout_logprobs(tiny_model_dir, tmp_path, as_on_cuda):
-    with vllm_server(tiny_model_dir, tmp_path / "server.log", "--logprobs-mode", "raw_logprobs") as base_url:
+def test_server_with_raw_log_probs_is_refused_for_rollout_logprobs(vllm_model_dir, tmp_path, as_on_cuda):
+    with vllm_server(vllm_model_dir, tmp_path / "server.log", "--logprobs-mode", "raw_logprobs") as base_url:
         args = server_config(tmp_path, base_url, use_rollout_logprobs=True)
         pattern = r"use_rollout_logprobs=True.*--logprobs-mode raw_logprobs.*processed_logprobs"
         with pytest.raises(ValueError, match=pattern):
