@@ -302,6 +302,34 @@ def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
             spans_to_token_values(out, [(k, k + 1) for k in range(len(text))], len(text), "mismatch_spans", 0)
 
 
+def test_first_mismatch_span_marks_the_first_wrong_character_only():
+    from gspo_examples.tasks import get_task
+    from trl_gspo.rewards import exact_match, first_mismatch_span
+
+    assert get_task("swap").span_reward == "first_mismatch_span"
+    assert first_mismatch_span(["acbde", "abcde", "acbdex", "acb", "xxxxx", ""], ["acbde"] * 6) == [
+        [],
+        [(1, 2, -1.0)],
+        [(5, 6, -1.0)],
+        [(2, 3, -1.0)],
+        [(0, 1, -1.0)],
+        -1.0,
+    ]
+    rng = random.Random(2)
+    for _ in range(200):
+        gold = "".join(rng.choice("ab") for _ in range(5))
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
+        (out,) = first_mismatch_span([text], [gold])
+        assert sum(v for _, _, v in out) == exact_match([text], [gold])[0] - 1  # no more than exact match says
+        wrong = [k for k in range(len(text)) if k >= len(gold) or text[k] != gold[k]]
+        if wrong:
+            assert out == [(wrong[0], wrong[0] + 1, -1.0)]
+        elif len(text) < len(gold):
+            assert out == [(len(text) - 1, len(text), -1.0)]
+        else:
+            assert out == []
+
+
 def test_tensor_and_numpy_outputs_are_accepted():
     import numpy as np
 
