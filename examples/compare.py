@@ -109,14 +109,17 @@ class TrainSettings:
     threads: int = 1
     token_advantage_weight: float = 1.0  # lambda of GSPO-token's token component (GSPOConfig)
     target_accuracy: float = 0.3
+    span_reward: str | None = None  # the span arms' span reward (a trl_gspo.rewards name); None: the task's
     split_sizes: dict | None = None
     model_kwargs: dict | None = field(default=None)
 
 
-def arm_reward_funcs(arm: Arm, task) -> list[Callable]:
+def arm_reward_funcs(arm: Arm, task, span_reward: str | None = None) -> list[Callable]:
+    """exact_match, plus for span arms `span_reward` (a trl_gspo.rewards name) or else the task's span reward."""
     funcs = [exact_match]
-    if arm.use_span_reward and task.span_reward:
-        span = get_reward_func(task.span_reward)
+    span_reward = span_reward or task.span_reward
+    if arm.use_span_reward and span_reward:
+        span = get_reward_func(span_reward)
         funcs.append(summed_reward(span) if arm.span_reward_summed else span)
     return funcs
 
@@ -164,7 +167,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
     )
     trainer = GSPOTrainer(
         model=model,
-        reward_funcs=arm_reward_funcs(arm, task),
+        reward_funcs=arm_reward_funcs(arm, task, settings.span_reward),
         args=config,
         train_dataset=Dataset.from_list(splits["train"]),
         processing_class=tokenizer,
@@ -214,10 +217,12 @@ def run_seed(
         AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), test_rows
     )
     results = []
+    defaults = json.loads(json.dumps(asdict(TrainSettings())))
     for arm_name in arms:
         path = Path(output_dir) / f"run-{task.name}-{arm_name.replace(FORMULATION_SEPARATOR, '-')}-seed{seed}.json"
         saved = json.loads(path.read_text()) if path.exists() else None
-        if saved is not None and saved["settings"] == json.loads(json.dumps(asdict(settings))):
+        # a settings field added since the run was saved counts at its default, which is what that run used
+        if saved is not None and {**defaults, **saved["settings"]} == json.loads(json.dumps(asdict(settings))):
             log(f"== {task.name} seed {seed}: {get_arm(arm_name).label}: reusing {path}")
             results.append(saved)
             continue
@@ -464,6 +469,12 @@ def parse_flags(argv=None):
         default=TrainSettings.token_advantage_weight,
         help="lambda of GSPO-token's group-normalised token component (GSPOConfig.token_advantage_weight)",
     )
+    parser.add_argument(
+        "--span-reward",
+        default=None,
+        help="span reward of the span arms, a trl_gspo.rewards name (default: the task's, e.g. mismatch_spans for "
+        "place, first_mismatch_span for swap)",
+    )
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--cache-dir", default=".cache/trl_gspo", help="where warm-started models are cached")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see scripts/demo.py)")
@@ -485,6 +496,7 @@ def main(argv=None):
         monitor_rows=min(TrainSettings.monitor_rows, flags.test_rows),
         threads=flags.threads,
         token_advantage_weight=flags.token_advantage_weight,
+        span_reward=flags.span_reward,
     )
     if flags.tiny:
         settings.split_sizes = {"train": 64, "dev": 16, "test": 16}

@@ -76,6 +76,9 @@ def test_formulation_arms(capsys):
             get_arm(bad)
     swap = get_task("swap")
     assert [f.__name__ for f in arm_reward_funcs(arm, swap)] == ["exact_match", "first_mismatch_span"]
+    place = get_task("place")
+    assert [f.__name__ for f in arm_reward_funcs(arm, place, "first_mismatch_span")][1] == "first_mismatch_span"
+    assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo"], place, "first_mismatch_span")] == ["exact_match"]
     with pytest.raises(SystemExit):
         parse_flags(["--arms", "gspo", "gspo_token:centered"])
     assert "unknown arm 'gspo_token:centered'" in capsys.readouterr().err
@@ -103,6 +106,21 @@ def test_saved_runs_are_reused_only_with_the_same_settings(tmp_path, monkeypatch
     assert [r["accuracy_after"] for r in again[:2]] == [r["accuracy_after"] for r in first]
     run_seed("swap", ["gspo"], 0, TrainSettings(**{**settings.__dict__, "steps": 4}), tmp_path, tmp_path)
     assert trained[-1] == ("gspo", 4)  # other settings: trained, not reused
+    # a run saved before a settings field existed is reused when the field is at its default
+    saved_path = tmp_path / "run-swap-gspo_token-scaled-seed0.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["settings"]["span_reward"]
+    saved_path.write_text(json.dumps(saved))
+    run_seed("swap", ["gspo_token:scaled"], 0, settings, tmp_path, tmp_path)
+    run_seed(
+        "swap",
+        ["gspo_token:scaled"],
+        0,
+        TrainSettings(**{**settings.__dict__, "span_reward": "x"}),
+        tmp_path,
+        tmp_path,
+    )
+    assert trained[-2:] == [("gspo", 4), ("gspo_token:scaled", 3)]
 
 
 def fake_run(arm, seed, after, rewards, seconds):
