@@ -396,7 +396,7 @@ def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> 
         ax.legend(fontsize="small")
     seconds = [[r["train_seconds"] for r in results if r["arm"] == arm] for arm in arms]
     flat[-1].bar(range(len(arms)), [statistics.fmean(s) for s in seconds])
-    flat[-1].set_xticks(range(len(arms)), arms)
+    flat[-1].set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize="small")
     flat[-1].set_title("train wall time per run (s)")
     return save_figure(fig, path, title, dpi=90)
 
