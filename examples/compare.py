@@ -11,6 +11,9 @@ all arms; each arm then trains a fresh copy with GSPOTrainer, its held-out greed
     gspo_dense  "sequence", clip 3e-4 / 4e-4, exact_match plus the span reward summed into a number
                 (token_rewards.summed_reward): the same reward information as gspo_token without the per-token
                 credit, so gspo_token vs gspo_dense isolates where the credit goes
+    gspo_token:<formulation>
+                gspo_token with GSPOConfig.token_advantage=<formulation> (one of config.TOKEN_ADVANTAGES), e.g.
+                gspo_token:position_baseline; plain gspo_token uses GSPOConfig's default
 
 Everything else is shared (gspo_examples.tasks defaults; `TrainSettings`): 64 completions per optimizer step (8 prompts
 x 8), 4 optimizer steps per rollout, temperature 0.5, learning rate decayed linearly to 0, no KL, loss_type "grpo"
@@ -34,10 +37,11 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW
+from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW, TOKEN_ADVANTAGES
 from trl_gspo.plotting import save_figure, series
 from trl_gspo.rewards import exact_match, get_reward_func
 from trl_gspo.token_rewards import summed_reward
@@ -51,6 +55,7 @@ class Arm:
     epsilon_high: float
     use_span_reward: bool = False
     span_reward_summed: bool = False  # the span reward as one number per completion (sequence-level arms)
+    token_advantage: str = TOKEN_ADVANTAGES[0]  # GSPOConfig.token_advantage (GSPO-token arms)
 
 
 ARMS = {
@@ -64,6 +69,21 @@ ARMS = {
     ),
 }
 DEFAULT_ARMS = ("gspo", "gspo_token", "grpo")
+FORMULATION_SEPARATOR = ":"
+
+
+def get_arm(name: str) -> Arm:
+    """ARMS[name], or for "gspo_token:<formulation>" the gspo_token arm with that GSPOConfig.token_advantage."""
+    if name in ARMS:
+        return ARMS[name]
+    base, _, formulation = name.partition(FORMULATION_SEPARATOR)
+    if base == "gspo_token" and formulation in TOKEN_ADVANTAGES:
+        return replace(ARMS[base], label=f"GSPO-token ({formulation})", token_advantage=formulation)
+    raise ValueError(
+        f"unknown arm {name!r}: expected one of {', '.join(sorted(ARMS))} or gspo_token:<formulation> with a "
+        f"formulation among {', '.join(TOKEN_ADVANTAGES)}"
+    )
+
 
 # (token-weighted, sequence-weighted) clip-fraction keys per importance-sampling level; None: not logged
 CLIP_KEYS = {
@@ -89,14 +109,17 @@ class TrainSettings:
     threads: int = 1
     token_advantage_weight: float = 1.0  # lambda of GSPO-token's token component (GSPOConfig)
     target_accuracy: float = 0.3
+    span_reward: str | None = None  # the span arms' span reward (a trl_gspo.rewards name); None: the task's
     split_sizes: dict | None = None
     model_kwargs: dict | None = field(default=None)
 
 
-def arm_reward_funcs(arm: Arm, task) -> list[Callable]:
+def arm_reward_funcs(arm: Arm, task, span_reward: str | None = None) -> list[Callable]:
+    """exact_match, plus for span arms `span_reward` (a trl_gspo.rewards name) or else the task's span reward."""
     funcs = [exact_match]
-    if arm.use_span_reward and task.span_reward:
-        span = get_reward_func(task.span_reward)
+    span_reward = span_reward or task.span_reward
+    if arm.use_span_reward and span_reward:
+        span = get_reward_func(span_reward)
         funcs.append(summed_reward(span) if arm.span_reward_summed else span)
     return funcs
 
@@ -112,7 +135,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
 
     from .tasks import HeldoutAccuracyCallback, greedy_accuracy
 
-    arm = ARMS[arm_name]
+    arm = get_arm(arm_name)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -134,6 +157,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
         max_steps=settings.steps,
         logging_steps=settings.logging_steps,
         token_advantage_weight=settings.token_advantage_weight,
+        token_advantage=arm.token_advantage,
         seed=seed,
         use_cpu=True,
         bf16=False,
@@ -143,7 +167,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
     )
     trainer = GSPOTrainer(
         model=model,
-        reward_funcs=arm_reward_funcs(arm, task),
+        reward_funcs=arm_reward_funcs(arm, task, settings.span_reward),
         args=config,
         train_dataset=Dataset.from_list(splits["train"]),
         processing_class=tokenizer,
@@ -162,6 +186,58 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
     }
 
 
+def run_seed(
+    task_name: str, arms: Sequence[str], seed: int, settings: TrainSettings, output_dir, cache_dir, log=print
+) -> list[dict]:
+    """Every arm on one seed: one warm start, shared by the arms.
+
+    Each run is saved as run-<task>-<arm>-seed<seed>.json in `output_dir` when it ends, and reused instead of
+    trained again when that file exists with the same settings: an interrupted comparison resumes, and a wider
+    one (more seeds or arms) trains only what is new.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .tasks import get_task, greedy_accuracy, make_splits, prepare_model
+
+    torch.set_num_threads(settings.threads)
+    task = get_task(task_name)
+    splits = make_splits(task, seed, settings.split_sizes)
+    model_dir, _ = prepare_model(
+        task.name,
+        seed=seed,
+        cache_dir=cache_dir,
+        split_sizes=settings.split_sizes,
+        model_kwargs=settings.model_kwargs,
+        target_accuracy=settings.target_accuracy,
+        log=log,
+    )
+    test_rows = splits["test"][: settings.test_rows]
+    before = greedy_accuracy(
+        AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), test_rows
+    )
+    results = []
+    defaults = json.loads(json.dumps(asdict(TrainSettings())))
+    for arm_name in arms:
+        path = Path(output_dir) / f"run-{task.name}-{arm_name.replace(FORMULATION_SEPARATOR, '-')}-seed{seed}.json"
+        saved = json.loads(path.read_text()) if path.exists() else None
+        # a settings field added since the run was saved counts at its default, which is what that run used
+        if saved is not None and {**defaults, **saved["settings"]} == json.loads(json.dumps(asdict(settings))):
+            log(f"== {task.name} seed {seed}: {get_arm(arm_name).label}: reusing {path}")
+            results.append(saved)
+            continue
+        log(f"== {task.name} seed {seed}: {get_arm(arm_name).label}, {settings.steps} steps")
+        result = run_arm(arm_name, task, seed, model_dir, splits, settings, output_dir)
+        result["accuracy_before"] = before
+        log(
+            f"   {task.name} seed {seed} {arm_name}: held-out accuracy {before:.3f} -> "
+            f"{result['accuracy_after']:.3f} ({result['train_seconds']:.0f} s of training)"
+        )
+        path.write_text(json.dumps({**result, "settings": asdict(settings)}))
+        results.append(result)
+    return results
+
+
 def run_comparison(
     task_name: str,
     arms: Sequence[str],
@@ -170,48 +246,28 @@ def run_comparison(
     output_dir,
     cache_dir=".cache/trl_gspo",
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> list[dict]:
-    """Every arm on every seed (seed-major: one warm start per seed, shared by its arms); results saved as JSON."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Every arm on every seed (seed-major: one warm start per seed, shared by its arms); results saved as JSON.
 
-    from .tasks import get_task, greedy_accuracy, make_splits, prepare_model
-
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"unknown arms {unknown}; expected some of {sorted(ARMS)}")
-    torch.set_num_threads(settings.threads)
-    task = get_task(task_name)
+    jobs > 1 runs that many seeds at once, each in its own process (with `settings.threads` torch threads).
+    """
+    for name in arms:
+        get_arm(name)  # an unknown arm fails before any training
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in seeds:
-        splits = make_splits(task, seed, settings.split_sizes)
-        model_dir, _ = prepare_model(
-            task.name,
-            seed=seed,
-            cache_dir=cache_dir,
-            split_sizes=settings.split_sizes,
-            model_kwargs=settings.model_kwargs,
-            target_accuracy=settings.target_accuracy,
-            log=log,
-        )
-        test_rows = splits["test"][: settings.test_rows]
-        before = greedy_accuracy(
-            AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), test_rows
-        )
-        for arm_name in arms:
-            log(f"== {task.name} seed {seed}: {ARMS[arm_name].label}, {settings.steps} steps")
-            result = run_arm(arm_name, task, seed, model_dir, splits, settings, output_dir)
-            result["accuracy_before"] = before
-            log(
-                f"   held-out accuracy {before:.3f} -> {result['accuracy_after']:.3f} "
-                f"({result['train_seconds']:.0f} s of training)"
-            )
-            results.append(result)
-            (output_dir / "results.json").write_text(
-                json.dumps({"task": task.name, "settings": asdict(settings), "runs": results}, indent=1)
-            )
+    if jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_seed, task_name, arms, seed, settings, output_dir, cache_dir) for seed in seeds]
+            per_seed = [future.result() for future in futures]
+    else:
+        per_seed = [run_seed(task_name, arms, seed, settings, output_dir, cache_dir, log) for seed in seeds]
+    results = [result for seed_results in per_seed for result in seed_results]
+    (output_dir / "results.json").write_text(
+        json.dumps({"task": task_name, "settings": asdict(settings), "runs": results}, indent=1)
+    )
     return results
 
 
@@ -235,13 +291,14 @@ def run_mean(log_history: Sequence[dict], key: str | None) -> float:
 def summarize_run(result: dict) -> dict[str, float]:
     """One run's table row: accuracy before/after, final reward, clip fractions (whole run), diversity, length."""
     history = result["log_history"]
-    token_key, sequence_key = CLIP_KEYS[ARMS[result["arm"]].importance_sampling_level]
+    token_key, sequence_key = CLIP_KEYS[get_arm(result["arm"]).importance_sampling_level]
     return {
         "accuracy_before": result["accuracy_before"],
         "accuracy_after": result["accuracy_after"],
         "final_exact_match": late_mean(history, "rewards/exact_match/mean"),
         "token_clip_fraction": run_mean(history, token_key),
         "sequence_clip_fraction": run_mean(history, sequence_key),
+        "zero_variance_groups": run_mean(history, "signal/zero_variance_groups"),
         "distinct_fraction": late_mean(history, "diversity/distinct_fraction"),
         "length_mean": late_mean(history, "length/group_mean"),
         "train_seconds": result["train_seconds"],
@@ -254,6 +311,7 @@ COLUMNS = {
     "final_exact_match": ("rollout exact match (last 25%)", "{:.3f}"),
     "token_clip_fraction": ("clipped tokens", "{:.4f}"),
     "sequence_clip_fraction": ("clipped sequences", "{:.4f}"),
+    "zero_variance_groups": ("zero-variance groups", "{:.3f}"),
     "distinct_fraction": ("distinct completions / group (last 25%)", "{:.3f}"),
     "length_mean": ("mean length (last 25%)", "{:.2f}"),
     "train_seconds": ("train wall time (s)", "{:.0f}"),
@@ -277,7 +335,7 @@ def markdown_table(results: Sequence[dict]) -> str:
     for arm in arms:
         runs = [r for r in results if r["arm"] == arm]
         rows = [summarize_run(r) for r in runs]
-        cells = [ARMS[arm].label, ",".join(str(r["seed"]) for r in runs)]
+        cells = [get_arm(arm).label, ",".join(str(r["seed"]) for r in runs)]
         cells += [_mean_std([row[key] for row in rows], fmt) for key, (_, fmt) in COLUMNS.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -287,7 +345,7 @@ def per_seed_table(results: Sequence[dict]) -> str:
     """Held-out accuracy after training, one row per seed, one column per arm."""
     arms = list(dict.fromkeys(r["arm"] for r in results))
     seeds = list(dict.fromkeys(r["seed"] for r in results))
-    lines = ["| seed | before | " + " | ".join(ARMS[a].label for a in arms) + " |", "|" + "---|" * (len(arms) + 2)]
+    lines = ["| seed | before | " + " | ".join(get_arm(a).label for a in arms) + " |", "|" + "---|" * (len(arms) + 2)]
     for seed in seeds:
         by_arm = {r["arm"]: r for r in results if r["seed"] == seed}
         before = next(iter(by_arm.values()))["accuracy_before"]
@@ -304,8 +362,8 @@ def _mean_curve(runs: Sequence[dict], key: str | None) -> tuple[list[int], list[
 
 
 def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> Path:
-    """2 x 4 panels, one line per arm (mean over seeds): reward, held-out accuracy, token- and sequence-weighted
-    clip fractions, distinct fraction, mean length, length spread, wall time (bars)."""
+    """3 x 3 panels, one line per arm (mean over seeds): reward, held-out accuracy, token- and sequence-weighted
+    clip fractions, distinct fraction, mean length, length spread, zero-variance groups, wall time (bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,15 +378,16 @@ def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> 
         ("distinct completions per group", lambda level: "diversity/distinct_fraction"),
         ("mean completion length (tokens)", lambda level: "length/group_mean"),
         ("length std inside groups", lambda level: "length/group_std"),
+        ("groups without reward variance", lambda level: "signal/zero_variance_groups"),
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(18, 12))
     flat = list(axes.flat)
     for ax, (name, key_for) in zip(flat, panels):
         for arm in arms:
             runs = [r for r in results if r["arm"] == arm]
-            steps, values = _mean_curve(runs, key_for(ARMS[arm].importance_sampling_level))
+            steps, values = _mean_curve(runs, key_for(get_arm(arm).importance_sampling_level))
             if steps:
-                ax.plot(steps, values, marker="o" if name.startswith("held-out") else None, label=ARMS[arm].label)
+                ax.plot(steps, values, marker="o" if name.startswith("held-out") else None, label=get_arm(arm).label)
         if "clipped" in name:
             ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_title(name)
@@ -337,7 +396,7 @@ def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> 
         ax.legend(fontsize="small")
     seconds = [[r["train_seconds"] for r in results if r["arm"] == arm] for arm in arms]
     flat[-1].bar(range(len(arms)), [statistics.fmean(s) for s in seconds])
-    flat[-1].set_xticks(range(len(arms)), arms)
+    flat[-1].set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize="small")
     flat[-1].set_title("train wall time per run (s)")
     return save_figure(fig, path, title, dpi=90)
 
@@ -374,15 +433,31 @@ Commands
     python scripts/compare.py                                   # place task, seed 0, gspo/gspo_token/grpo, 300 steps
     python scripts/compare.py --seeds 0 1 2 --arms gspo gspo_token gspo_dense
     python scripts/compare.py --task sort_digits --steps 200 --output-dir runs/compare-sort
+    python scripts/compare.py --task swap --arms gspo gspo_token:scaled gspo_token:position_baseline grpo --jobs 2
 
 Writes <output-dir>/results.json (every run's log history), comparison.md and comparison.png.
 """
 
 
+def checked_arm(name: str) -> str:
+    try:
+        get_arm(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def parse_flags(argv=None):
     parser = argparse.ArgumentParser(description=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="place", help="built-in task (default place: local precision)")
-    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=sorted(ARMS))
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(DEFAULT_ARMS),
+        type=checked_arm,
+        help=f"among {', '.join(sorted(ARMS))} and gspo_token:<formulation>, formulation one of "
+        f"{', '.join(TOKEN_ADVANTAGES)} (GSPOConfig.token_advantage)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="optimizer steps per run")
     parser.add_argument("--learning-rate", type=float, default=TrainSettings.learning_rate)
@@ -394,9 +469,16 @@ def parse_flags(argv=None):
         default=TrainSettings.token_advantage_weight,
         help="lambda of GSPO-token's group-normalised token component (GSPOConfig.token_advantage_weight)",
     )
+    parser.add_argument(
+        "--span-reward",
+        default=None,
+        help="span reward of the span arms, a trl_gspo.rewards name (default: the task's, e.g. mismatch_spans for "
+        "place, first_mismatch_span for swap)",
+    )
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--cache-dir", default=".cache/trl_gspo", help="where warm-started models are cached")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see scripts/demo.py)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one process each")
     parser.add_argument(
         "--tiny", action="store_true", help="a few steps on a small model and small splits (for the tests)"
     )
@@ -414,6 +496,7 @@ def main(argv=None):
         monitor_rows=min(TrainSettings.monitor_rows, flags.test_rows),
         threads=flags.threads,
         token_advantage_weight=flags.token_advantage_weight,
+        span_reward=flags.span_reward,
     )
     if flags.tiny:
         settings.split_sizes = {"train": 64, "dev": 16, "test": 16}
@@ -422,7 +505,9 @@ def main(argv=None):
         settings.per_device_train_batch_size = 16
         settings.logging_steps = 1
     start = time.perf_counter()
-    results = run_comparison(flags.task, flags.arms, flags.seeds, settings, flags.output_dir, flags.cache_dir)
+    results = run_comparison(
+        flags.task, flags.arms, flags.seeds, settings, flags.output_dir, flags.cache_dir, jobs=flags.jobs
+    )
     command = "python scripts/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = write_report(results, flags.output_dir, command.strip(), flags.task, settings)
     print(report.read_text())

@@ -9,6 +9,10 @@ noise: `exact_match` (trl_gspo.rewards) scores a completion 1.0 if it equals the
 - ``place``: ``"set 3 x abcde"`` -> ``"abxde"`` (copy five letters, put a given letter at a given position): a
   local-precision task. Its span reward ``mismatch_spans`` (``Task.span_reward``) marks the wrong characters, so
   GSPO-token can put the blame on them (trl_gspo.token_rewards).
+- ``swap``: ``"swap 2 abcde"`` -> ``"acbde"`` (copy five letters, exchanging those at positions k and k+1): one
+  local decision decides the answer. Its span reward ``first_mismatch_span`` marks only the first wrong character,
+  so its sum says no more than exact match: groups whose completions are all wrong still differ in where they went
+  wrong, a signal only per-token credit can use.
 
 Rows are conversational, in TRL's format: ``{"prompt": [{"role": "user", "content": ...}], "answer": ...}``.
 ``make_splits`` draws train/dev/test splits deterministically from a seed; no prompt appears in two splits.
@@ -107,6 +111,19 @@ def _place_parse(text: str) -> tuple:
     return int(position), letter, word
 
 
+def _swap_parse(text: str) -> tuple:
+    head, position, word = text.split(" ")
+    if head != "swap" or len(position) != 1 or position not in "1234" or len(word) != 5 or not word.isalpha():
+        raise ValueError(f"not a swap prompt: {text!r}")
+    return int(position), word
+
+
+def _swap_solve(operands: tuple) -> str:
+    position, word = operands
+    k = position - 1
+    return word[:k] + word[k + 1] + word[k] + word[k + 2 :]
+
+
 def _place_solve(operands: tuple) -> str:
     position, letter, word = operands
     return word[: position - 1] + letter + word[position:]
@@ -153,6 +170,16 @@ TASKS: dict[str, Task] = {
         solve=_place_solve,
         max_answer_length=5,
         span_reward="mismatch_spans",
+    ),
+    "swap": Task(
+        name="swap",
+        description="copy 5 letters with the letters at positions k and k+1 exchanged",
+        sample=lambda rng: (rng.randint(1, 4), "".join(rng.choice(string.ascii_lowercase) for _ in range(5))),
+        prompt=lambda ops: f"swap {ops[0]} {ops[1]}",
+        parse=_swap_parse,
+        solve=_swap_solve,
+        max_answer_length=5,
+        span_reward="first_mismatch_span",
     ),
 }
 

@@ -185,3 +185,49 @@ def tiny_model(model_type, attention="eager", **extra):
         model.config._attn_implementation = attention
     add_fused_lm_head(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: GSPO-token's token component under each GSPOConfig.token_advantage, float64 loops over nested lists
+# (rows grouped by prompt in consecutive blocks of group_size, mask 1 on the loss tokens).
+
+
+def _stdev(values):
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def reference_token_component(formulation, rewards, mask, group_size, eps=1e-4):
+    """The (rows, width) token component as lists of floats, one loop per group, token and position."""
+    rows, width = len(rewards), len(rewards[0])
+    out = [[0.0] * width for _ in range(rows)]
+    for g in range(0, rows, group_size):
+        members = range(g, g + group_size)
+        cells = [(i, t) for i in members for t in range(width) if mask[i][t]]
+        if formulation == "return_to_go":
+            values = {(i, t): math.fsum(rewards[i][s] for s in range(t, width) if mask[i][s]) for i, t in cells}
+        else:
+            values = {(i, t): float(rewards[i][t]) for i, t in cells}
+        if formulation == "position_baseline":
+            deviation = {}
+            for t in range(width):
+                at_t = [values[i, t] for i in members if mask[i][t]]
+                for i in members:
+                    if mask[i][t]:
+                        deviation[i, t] = 0.0 if max(at_t) == min(at_t) else values[i, t] - math.fsum(at_t) / len(at_t)
+            if len(cells) < 2 or all(d == 0 for d in deviation.values()):
+                continue
+            scale = math.sqrt(math.fsum(d * d for d in deviation.values()) / (len(cells) - 1))
+            for i, t in cells:
+                out[i][t] = deviation[i, t] / (scale + eps)
+            continue
+        if len(cells) < 2 or max(values.values()) == min(values.values()):
+            continue
+        mean = math.fsum(values.values()) / len(cells)
+        std = _stdev(list(values.values()))
+        for i, t in cells:
+            if formulation == "group_centred" or (formulation == "marked_only" and rewards[i][t] != 0):
+                out[i][t] = (values[i, t] - mean) / (std + eps)
+            elif formulation in ("scaled", "return_to_go"):
+                out[i][t] = values[i, t] / (std + eps)
+    return out

@@ -62,4 +62,5 @@ def start_banner(world_size: int, backend: str, mixed_precision: str, args, devi
     options = [name for name in SWITCHES if getattr(args, name, False)]
     if args.importance_sampling_level == "sequence_token":
         options.append(f"token_advantage_weight={args.token_advantage_weight:g}")
+        options.append(f"token_advantage={args.token_advantage}")
     return line + (" | " + ", ".join(options) if options else "")

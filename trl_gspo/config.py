@@ -25,6 +25,9 @@ ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interv
 MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
 # GSPOConfig.vllm_dtype values: "auto" is vLLM's own choice (TRL's colocate mode passes none)
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# GSPOConfig.token_advantage values: how GSPO-token turns token rewards into the token component (formulas in
+# trl_gspo.token_rewards, one function each in TOKEN_ADVANTAGE_FUNCTIONS)
+TOKEN_ADVANTAGES = ("group_centred", "scaled", "marked_only", "position_baseline", "return_to_go")
 
 # generation_kwargs that change the sampling distribution the rollout log-probs describe: transformers' generate
 # (before SampledTokenLogProbs sees it) and vLLM's SamplingParams (min_tokens masks eos out of vLLM's processed
@@ -139,6 +142,11 @@ class GSPOConfig(GRPOConfig):
         token_advantage_weight (`float`, defaults to `1.0`):
             With token or span rewards under `"sequence_token"`, the weight of the group-normalised token component
             of the per-token advantage (formula in `trl_gspo.token_rewards`).
+        token_advantage (`str`, defaults to `"group_centred"`):
+            How GSPO-token forms that token component from the token rewards: `"group_centred"` (centred on the
+            group's mean token reward), `"scaled"` (no centring), `"marked_only"` (only tokens a reward marked),
+            `"position_baseline"` (centred per position across the group), `"return_to_go"` (each token credited
+            with the token rewards from it to the end). Formulas in `trl_gspo.token_rewards`.
         vllm_importance_sampling_length_normalized (`bool`, defaults to `True`):
             With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
             mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
@@ -214,6 +222,14 @@ class GSPOConfig(GRPOConfig):
             "help": "GSPO-token with token or span rewards: weight lambda of the group-normalised token component in "
             "A_it = A_i + lambda * (r_it - mu_g) / (sigma_g + 1e-4) (see trl_gspo.token_rewards). 0 ignores the "
             "token detail (the rewards' sums still count as sequence rewards)."
+        },
+    )
+    token_advantage: str = field(
+        default="group_centred",
+        metadata={
+            "help": "GSPO-token with token or span rewards: how the token component is formed, one of "
+            + ", ".join(TOKEN_ADVANTAGES)
+            + " (see trl_gspo.token_rewards)."
         },
     )
     vllm_importance_sampling_length_normalized: bool = field(
@@ -379,6 +395,10 @@ class GSPOConfig(GRPOConfig):
             raise ValueError(
                 f"GSPOConfig.token_advantage_weight={self.token_advantage_weight} must be a finite number >= 0."
             )
+        if self.token_advantage not in TOKEN_ADVANTAGES:
+            raise ValueError(
+                f"GSPOConfig.token_advantage={self.token_advantage!r} must be one of {', '.join(TOKEN_ADVANTAGES)}."
+            )
         if level not in SEQUENCE_LEVELS:
             return  # plain GRPO: TRL's own loss and checks apply
 
@@ -540,6 +560,11 @@ class GSPOConfig(GRPOConfig):
         if self.token_advantage_weight != 1.0 and self.importance_sampling_level != "sequence_token":
             unused.append(
                 f"token_advantage_weight={self.token_advantage_weight} is only used with importance_sampling_level="
+                f"'sequence_token', not {self.importance_sampling_level!r}"
+            )
+        if self.token_advantage != TOKEN_ADVANTAGES[0] and self.importance_sampling_level != "sequence_token":
+            unused.append(
+                f"token_advantage={self.token_advantage!r} is only used with importance_sampling_level="
                 f"'sequence_token', not {self.importance_sampling_level!r}"
             )
         if self.padding_free_row_tokens is not None and not self.padding_free:

@@ -15,6 +15,8 @@ Contents:
 - ``exact_match``: 1.0 if the stripped completion equals the stripped ``answer`` column, else 0.0.
 - ``mismatch_spans``: a span reward (token-level, for GSPO-token): -1 on every character that differs from the
   ``answer`` column at its position (see trl_gspo.token_rewards for span rewards).
+- ``first_mismatch_span``: a span reward marking only the first wrong character (-1): its sum is ``exact_match - 1``
+  on the raw text, so it adds where a completion went wrong and nothing else to the sequence reward.
 - ``REWARD_FUNCS`` / ``get_reward_func`` / ``load_reward_funcs``: resolve reward names or dotted import paths.
 - ``wrap_reward_checked``: turns a reward function's crash or malformed output into an error that names it.
 
@@ -180,6 +182,33 @@ def mismatch_spans(completions: list[Completion], answer: list[Any], **kwargs) -
 mismatch_spans.returns_token_rewards = True  # as trl_gspo.token_rewards.token_level_reward marks it (no cycle)
 
 
+def first_mismatch_span(completions: list[Completion], answer: list[Any], **kwargs) -> list[list[tuple] | float]:
+    """Span reward marking the first character where a completion departs from ``answer``, -1 on it.
+
+    Compared without stripping, position by position: the first wrong character; else, for a completion longer
+    than the answer, its first surplus character; else, for one that stops short, its last character. A right
+    answer returns ``[]`` and an empty completion the number -1.0. The sum is -1 for every wrong completion and 0
+    for a right one (``exact_match - 1`` when the completion has no surrounding whitespace), so the sequence reward
+    GSPO-token sees with ``exact_match`` is an affine function of exact match alone and group-normalises to the
+    same sequence advantage: the span only says where the decisive mistake is. Needs
+    importance_sampling_level="sequence_token".
+    """
+    rewards: list[list[tuple] | float] = []
+    for completion, gold in zip(completions, answer, strict=True):
+        text, gold = completion_text(completion), str(gold)
+        if not text:
+            rewards.append(-1.0)
+            continue
+        first = next((k for k, (a, b) in enumerate(zip(text, gold)) if a != b), None)
+        if first is None and len(text) != len(gold):
+            first = len(gold) if len(text) > len(gold) else len(text) - 1
+        rewards.append([] if first is None else [(first, first + 1, -1.0)])
+    return rewards
+
+
+first_mismatch_span.returns_token_rewards = True
+
+
 class _SoftOverlongPenalty:
     """DAPO soft overlong punishment; see ``soft_overlong_penalty``."""
 
@@ -217,6 +246,7 @@ REWARD_FUNCS: dict[str, Callable[..., Any]] = {
     "soft_overlong_penalty": soft_overlong_penalty,
     "exact_match": exact_match,
     "mismatch_spans": mismatch_spans,
+    "first_mismatch_span": first_mismatch_span,
 }
 # Registered names whose entry is a factory: it takes keyword arguments and returns the reward function.
 REWARD_FACTORIES = frozenset({"soft_overlong_penalty"})

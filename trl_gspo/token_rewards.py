@@ -41,6 +41,22 @@ function returned a finite number for them; TRL gives them advantage 0) left out
 exactly 0, so a run whose reward functions all return numbers trains exactly as GSPO. The token component moves
 credit inside the group towards the tokens that earned it: a wrong character in an otherwise right answer gets a
 lower advantage than the characters around it.
+
+That component is ``GSPOConfig.token_advantage="group_centred"``. It has a side effect: a token no reward marked
+(``r_it = 0``, the eos included) gets ``-mu_g / (sigma_g + 1e-4)``, positive whenever the group's marks are
+negative on average, so with penalty-only spans stopping early earns credit. The other formulations (one pure
+function each, `TOKEN_ADVANTAGE_FUNCTIONS`; same groups, masks and unscorable rows):
+
+- ``"scaled"``: ``r_it / (sigma_g + 1e-4)``, no centring: unmarked tokens get 0.
+- ``"marked_only"``: the group_centred value on tokens with ``r_it != 0``, 0 on the others.
+- ``"position_baseline"``: ``(r_it - b_gt) / (s_g + 1e-4)``, ``b_gt`` the mean of ``r_it`` over the group's
+  completions at position ``t``, ``s_g`` the std of those deviations over the group: each token is compared with
+  the other completions' tokens at its position.
+- ``"return_to_go"``: ``R_it / (sigma_g(R) + 1e-4)``, ``R_it`` the sum of the token values from ``t`` to the end of
+  the completion (the tokens that can have caused them), no centring.
+
+Each gives exactly 0 to a group whose token values are all 0, so a run without token-level rewards trains exactly as
+GSPO under every formulation.
 """
 
 from __future__ import annotations
@@ -55,7 +71,7 @@ from torch import nn
 from transformers.utils import logging
 from trl.trainer.utils import is_async_callable
 
-from .config import GSPO_TOKEN_LEVEL, MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS
+from .config import GSPO_TOKEN_LEVEL, MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS, TOKEN_ADVANTAGES
 from .rewards import check_reward_dependencies, completion_text
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
@@ -262,10 +278,29 @@ def check_token_values(values: Sequence[Any], num_tokens: int, name: str, index:
     return floats
 
 
-def token_advantage_component(
+def _check_groups(rows: int, num_generations: int) -> None:
+    if rows % num_generations:
+        raise ValueError(f"token advantage: {rows} rows are not a whole number of groups of {num_generations}")
+
+
+def _group_scale(values: torch.Tensor, mask: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, 1) 1 / (sigma_g + eps) and whether the group's masked values are constant (or fewer than two).
+
+    values, mask: (groups, G * T) float64, one group per row; sigma_g the unbiased std of the masked values.
+    """
+    count = mask.sum(-1, keepdim=True)
+    mean = (values * mask).sum(-1, keepdim=True) / count.clamp(min=1.0)
+    std = ((((values - mean) * mask) ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()
+    masked_max = torch.where(mask.bool(), values, torch.full_like(values, -math.inf)).amax(-1, keepdim=True)
+    masked_min = torch.where(mask.bool(), values, torch.full_like(values, math.inf)).amin(-1, keepdim=True)
+    constant = (count < 2) | ~(masked_max - masked_min > 0)
+    return 1.0 / (std + eps), constant
+
+
+def group_centred_component(
     token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
 ) -> torch.Tensor:
-    """(N, T) group-normalised token component (r_it - mu_g) / (sigma_g + eps), 0 off the mask.
+    """(N, T) "group_centred" component (r_it - mu_g) / (sigma_g + eps), 0 off the mask.
 
     Args:
         token_rewards: (N, T) r_it, rows grouped by prompt in consecutive blocks of `num_generations` (TRL's order).
@@ -273,25 +308,103 @@ def token_advantage_component(
         num_generations: G, the group size.
 
     mu_g and sigma_g (unbiased) are taken over the masked tokens of group g; a group with fewer than two masked
-    tokens, or whose tokens all carry the same value, gets exactly 0.
+    tokens, or whose tokens all carry the same value, gets exactly 0. Every unmarked token (r_it = 0, the eos
+    included) gets -mu_g / (sigma_g + eps): positive whenever the group's marks are negative on average.
     """
     rows, width = token_rewards.shape
-    if rows % num_generations:
-        raise ValueError(
-            f"token_advantage_component: {rows} rows are not a whole number of groups of {num_generations}"
-        )
+    _check_groups(rows, num_generations)
     r = token_rewards.double().reshape(-1, num_generations * width)
     m = mask.double().reshape(-1, num_generations * width)
-    count = m.sum(-1, keepdim=True)
-    mean = (r * m).sum(-1, keepdim=True) / count.clamp(min=1.0)
-    centred = (r - mean) * m
-    std = ((centred**2).sum(-1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()
-    masked_max = torch.where(m.bool(), r, torch.full_like(r, -math.inf)).amax(-1, keepdim=True)
-    masked_min = torch.where(m.bool(), r, torch.full_like(r, math.inf)).amin(-1, keepdim=True)
-    spread = masked_max - masked_min
-    constant = (count < 2) | ~(spread > 0)
-    component = torch.where(constant, torch.zeros_like(centred), centred / (std + eps))
+    mean = (r * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    inverse_scale, constant = _group_scale(r, m, eps)
+    component = torch.where(constant, torch.zeros_like(r), (r - mean) * m * inverse_scale)
     return component.reshape(rows, width).to(token_rewards.dtype)
+
+
+def scaled_component(
+    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
+) -> torch.Tensor:
+    """(N, T) "scaled" component r_it / (sigma_g + eps), 0 off the mask: group_centred without the centring.
+
+    Shapes as `group_centred_component`; sigma_g the same (unbiased std of the group's masked r_it), a constant
+    group (or one with fewer than two masked tokens) gets 0. Unmarked tokens get exactly 0 whatever the marks of
+    the other completions, so a negative span only pushes down the tokens it covers.
+    """
+    rows, width = token_rewards.shape
+    _check_groups(rows, num_generations)
+    r = token_rewards.double().reshape(-1, num_generations * width)
+    m = mask.double().reshape(-1, num_generations * width)
+    inverse_scale, constant = _group_scale(r, m, eps)
+    component = torch.where(constant, torch.zeros_like(r), r * m * inverse_scale)
+    return component.reshape(rows, width).to(token_rewards.dtype)
+
+
+def marked_only_component(
+    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
+) -> torch.Tensor:
+    """(N, T) "marked_only" component: group_centred's value on tokens with r_it != 0, 0 on every other token.
+
+    Shapes as `group_centred_component` (mu_g, sigma_g over all the group's masked tokens). Only the tokens a
+    reward marked get credit; the unmarked ones (the eos included) keep the sequence advantage alone.
+    """
+    centred = group_centred_component(token_rewards, mask, num_generations, eps)
+    return torch.where(token_rewards != 0, centred, torch.zeros_like(centred))
+
+
+def position_baseline_component(
+    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
+) -> torch.Tensor:
+    """(N, T) "position_baseline" component (r_it - b_gt) / (s_g + eps), 0 off the mask.
+
+    Shapes as `group_centred_component`. b_gt is the mean of r_it over the completions i of group g that have a
+    loss token at position t; d_it = r_it - b_gt (exactly 0 at a position whose masked values are all equal,
+    e.g. held by one completion only); s_g the unbiased std of d_it over the group's masked tokens, taken around
+    0 (the d_it of a position sum to 0). A group where every d_it is 0 gets exactly 0. Each token is compared with
+    the other completions' tokens at the same position, so a mark common to the whole group cancels out.
+    """
+    rows, width = token_rewards.shape
+    _check_groups(rows, num_generations)
+    r = token_rewards.double().reshape(-1, num_generations, width)
+    m = mask.double().reshape(-1, num_generations, width)
+    count = m.sum(1, keepdim=True)
+    baseline = (r * m).sum(1, keepdim=True) / count.clamp(min=1.0)
+    masked_max = torch.where(m.bool(), r, torch.full_like(r, -math.inf)).amax(1, keepdim=True)
+    masked_min = torch.where(m.bool(), r, torch.full_like(r, math.inf)).amin(1, keepdim=True)
+    varies = masked_max - masked_min > 0  # (groups, 1, T)
+    deviation = torch.where(varies, (r - baseline) * m, torch.zeros_like(r)).reshape(-1, num_generations * width)
+    flat_mask = m.reshape(-1, num_generations * width)
+    tokens = flat_mask.sum(-1, keepdim=True)
+    std = ((deviation**2).sum(-1, keepdim=True) / (tokens - 1).clamp(min=1.0)).sqrt()
+    constant = (tokens < 2) | ~varies.flatten(1).any(-1, keepdim=True)
+    component = torch.where(constant, torch.zeros_like(deviation), deviation / (std + eps))
+    return component.reshape(rows, width).to(token_rewards.dtype)
+
+
+def return_to_go_component(
+    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
+) -> torch.Tensor:
+    """(N, T) "return_to_go" component R_it / (sigma_g(R) + eps), 0 off the mask, R_it = sum_{s >= t} m_is r_is.
+
+    Shapes as `group_centred_component`. Each token is credited with the token rewards from it to the end of its
+    completion (the tokens that can have caused them), scaled without centring by the unbiased std of R over the
+    group's masked tokens; a group whose masked R are all equal gets exactly 0. A mark at position k lowers
+    every token up to k, none after it.
+    """
+    rows, width = token_rewards.shape
+    _check_groups(rows, num_generations)
+    masked = token_rewards.double() * mask.double()
+    to_go = masked.flip(-1).cumsum(-1).flip(-1) * mask.double()
+    return scaled_component(to_go, mask, num_generations, eps).to(token_rewards.dtype)
+
+
+# GSPOConfig.token_advantage -> its component function (the names are config.TOKEN_ADVANTAGES)
+TOKEN_ADVANTAGE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "group_centred": group_centred_component,
+    "scaled": scaled_component,
+    "marked_only": marked_only_component,
+    "position_baseline": position_baseline_component,
+    "return_to_go": return_to_go_component,
+}
 
 
 class TokenRewardCollector:
@@ -453,6 +566,7 @@ def token_advantages(
     num_generations: int,
     first_row: int,
     weight: float,
+    formulation: str = "group_centred",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO-token advantages of this process's rows, A_it = A_i + weight * component_it, and mean |component|.
 
@@ -462,10 +576,11 @@ def token_advantages(
             TRL's order; unscorable completions' rows of all_mask are 0 (no component, left out of the statistics).
         num_generations: G; groups may straddle processes, hence the statistics over all rows.
         first_row: index of this process's first row in the N rows.
+        formulation: a key of TOKEN_ADVANTAGE_FUNCTIONS (GSPOConfig.token_advantage), the component's formula.
     Returns ((B, T) advantages, () mean |component| over the masked tokens of all rows, 0 when there are none).
     """
     rows, width = mask.shape
-    component = token_advantage_component(all_token_rewards, all_mask, num_generations)
+    component = TOKEN_ADVANTAGE_FUNCTIONS[formulation](all_token_rewards, all_mask, num_generations)
     abs_mean = (component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)
     local = component[first_row : first_row + rows, :width].to(advantages.dtype)
     return advantages.unsqueeze(1) + weight * local * mask, abs_mean
@@ -588,5 +703,6 @@ class TokenRewardsMixin:
             group_size,
             self.accelerator.process_index * advantages.size(0),
             getattr(self.args, "token_advantage_weight", 1.0),
+            getattr(self.args, "token_advantage", TOKEN_ADVANTAGES[0]),
         )
         self._metrics[mode]["token_rewards/component_abs_mean"].append(abs_mean.item())

@@ -231,7 +231,7 @@ def test_token_advantages_are_normalised_over_groups_that_straddle_processes(tmp
     applied to both ranks' rows together (the group statistics cross the process boundary)."""
     import torch
 
-    from trl_gspo.token_rewards import token_advantage_component
+    from trl_gspo.token_rewards import group_centred_component
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--mixed_precision", "no", "--main_process_port", "0", str(WORKER.parent / "token_reward_worker.py")]
@@ -250,9 +250,9 @@ def test_token_advantages_are_normalised_over_groups_that_straddle_processes(tmp
     rewards = torch.cat([padded("token_rewards", r) for r in ranks])
     mask = torch.cat([padded("mask", r) for r in ranks])
     assert rewards.size(0) == 12  # 6 rows per rank, groups of 4: rows 4..7 span both ranks
-    expected = torch.cat([r["sequence_advantages"] for r in ranks]).unsqueeze(1) + token_advantage_component(
+    expected = torch.cat([r["sequence_advantages"] for r in ranks]).unsqueeze(1) + group_centred_component(
         rewards, mask, 4
     )
     got = torch.cat([padded("advantages", r) for r in ranks])
     torch.testing.assert_close(got * mask, expected * mask, atol=1e-5, rtol=1e-5)
-    assert (token_advantage_component(rewards[4:8], mask[4:8], 4) * mask[4:8]).abs().sum() > 0  # a real signal
+    assert (group_centred_component(rewards[4:8], mask[4:8], 4) * mask[4:8]).abs().sum() > 0  # a real signal

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from gspo_examples.compare import ARMS, arm_reward_funcs, late_mean, markdown_table, summarize_run
+from gspo_examples.compare import (
+    ARMS,
+    TrainSettings,
+    arm_reward_funcs,
+    get_arm,
+    late_mean,
+    markdown_table,
+    parse_flags,
+    run_seed,
+    summarize_run,
+)
 from gspo_examples.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +64,63 @@ def test_arm_reward_funcs():
     assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo_token"], sort)] == ["exact_match"]  # no span reward
     dense = arm_reward_funcs(ARMS["gspo_dense"], place)[1]
     assert dense(completions=["abxde", "abcde", ""], answer=["abxde"] * 3) == [0.0, -1.0, -1.0]
+
+
+def test_formulation_arms(capsys):
+    arm = get_arm("gspo_token:position_baseline")
+    assert arm.token_advantage == "position_baseline" and arm.importance_sampling_level == "sequence_token"
+    assert arm.use_span_reward and "position_baseline" in arm.label
+    assert get_arm("gspo_token").token_advantage == "group_centred"
+    for bad in ("gspo_token:centered", "gspo:scaled", "ppo"):
+        with pytest.raises(ValueError, match=rf"unknown arm '{bad}'.*gspo_token:<formulation>"):
+            get_arm(bad)
+    swap = get_task("swap")
+    assert [f.__name__ for f in arm_reward_funcs(arm, swap)] == ["exact_match", "first_mismatch_span"]
+    place = get_task("place")
+    assert [f.__name__ for f in arm_reward_funcs(arm, place, "first_mismatch_span")][1] == "first_mismatch_span"
+    assert [f.__name__ for f in arm_reward_funcs(ARMS["gspo"], place, "first_mismatch_span")] == ["exact_match"]
+    with pytest.raises(SystemExit):
+        parse_flags(["--arms", "gspo", "gspo_token:centered"])
+    assert "unknown arm 'gspo_token:centered'" in capsys.readouterr().err
+    assert parse_flags(["--arms", "gspo_token:scaled", "--jobs", "2"]).arms == ["gspo_token:scaled"]
+
+
+def test_saved_runs_are_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    import gspo_examples.compare as compare
+
+    settings = TrainSettings(steps=3, split_sizes={"train": 16, "dev": 8, "test": 8}, test_rows=8)
+    monkeypatch.setattr("gspo_examples.tasks.prepare_model", lambda *a, **k: (tmp_path / "model", None))
+    monkeypatch.setattr("gspo_examples.tasks.greedy_accuracy", lambda *a, **k: 0.25)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    trained = []
+
+    def fake_run_arm(arm_name, task, seed, model_dir, splits, settings, output_dir):
+        trained.append((arm_name, settings.steps))
+        return {"arm": arm_name, "seed": seed, "accuracy_after": 0.5, "train_seconds": 1.0, "log_history": []}
+
+    monkeypatch.setattr(compare, "run_arm", fake_run_arm)
+    first = run_seed("swap", ["gspo", "gspo_token:scaled"], 0, settings, tmp_path, tmp_path)
+    again = run_seed("swap", ["gspo", "gspo_token:scaled", "grpo"], 0, settings, tmp_path, tmp_path)
+    assert trained == [("gspo", 3), ("gspo_token:scaled", 3), ("grpo", 3)]  # only the new arm trained again
+    assert [r["accuracy_after"] for r in again[:2]] == [r["accuracy_after"] for r in first]
+    run_seed("swap", ["gspo"], 0, TrainSettings(**{**settings.__dict__, "steps": 4}), tmp_path, tmp_path)
+    assert trained[-1] == ("gspo", 4)  # other settings: trained, not reused
+    # a run saved before a settings field existed is reused when the field is at its default
+    saved_path = tmp_path / "run-swap-gspo_token-scaled-seed0.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["settings"]["span_reward"]
+    saved_path.write_text(json.dumps(saved))
+    run_seed("swap", ["gspo_token:scaled"], 0, settings, tmp_path, tmp_path)
+    run_seed(
+        "swap",
+        ["gspo_token:scaled"],
+        0,
+        TrainSettings(**{**settings.__dict__, "span_reward": "x"}),
+        tmp_path,
+        tmp_path,
+    )
+    assert trained[-2:] == [("gspo", 4), ("gspo_token:scaled", 3)]
 
 
 def fake_run(arm, seed, after, rewards, seconds):

@@ -42,6 +42,8 @@ def test_three_tasks_registered():
         ("place", "set 3 x abcde", "abxde"),
         ("place", "set 1 a abcde", "abcde"),
         ("place", "set 5 q zzzzz", "zzzzq"),
+        ("swap", "swap 2 abcde", "acbde"),
+        ("swap", "swap 4 abcde", "abced"),
     ],
 )
 def test_checker_known_examples(task, prompt, answer):
@@ -61,6 +63,14 @@ def test_checker_rejects_near_misses():
     assert not TASKS["add"].check("47+85=", "1 32")
 
 
+def swapped_letters(text):
+    """swap k word: the word with its letters k and k+1 (1-based) exchanged."""
+    _, position, word = text.split()
+    letters, k = list(word), int(position) - 1
+    letters[k], letters[k + 1] = letters[k + 1], letters[k]
+    return "".join(letters)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_rows_answers_agree_with_an_independent_solution(name):
     independent = {
@@ -70,6 +80,7 @@ def test_rows_answers_agree_with_an_independent_solution(name):
         "place": lambda text: "".join(
             text.split()[2] if k + 1 == int(text.split()[1]) else c for k, c in enumerate(text.split()[3])
         ),
+        "swap": swapped_letters,
     }[name]
     rows = make_splits(name, seed=3, sizes={"train": 200, "dev": 0, "test": 0})["train"]
     for row in rows:

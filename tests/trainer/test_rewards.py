@@ -220,6 +220,7 @@ def test_registry_contents():
         "soft_overlong_penalty",
         "exact_match",
         "mismatch_spans",
+        "first_mismatch_span",
     }
     assert REWARD_FACTORIES <= set(REWARD_FUNCS)
 

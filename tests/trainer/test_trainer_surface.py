@@ -71,7 +71,7 @@ def test_banner_names_world_backend_precision_and_gspo_settings(tmp_path):
     assert line.endswith("(on-policy: the ratio is 1)")  # no switch on, none named
     switched = small_config(tmp_path, padding_free=True, importance_sampling_level="sequence_token")
     assert start_banner(1, "single process", "no", switched, "cpu").endswith(
-        "| padding_free, token_advantage_weight=1"
+        "| padding_free, token_advantage_weight=1, token_advantage=group_centred"
     )
 
 

@@ -6,6 +6,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import completion_length_reward, small_trainer
+from helpers import reference_token_component
 
 import trl_gspo.token_rewards as token_rewards_module
 from trl_gspo.objective import compute_policy_objective
@@ -32,6 +33,34 @@ def parameters(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def naive_token_advantages(tokenizer, out, group_size, weight, formulation):
+    """float64 reference for rewards [completion_length_reward, first_char_span]: TRL's sequence advantage from the
+    plain reward plus the spans' sums, plus weight times the token component (helpers.reference_token_component)."""
+    mask = out["completion_mask"].float()
+    texts = tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    seq_rewards, token_rewards = [], []
+    width = out["completion_ids"].size(1)
+    for i, text in enumerate(texts):
+        ids = out["completion_ids"][i, : int(mask[i].sum())].tolist()
+        values, position = [], 0
+        for token_id in ids:  # each token's characters, decoded on its own; special tokens (eos, unk) have none
+            chars = len(tokenizer.decode([token_id], skip_special_tokens=True))
+            values.append(0.0 if chars == 0 or len(text) < 2 else (-1.0 if position == 0 else 0.5))
+            position += chars
+        token_rewards.append(values + [0.0] * (width - len(values)))
+        seq_rewards.append(float(len(text) % 4) + (-0.5 if len(text) > 1 else 0.0))
+    component = reference_token_component(formulation, token_rewards, mask.tolist(), group_size)
+    expected = torch.zeros(len(texts), width, dtype=torch.float64)
+    for g in range(0, len(texts), group_size):
+        group = seq_rewards[g : g + group_size]
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+        for i in range(g, g + group_size):
+            for t in range(int(mask[i].sum())):
+                expected[i, t] = (seq_rewards[i] - mean) / (std + 1e-4) + weight * component[i][t]
+    return expected
+
+
 def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_model, tokenizer, tmp_path):
     trainer = make_trainer(
         make_model, tokenizer, tmp_path, [completion_length_reward, first_char_span], token_advantage_weight=0.5
@@ -43,32 +72,7 @@ def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_mode
     advantages, mask = out["advantages"], out["completion_mask"].float()
     assert advantages.shape == out["completion_ids"].shape
 
-    # naive float64 reference: TRL's sequence advantage from the plain reward plus the spans' sums, then the token part
-    texts = tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
-    G, B = trainer.num_generations, len(rows)
-    seq_rewards = []
-    token_rewards = []
-    for i, text in enumerate(texts):
-        ids = out["completion_ids"][i, : int(mask[i].sum())].tolist()
-        values, position = [], 0
-        for token_id in ids:  # each token's characters, decoded on its own; special tokens (eos, unk) have none
-            chars = len(tokenizer.decode([token_id], skip_special_tokens=True))
-            values.append(0.0 if chars == 0 or len(text) < 2 else (-1.0 if position == 0 else 0.5))
-            position += chars
-        token_rewards.append(values)
-        seq_rewards.append(float(len(text) % 4) + (-0.5 if len(text) > 1 else 0.0))
-    expected = torch.zeros(B, advantages.size(1), dtype=torch.float64)
-    for g in range(0, B, G):
-        group = seq_rewards[g : g + G]
-        mean = sum(group) / G
-        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1))
-        tokens = [v for values in token_rewards[g : g + G] for v in values]
-        t_mean = sum(tokens) / len(tokens)
-        t_std = math.sqrt(sum((v - t_mean) ** 2 for v in tokens) / (len(tokens) - 1))
-        for i in range(g, g + G):
-            for t, v in enumerate(token_rewards[i]):
-                token_part = 0.0 if t_std == 0 else (v - t_mean) / (t_std + 1e-4)
-                expected[i, t] = (seq_rewards[i] - mean) / (std + 1e-4) + 0.5 * token_part
+    expected = naive_token_advantages(tokenizer, out, trainer.num_generations, 0.5, "group_centred")
     torch.testing.assert_close(advantages.double() * mask, expected, atol=1e-4, rtol=1e-4)
     assert (advantages * mask).std(dim=1).max() > 0.1  # the token component really varies along sequences
 
@@ -97,6 +101,23 @@ def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_mode
     for name in ("diversity/distinct_fraction", "length/group_mean", "signal/zero_variance_groups"):
         assert len(metrics[name]) == 1
     assert metrics["token_rewards/component_abs_mean"][0] > 0
+
+
+@pytest.mark.parametrize("formulation", ["scaled", "marked_only", "position_baseline", "return_to_go"])
+def test_token_advantage_formulation_reaches_the_advantages(make_model, tokenizer, tmp_path, formulation):
+    trainer = make_trainer(
+        make_model,
+        tokenizer,
+        tmp_path,
+        [completion_length_reward, first_char_span],
+        token_advantage_weight=0.5,
+        token_advantage=formulation,
+    )
+    trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rollout_rows(trainer))
+    expected = naive_token_advantages(tokenizer, out, trainer.num_generations, 0.5, formulation)
+    torch.testing.assert_close(out["advantages"].double() * out["completion_mask"], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_training_with_mixed_rewards_runs_and_changes_the_model(make_model, tokenizer, tmp_path):

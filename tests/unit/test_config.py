@@ -271,6 +271,7 @@ def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
             dict(token_advantage_weight=0.5, importance_sampling_level="token", epsilon=0.2),
             r"token_advantage_weight=0.5 .* not 'token'",
         ),
+        (dict(token_advantage="scaled"), r"token_advantage='scaled' is only used with .*'sequence_token'"),
         (dict(padding_free_row_tokens=64), r"padding_free_row_tokens=64 needs padding_free=True"),
         (
             dict(rollout_logprobs_check_interval=1),
@@ -288,6 +289,7 @@ def test_settings_with_effect_do_not_warn(tmp_path):
         warnings.simplefilter("error", GSPOUnusedSettingWarning)
         make(tmp_path)
         make(tmp_path, token_advantage_weight=0.5, importance_sampling_level="sequence_token")
+        make(tmp_path, token_advantage="return_to_go", importance_sampling_level="sequence_token")
         make(tmp_path, padding_free=True, padding_free_row_tokens=64)
         make(tmp_path, use_rollout_logprobs=True, rollout_logprobs_check_interval=1)
 

@@ -2,19 +2,21 @@
 
 import math
 import random
-import statistics
 
 import pytest
 import torch
+from helpers import reference_token_component
 
+from trl_gspo.config import TOKEN_ADVANTAGES
 from trl_gspo.token_rewards import (
+    TOKEN_ADVANTAGE_FUNCTIONS,
     TokenRewardCollector,
     TokenRewardError,
     check_token_reward_level,
     check_token_values,
+    group_centred_component,
     output_kind,
     spans_to_token_values,
-    token_advantage_component,
     token_char_offsets,
     token_level_reward,
 )
@@ -119,24 +121,57 @@ def test_check_token_values():
         check_token_values([1, float("nan"), 0], 3, "f", 0)
 
 
-def naive_token_component(rewards, mask, group_size, eps=1e-4):
-    """float64 loops: per group, mean and unbiased std over the masked tokens; (r - mean) / (std + eps)."""
-    rows, width = len(rewards), len(rewards[0])
-    out = [[0.0] * width for _ in range(rows)]
-    for g in range(0, rows, group_size):
-        values = [rewards[i][t] for i in range(g, g + group_size) for t in range(width) if mask[i][t]]
-        if len(values) < 2 or max(values) == min(values):
-            continue
-        mean = math.fsum(values) / len(values)
-        std = statistics.stdev(values)
-        for i in range(g, g + group_size):
-            for t in range(width):
-                if mask[i][t]:
-                    out[i][t] = (rewards[i][t] - mean) / (std + eps)
-    return out
+def span_like_batch(seed=0, group_size=4, groups=4, width=7):
+    """Rewards (mostly 0, marks of -1, -0.5 or 1), masks with gaps (tool tokens) and two degenerate groups."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = group_size * groups
+    marks = torch.tensor([-1.0, -0.5, 1.0])[torch.randint(0, 3, (rows, width), generator=generator)]
+    rewards = torch.where(torch.rand(rows, width, generator=generator) < 0.3, marks, torch.zeros(rows, width))
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    mask = (torch.arange(width) < lengths.unsqueeze(1)).float()
+    mask[1, 0] = 0.0  # a tool token inside a completion
+    rewards[group_size : 2 * group_size] = 0.5  # a constant group
+    mask[2 * group_size : 3 * group_size] = 0.0
+    mask[2 * group_size, 0] = 1.0  # a group with one loss token
+    return rewards, mask, group_size
 
 
-def test_token_advantage_component_matches_naive_reference():
+@pytest.mark.parametrize("formulation", TOKEN_ADVANTAGES)
+def test_token_advantage_formulations_match_naive_references(formulation):
+    assert set(TOKEN_ADVANTAGE_FUNCTIONS) == set(TOKEN_ADVANTAGES)
+    component = TOKEN_ADVANTAGE_FUNCTIONS[formulation]
+    for seed in range(3):
+        rewards, mask, group_size = span_like_batch(seed)
+        got = component(rewards, mask, group_size)
+        expected = reference_token_component(formulation, rewards.tolist(), mask.tolist(), group_size)
+        torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+        assert got.dtype == rewards.dtype
+        assert torch.all(got[mask == 0] == 0)
+        assert torch.all(got[2 * group_size : 3 * group_size] == 0)  # one loss token: no contrast
+        assert got[3 * group_size :].abs().sum() > 0  # a real signal where the group has one
+        # a group with no token rewards gets exactly 0 (a run without them trains as GSPO)
+        assert torch.all(component(torch.zeros_like(rewards), mask, group_size) == 0)
+    with pytest.raises(ValueError, match="groups of 5"):
+        component(rewards, mask, 5)
+
+
+def test_formulations_differ_on_unmarked_tokens_and_common_marks():
+    # one group of 3 completions of 3 tokens, the last an eos without characters: every completion has its
+    # first character marked wrong, the second completion its second character too
+    rewards = torch.tensor([[-1.0, 0.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
+    mask = torch.ones(3, 3)
+    centred = TOKEN_ADVANTAGE_FUNCTIONS["group_centred"](rewards, mask, 3)
+    assert torch.all(centred[:, 2] > 0)  # the eos gains credit from the others' marks: ending early pays
+    for name in ("scaled", "marked_only", "position_baseline", "return_to_go"):
+        assert torch.all(TOKEN_ADVANTAGE_FUNCTIONS[name](rewards, mask, 3)[:, 2] == 0), name
+    baseline = TOKEN_ADVANTAGE_FUNCTIONS["position_baseline"](rewards, mask, 3)
+    assert torch.all(baseline[:, 0] == 0)  # a mark every completion shares at that position cancels out
+    assert baseline[1, 1] < 0 < baseline[0, 1]
+    to_go = TOKEN_ADVANTAGE_FUNCTIONS["return_to_go"](rewards, mask, 3)
+    assert to_go[1, 0] < to_go[0, 0] < 0  # the later mistake also lowers the tokens before it
+
+
+def test_group_centred_component_matches_naive_reference():
     torch.manual_seed(0)
     group_size, rows, width = 4, 12, 7
     rewards = torch.randn(rows, width)
@@ -144,13 +179,13 @@ def test_token_advantage_component_matches_naive_reference():
     lengths = torch.randint(0, width + 1, (rows,))
     lengths[8:12] = torch.tensor([0, 0, 0, 1])  # one masked token only: 0
     mask = (torch.arange(width) < lengths.unsqueeze(1)).float()
-    got = token_advantage_component(rewards, mask, group_size)
-    expected = torch.tensor(naive_token_component(rewards.tolist(), mask.tolist(), group_size), dtype=torch.float64)
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    got = group_centred_component(rewards, mask, group_size)
+    expected = reference_token_component("group_centred", rewards.tolist(), mask.tolist(), group_size)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
     assert torch.all(got[4:] == 0)
     assert torch.all(got[mask == 0] == 0)
     with pytest.raises(ValueError, match="groups of 5"):
-        token_advantage_component(rewards, mask, 5)
+        group_centred_component(rewards, mask, 5)
 
 
 @token_level_reward
@@ -219,6 +254,23 @@ def test_token_advantage_weight_is_validated(weight, tmp_path):
         GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage_weight=weight)
 
 
+def test_token_advantage_is_validated(tmp_path):
+    from trl_gspo import GSPOConfig
+
+    for name in TOKEN_ADVANTAGES:
+        assert (
+            GSPOConfig(
+                output_dir=str(tmp_path),
+                use_cpu=True,
+                importance_sampling_level="sequence_token",
+                token_advantage=name,
+            ).token_advantage
+            == name
+        )
+    with pytest.raises(ValueError, match=r"token_advantage='centered' must be one of group_centred, scaled, "):
+        GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage="centered")
+
+
 def naive_mismatch_total(text, gold):
     """Number of mistakes: wrong positions, one for any surplus, one for stopping short (-1 for an empty text)."""
     if not text:
@@ -248,6 +300,34 @@ def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
         assert total == naive_mismatch_total(text, gold)
         if not isinstance(out, float):  # valid spans: inside the text, disjoint
             spans_to_token_values(out, [(k, k + 1) for k in range(len(text))], len(text), "mismatch_spans", 0)
+
+
+def test_first_mismatch_span_marks_the_first_wrong_character_only():
+    from gspo_examples.tasks import get_task
+    from trl_gspo.rewards import exact_match, first_mismatch_span
+
+    assert get_task("swap").span_reward == "first_mismatch_span"
+    assert first_mismatch_span(["acbde", "abcde", "acbdex", "acb", "xxxxx", ""], ["acbde"] * 6) == [
+        [],
+        [(1, 2, -1.0)],
+        [(5, 6, -1.0)],
+        [(2, 3, -1.0)],
+        [(0, 1, -1.0)],
+        -1.0,
+    ]
+    rng = random.Random(2)
+    for _ in range(200):
+        gold = "".join(rng.choice("ab") for _ in range(5))
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
+        (out,) = first_mismatch_span([text], [gold])
+        assert sum(v for _, _, v in out) == exact_match([text], [gold])[0] - 1  # no more than exact match says
+        wrong = [k for k in range(len(text)) if k >= len(gold) or text[k] != gold[k]]
+        if wrong:
+            assert out == [(wrong[0], wrong[0] + 1, -1.0)]
+        elif len(text) < len(gold):
+            assert out == [(len(text) - 1, len(text), -1.0)]
+        else:
+            assert out == []
 
 
 def test_tensor_and_numpy_outputs_are_accepted():
