@@ -244,10 +244,11 @@ def table(results: list[dict]) -> str:
 
 COLORS = dict(zip(VARIANTS, ["tab:blue", "tab:green", "tab:olive", "tab:red", "tab:purple", "tab:orange"]))
 PANELS = [
-    ("heldout_accuracy", "held-out greedy accuracy (monitor rows)", None),
+    ("heldout_accuracy", "held-out greedy accuracy", None),
     ("reward", "mean rollout reward", None),
-    ("moe/routing_drift/token_layer", "routing drift (token, layer) vs pi_old", "moved"),
-    ("clip_ratio/region_mean", "clipped fraction (GSPO: sequences, GRPO: tokens), steps 2-4", "moved"),
+    ("moe/routing_drift/token_layer", "routing drift (token, layer)", "moved"),
+    ("clip_ratio/region_mean", "clipped (GSPO: seq., GRPO: tokens)", "moved"),
+    ("gspo/first_step_outside_clip_band", "GSPO seq. outside clip band, step 1", None),
 ]
 
 
@@ -264,7 +265,8 @@ def _mean_curve(runs, key, which):
 
 
 def plot(results: list[dict], path: Path) -> Path:
-    """One row per generation precision: accuracy, reward, drift and clip curves (means over seeds per variant)."""
+    """One row per generation precision: accuracy, reward, drift (steps 2-4 of each rollout), clip fraction (steps
+    2-4) and the share of sequences outside GSPO's clip band at each rollout's first step; means over seeds."""
     from trl_gspo.plotting import _pyplot
 
     plt = _pyplot()
@@ -278,7 +280,8 @@ def plot(results: list[dict], path: Path) -> Path:
                 steps, values = _mean_curve(runs, key, which)
                 if steps:
                     ax.plot(steps, values, color=COLORS[variant], lw=1.2, label=variant)
-            ax.set(title=f"{generation} generation: {title}", xlabel="optimizer step")
+            ax.set(title=title, xlabel="optimizer step")
+        row[0].set_ylabel(f"{generation} generation")
         row[0].legend(fontsize=7)
     return save_figure(fig, path)
 
