@@ -63,6 +63,8 @@ MOE_MODEL = {
     "num_experts": 8,
     "num_experts_per_tok": 2,
 }
+# the dense control: the MoE's shape with one MLP as wide as its two active experts (routing replay refuses it)
+DENSE_MODEL = {"model_type": "qwen3", "num_layers": 4, "intermediate_size": 256}
 TINY_MODEL = {"model_type": "qwen3_moe", "hidden_size": 32, "num_layers": 2, "intermediate_size": 32}
 TINY_SPLITS = {"train": 64, "dev": 16, "test": 16}
 STEPS_PER_GENERATION = 4
@@ -296,6 +298,7 @@ def parse_flags(argv=None):
     parser.add_argument("--eval-every", type=int, default=8, help="held-out accuracy every this many steps")
     parser.add_argument("--monitor-rows", type=int, default=128, help="test prompts in the held-out curve")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (one CPU thread each)")
+    parser.add_argument("--dense", action="store_true", help="the dense control model (DENSE_MODEL) instead")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer hidden-32 MoE and 64/16/16 splits (tests)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/moe_experiment"))
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/trl_gspo"))
@@ -320,6 +323,8 @@ def run_grid(flags) -> tuple[dict, list[dict]]:
     from gspo_examples.tasks import make_splits, prepare_model
 
     model_kwargs, split_sizes = (TINY_MODEL, TINY_SPLITS) if flags.tiny else (MOE_MODEL, None)
+    if flags.dense:
+        model_kwargs = DENSE_MODEL
     model_dir, info = prepare_model(
         TASK,
         seed=0,
