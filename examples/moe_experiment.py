@@ -2,6 +2,7 @@
 
     python scripts/moe_experiment.py                      # default: 1 seed, both engines, every variant
     python scripts/moe_experiment.py --seeds 0 1 2 3 4 --workers 2 --output-dir runs/moe_experiment_5seeds
+    python scripts/moe_experiment.py --dense --variants gspo grpo     # the dense control (no routing)
 
 Two sources of off-policy training, as in the paper's MoE claim: minibatch staleness (4 optimizer steps per rollout,
 a learning rate high enough for the routers to move) and a rollout engine that disagrees with the trainer. vLLM

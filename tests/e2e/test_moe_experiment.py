@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from gspo_examples.moe_experiment import ROLLOUT_PI_OLD, STEPS_PER_GENERATION, VARIANTS, summarize
+from gspo_examples.moe_experiment import (
+    DENSE_MODEL,
+    MOE_MODEL,
+    ROLLOUT_PI_OLD,
+    STEPS_PER_GENERATION,
+    VARIANTS,
+    summarize,
+)
 from trl_gspo import GSPOConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +44,12 @@ def test_every_variant_is_accepted_and_replay_with_rollout_pi_old_is_refused(tmp
         assert not any(f.get(replay) and f.get("use_rollout_logprobs") for f in VARIANTS.values())
         with pytest.raises(ValueError, match=f"{replay}=True cannot be combined with use_rollout_logprobs"):
             config(tmp_path, **VARIANTS["gspo"], **ROLLOUT_PI_OLD, **{replay: True})
+
+
+def test_dense_control_matches_the_moe_active_width_and_depth():
+    assert DENSE_MODEL["model_type"] != MOE_MODEL["model_type"]
+    assert DENSE_MODEL["num_layers"] == MOE_MODEL["num_layers"]
+    assert DENSE_MODEL["intermediate_size"] == MOE_MODEL["intermediate_size"] * MOE_MODEL["num_experts_per_tok"]
 
 
 def test_summary_splits_each_rollout_into_its_first_step_and_the_moved_ones():
