@@ -60,10 +60,9 @@ CPU_PLAN = dict(
     cost=dict(shape=TINY_SHAPE, batch_size=1, length=16),
     ab=dict(shape="tiny", num_layers=2, completion_length=32, steps=5),
 )
-# The MoE settings run in section 5. Rollout routing replay (R3: the inference engine's routing replayed in
-# training) is not part of this package yet: add its GSPOConfig fields here when it is.
-MOE_SETTINGS = {"drift": {}, "R2": {"routing_replay": True}}
-R3_NOTE = "R3 (rollout routing replay) skipped: not implemented in trl_gspo yet (add it to MOE_SETTINGS)"
+# The MoE settings run in section 5: the drift metric alone, replay of pi_old's experts (R2), replay of the experts
+# transformers generation chose (R3)
+MOE_SETTINGS = {"drift": {}, "R2": {"routing_replay": True}, "R3": {"rollout_routing_replay": True}}
 FIRST_STEP = "gspo/first_step_outside_clip_band"
 
 
@@ -141,8 +140,8 @@ def length_reward(completions, **kwargs):
     return [float(len(c) % 4) for c in completions]
 
 
-def first_step(device: str) -> dict:
-    """Every ratio exactly 1 at learning rate 0, padded and packed, per precision (fp16 only where it runs fp16)."""
+def train_tiny(device: str, model_type: str, **overrides):
+    """Train a tiny random model 4 steps (one rollout of 4 optimizer steps) on 64 prompts; the trainer and its logs."""
     from datasets import Dataset
 
     from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
@@ -150,41 +149,50 @@ def first_step(device: str) -> dict:
 
     tokenizer = build_char_tokenizer()
     dataset = Dataset.from_dict({"prompt": [f"{i}+{i % 7}=" for i in range(64)]})
+    with tempfile.TemporaryDirectory(prefix="gspo-gpu-check-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings = dict(
+            output_dir=tmp,
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=16,
+            steps_per_generation=4,
+            max_steps=4,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=device == "cpu",
+            disable_tqdm=True,
+            seed=0,
+        )
+        args = GSPOConfig(**{**settings, **overrides})
+        trainer = GSPOTrainer(
+            model=build_tiny_causal_lm(tokenizer, model_type=model_type, hidden_size=64),
+            reward_funcs=length_reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def first_step(device: str) -> dict:
+    """Every ratio exactly 1 at learning rate 0, padded and packed, per precision (fp16 only where it runs fp16)."""
     precisions = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
     runs = []
     for precision_name in precisions:
         for padding_free in (False, True):
-            with tempfile.TemporaryDirectory(prefix="gspo-first-step-") as tmp, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                args = GSPOConfig(
-                    output_dir=tmp,
-                    per_device_train_batch_size=8,
-                    num_generations=4,
-                    max_completion_length=16,
-                    steps_per_generation=4,
-                    gradient_accumulation_steps=2,
-                    learning_rate=0.0,
-                    max_steps=4,
-                    logging_steps=1,
-                    report_to="none",
-                    save_strategy="no",
-                    use_cpu=device == "cpu",
-                    bf16=precision_name == "bf16",
-                    fp16=precision_name == "fp16",
-                    padding_free=padding_free,
-                    padding_free_row_tokens=200 if padding_free else None,  # several sequences share a row
-                    disable_tqdm=True,
-                    seed=0,
-                )
-                trainer = GSPOTrainer(
-                    model=build_tiny_causal_lm(tokenizer, model_type="qwen2", hidden_size=64),
-                    reward_funcs=length_reward,
-                    args=args,
-                    train_dataset=dataset,
-                    processing_class=tokenizer,
-                )
-                trainer.train()
-            logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+            trainer, logs = train_tiny(
+                device,
+                "qwen2",
+                learning_rate=0.0,
+                gradient_accumulation_steps=2,
+                bf16=precision_name == "bf16",
+                fp16=precision_name == "fp16",
+                padding_free=padding_free,
+                padding_free_row_tokens=200 if padding_free else None,  # several sequences share a row
+            )
             ratios = [(entry["gspo/seq_ratio/min"], entry["gspo/seq_ratio/max"]) for entry in logs]
             first = [entry[FIRST_STEP] for entry in logs if FIRST_STEP in entry]
             runs.append(
@@ -259,48 +267,14 @@ def trainer_ab(device: str, plan: dict) -> dict:
 
 
 def moe(device: str) -> dict:
-    from datasets import Dataset
-
-    from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
-    from trl_gspo import GSPOConfig, GSPOTrainer
-
-    tokenizer = build_char_tokenizer()
-    dataset = Dataset.from_dict({"prompt": [f"{i}+{i % 7}=" for i in range(64)]})
+    """One rollout of 4 bf16 steps on a tiny Qwen3-MoE per setting of MOE_SETTINGS, with its moe/* metrics."""
+    keep = ("loss", "gspo/seq_ratio/min", "gspo/seq_ratio/max", FIRST_STEP, "clip_ratio/region_mean")
     results = {}
     for label, overrides in MOE_SETTINGS.items():
-        with tempfile.TemporaryDirectory(prefix="gspo-moe-") as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            args = GSPOConfig(
-                output_dir=tmp,
-                per_device_train_batch_size=8,
-                num_generations=4,
-                max_completion_length=16,
-                steps_per_generation=4,
-                learning_rate=1e-3,
-                max_steps=4,
-                logging_steps=1,
-                report_to="none",
-                save_strategy="no",
-                use_cpu=device == "cpu",
-                bf16=True,
-                disable_tqdm=True,
-                seed=0,
-                **overrides,
-            )
-            trainer = GSPOTrainer(
-                model=build_tiny_causal_lm(tokenizer, model_type="qwen3_moe", hidden_size=64),
-                reward_funcs=length_reward,
-                args=args,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-            )
-            trainer.train()
-        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        keep = ("loss", "gspo/seq_ratio/min", "gspo/seq_ratio/max", FIRST_STEP, "clip_ratio/region_mean")
+        _, logs = train_tiny(device, "qwen3_moe", learning_rate=1e-3, bf16=True, **overrides)
         results[label] = [
             {key: value for key, value in entry.items() if key in keep or key.startswith("moe/")} for entry in logs
         ]
-    results["R3"] = R3_NOTE
     return results
 
 
