@@ -104,6 +104,12 @@ def _add_parse(text: str) -> tuple:
     return int(a), int(b)
 
 
+def _sample_mixed_width(rng: random.Random) -> int:
+    """A number of 1, 2 or 3 digits (each width equally likely): answers of add_mixed vary from 1 to 4 digits."""
+    width = rng.randint(1, 3)
+    return rng.randint(0 if width == 1 else 10 ** (width - 1), 10**width - 1)
+
+
 def _place_parse(text: str) -> tuple:
     head, position, letter, word = text.split(" ")
     if head != "set" or position not in "12345" or len(position) != 1 or len(letter) != 1 or len(word) != 5:
@@ -156,6 +162,15 @@ TASKS: dict[str, Task] = {
         parse=_add_parse,
         solve=lambda ops: str(ops[0] + ops[1]),
         max_answer_length=3,
+    ),
+    "add_mixed": Task(
+        name="add_mixed",
+        description="add two numbers of 1 to 3 digits (answers of 1 to 4 digits: a length-bias probe)",
+        sample=lambda rng: (_sample_mixed_width(rng), _sample_mixed_width(rng)),
+        prompt=lambda ops: f"{ops[0]}+{ops[1]}=",
+        parse=_add_parse,
+        solve=lambda ops: str(ops[0] + ops[1]),
+        max_answer_length=4,
     ),
     "place": Task(
         name="place",
@@ -291,7 +306,17 @@ def greedy_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 25
     if not rows:
         raise ValueError("greedy_accuracy: no rows to evaluate")
     completions = greedy_completions(model, tokenizer, rows, batch_size, max_new_tokens)
+    return completion_accuracy(completions, rows)
+
+
+def completion_accuracy(completions: Sequence[str], rows: Sequence[dict]) -> float:
+    """Fraction of `completions` that score 1 under `exact_match` against their row's answer."""
     return sum(exact_match(completions, answer=[row["answer"] for row in rows])) / len(rows)
+
+
+def length_gap(completions: Sequence[str], rows: Sequence[dict]) -> float:
+    """Mean of (characters of the stripped completion - characters of the answer): < 0 when answers come out short."""
+    return sum(len(text.strip()) - len(row["answer"]) for text, row in zip(completions, rows, strict=True)) / len(rows)
 
 
 class WarmStartError(RuntimeError):
@@ -548,8 +573,8 @@ def prepare_tiny_recipe(script_args, training_args, model_args, *, task: str) ->
 class HeldoutAccuracyCallback(TrainerCallback):
     """Every `every` optimizer steps (and before the first), log greedy exact-match accuracy on `rows`.
 
-    The value goes into `state.log_history` as `{"heldout_accuracy": ..., "step": ...}`, the form `Trainer.log`
-    writes, so it is saved in trainer_state.json and drawn by trl_gspo.plotting; `history` keeps (step, accuracy)
+    The values go into `state.log_history` as `{"heldout_accuracy": ..., "heldout_length_gap": ..., "step": ...}`
+    (`length_gap` of the same greedy completions), the form `Trainer.log` writes, so it is saved in trainer_state.json and drawn by trl_gspo.plotting; `history` keeps (step, accuracy)
     pairs. With `log`, each measurement is also reported as a line of text (with the latest mean rollout reward).
     """
 
@@ -558,8 +583,15 @@ class HeldoutAccuracyCallback(TrainerCallback):
         self.history: list[tuple[int, float]] = []
 
     def _record(self, state, model):
-        accuracy = greedy_accuracy(model, self.tokenizer, self.rows)
-        state.log_history.append({"heldout_accuracy": accuracy, "step": state.global_step})
+        completions = greedy_completions(model, self.tokenizer, self.rows)
+        accuracy = completion_accuracy(completions, self.rows)
+        state.log_history.append(
+            {
+                "heldout_accuracy": accuracy,
+                "heldout_length_gap": length_gap(completions, self.rows),
+                "step": state.global_step,
+            }
+        )
         self.history.append((state.global_step, accuracy))
         if self.log is None:
             return
