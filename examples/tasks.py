@@ -97,17 +97,18 @@ def _reverse_parse(text: str) -> tuple:
     return tuple(letters)
 
 
+def _reverse_mixed_parse(text: str) -> tuple:
+    head, letters = text.split(" ")
+    if head != "reverse" or not 2 <= len(letters) <= 7 or not letters.isalpha():
+        raise ValueError(f"not a reverse_mixed prompt: {text!r}")
+    return tuple(letters)
+
+
 def _add_parse(text: str) -> tuple:
     if not text.endswith("=") or text.count("+") != 1:
         raise ValueError(f"not an add prompt: {text!r}")
     a, b = text[:-1].split("+")
     return int(a), int(b)
-
-
-def _sample_mixed_width(rng: random.Random) -> int:
-    """A number of 1, 2 or 3 digits (each width equally likely): answers of add_mixed vary from 1 to 4 digits."""
-    width = rng.randint(1, 3)
-    return rng.randint(0 if width == 1 else 10 ** (width - 1), 10**width - 1)
 
 
 def _place_parse(text: str) -> tuple:
@@ -154,6 +155,15 @@ TASKS: dict[str, Task] = {
         solve=lambda ops: "".join(reversed(ops)),
         max_answer_length=5,
     ),
+    "reverse_mixed": Task(
+        name="reverse_mixed",
+        description="reverse 2 to 7 lowercase letters (answers of every length in between: a length-bias probe)",
+        sample=lambda rng: tuple(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7))),
+        prompt=lambda ops: "reverse " + "".join(ops),
+        parse=_reverse_mixed_parse,
+        solve=lambda ops: "".join(reversed(ops)),
+        max_answer_length=7,
+    ),
     "add": Task(
         name="add",
         description="add two 2-digit numbers",
@@ -162,15 +172,6 @@ TASKS: dict[str, Task] = {
         parse=_add_parse,
         solve=lambda ops: str(ops[0] + ops[1]),
         max_answer_length=3,
-    ),
-    "add_mixed": Task(
-        name="add_mixed",
-        description="add two numbers of 1 to 3 digits (answers of 1 to 4 digits: a length-bias probe)",
-        sample=lambda rng: (_sample_mixed_width(rng), _sample_mixed_width(rng)),
-        prompt=lambda ops: f"{ops[0]}+{ops[1]}=",
-        parse=_add_parse,
-        solve=lambda ops: str(ops[0] + ops[1]),
-        max_answer_length=4,
     ),
     "place": Task(
         name="place",

@@ -38,6 +38,8 @@ def test_three_tasks_registered():
         ("sort_digits", "sort 00900", "00009"),
         ("reverse", "reverse bdzqa", "aqzdb"),
         ("reverse", "reverse abcba", "abcba"),
+        ("reverse_mixed", "reverse ab", "ba"),
+        ("reverse_mixed", "reverse bdzqaxy", "yxaqzdb"),
         ("add", "47+85=", "132"),
         ("add", "10+10=", "20"),
         ("add", "99+99=", "198"),
@@ -65,6 +67,12 @@ def test_checker_rejects_near_misses():
     assert not TASKS["add"].check("47+85=", "1 32")
 
 
+@pytest.mark.parametrize("prompt", ["reverse a", "reverse abcdefgh", "reverse ab1", "sort ab"])
+def test_reverse_mixed_refuses_prompts_outside_its_lengths(prompt):
+    with pytest.raises(ValueError, match="not a reverse_mixed prompt"):
+        TASKS["reverse_mixed"].check(prompt, "x")
+
+
 def swapped_letters(text):
     """swap k word: the word with its letters k and k+1 (1-based) exchanged."""
     _, position, word = text.split()
@@ -79,7 +87,7 @@ def test_rows_answers_agree_with_an_independent_solution(name):
         "sort_digits": lambda text: "".join(sorted(text.split()[1])),
         "reverse": lambda text: text.split()[1][::-1],
         "add": lambda text: str(sum(int(x) for x in text.rstrip("=").split("+"))),
-        "add_mixed": lambda text: str(sum(int(x) for x in text.rstrip("=").split("+"))),
+        "reverse_mixed": lambda text: text.split()[1][::-1],
         "place": lambda text: "".join(
             text.split()[2] if k + 1 == int(text.split()[1]) else c for k, c in enumerate(text.split()[3])
         ),
@@ -93,10 +101,8 @@ def test_rows_answers_agree_with_an_independent_solution(name):
     if name == "add":
         a, b = (int(x) for x in prompt_text(rows[0]["prompt"]).rstrip("=").split("+"))
         assert 10 <= a <= 99 and 10 <= b <= 99
-    elif name == "add_mixed":  # operands of every width 1-3, so answers of several lengths
-        widths = {len(x) for row in rows for x in prompt_text(row["prompt"]).rstrip("=").split("+")}
-        assert widths == {1, 2, 3}
-        assert {len(row["answer"]) for row in rows} >= {2, 3, 4}
+    elif name == "reverse_mixed":  # every answer length from 2 to 7 letters
+        assert {len(row["answer"]) for row in rows} == set(range(2, 8))
     else:
         assert all(len(row["answer"]) == 5 for row in rows)
 
