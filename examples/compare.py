@@ -364,24 +364,36 @@ def per_seed_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_length_difference(run: dict, reference: dict) -> float:
+    """Mean over the steps both logged of `length/group_mean` minus the reference run's. With the same seed both
+    arms draw the same prompts at every step, so this isolates how the arm changed completion length."""
+    mine, theirs = (dict(zip(*series(r["log_history"], "length/group_mean"))) for r in (run, reference))
+    common = sorted(set(mine) & set(theirs))
+    return statistics.fmean(mine[s] - theirs[s] for s in common) if common else math.nan
+
+
 def paired_difference_table(results: Sequence[dict]) -> str:
-    """Per seed, each arm's held-out accuracy after training minus the first arm's on the same seed (same warm start,
-    prompts and test rows): mean ± std over the seeds both ran, and on how many seeds the arm was higher / lower."""
+    """Per seed, each arm against the first arm on the same seed (same warm start, prompts and test rows): held-out
+    accuracy after training minus the first arm's (mean ± std over the seeds both ran, and on how many seeds the arm
+    was higher / lower / equal), and `paired_length_difference` (mean ± std over those seeds)."""
     arms = list(dict.fromkeys(r["arm"] for r in results))
-    after = {(r["arm"], r["seed"]): r["accuracy_after"] for r in results}
+    runs = {(r["arm"], r["seed"]): r for r in results}
     reference = arms[0]
     lines = [
-        f"| arm | seeds | accuracy after - {get_arm(reference).label} | higher / lower / equal |",
-        "|---|---|---|---|",
+        f"| arm | seeds | accuracy after - {get_arm(reference).label} | higher / lower / equal "
+        f"| rollout length - {get_arm(reference).label}'s (tokens, same prompts) |",
+        "|---|---|---|---|---|",
     ]
     for arm in arms[1:]:
-        seeds = [seed for a, seed in after if a == arm and (reference, seed) in after]
-        differences = [after[arm, seed] - after[reference, seed] for seed in seeds]
+        pairs = [(runs[a, seed], runs[reference, seed]) for a, seed in runs if a == arm and (reference, seed) in runs]
+        differences = [mine["accuracy_after"] - theirs["accuracy_after"] for mine, theirs in pairs]
         wins = sum(d > 0 for d in differences), sum(d < 0 for d in differences), sum(d == 0 for d in differences)
+        lengths = [paired_length_difference(mine, theirs) for mine, theirs in pairs]
         lines.append(
-            f"| {get_arm(arm).label} | {','.join(map(str, seeds))} | {_mean_std(differences, '{:+.3f}')} | "
+            f"| {get_arm(arm).label} | {','.join(str(mine['seed']) for mine, _ in pairs)} | "
+            f"{_mean_std(differences, '{:+.3f}')} | "
             + " / ".join(map(str, wins))
-            + " |"
+            + f" | {_mean_std(lengths, '{:+.3f}')} |"
         )
     return "\n".join(lines)
 
