@@ -334,7 +334,8 @@ def _mean_std(values: list[float], fmt: str) -> str:
         return "n/a"
     if len(finite) == 1:
         return fmt.format(finite[0])
-    return f"{fmt.format(statistics.fmean(finite))} ± {fmt.format(statistics.stdev(finite))}"
+    # a spread has no sign, even where the mean is written with one
+    return f"{fmt.format(statistics.fmean(finite))} ± {fmt.replace('+', '').format(statistics.stdev(finite))}"
 
 
 def markdown_table(results: Sequence[dict]) -> str:

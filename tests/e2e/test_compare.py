@@ -183,8 +183,8 @@ def test_paired_difference_table_against_direct_computation():
     table = paired_difference_table(runs).splitlines()
     assert len(table) == 4 and get_arm("gspo").label in table[0]
     differences = [0.4 - 0.5, 0.8 - 0.7, 0.6 - 0.6]
-    spread = f"{statistics.fmean(differences):+.3f} ± {statistics.stdev(differences):+.3f}"
+    spread = f"{statistics.fmean(differences):+.3f} ± {statistics.stdev(differences):.3f}"
     length_differences = [(6 - 5 + 6 - 6) / 2, 0.0, 0.0]
-    length_spread = f"{statistics.fmean(length_differences):+.3f} ± {statistics.stdev(length_differences):+.3f}"
+    length_spread = f"{statistics.fmean(length_differences):+.3f} ± {statistics.stdev(length_differences):.3f}"
     assert table[2] == f"| {ARMS['grpo'].label} | 0,1,2 | {spread} | 1 / 1 / 1 | {length_spread} |"
     assert table[3] == f"| {ARMS['gspo_dense'].label} | 1 | +0.200 | 1 / 0 / 0 | +2.000 |"
