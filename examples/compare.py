@@ -20,8 +20,10 @@ x 8), 4 optimizer steps per rollout, temperature 0.5, learning rate decayed line
 (one weight per sequence) for every arm.
 
 `write_report` writes `comparison.md` (a table: held-out accuracy before -> after, final rollout reward, token- and
-sequence-weighted clip fractions, diversity, length, wall time; mean +- std over seeds) and `comparison.png`
-(reward and held-out accuracy over steps, both clip fractions, distinct fraction, mean length, wall time). TRL's
+sequence-weighted clip fractions, diversity, length, held-out length gap (greedy completion minus answer, in
+characters), wall time; mean +- std over seeds; then accuracy per seed and paired by seed against the first arm) and
+`comparison.png` (reward, held-out accuracy and length gap over steps, both clip fractions, distinct fraction, mean
+length, wall time). TRL's
 GRPO loss logs only the token-weighted clip fraction (`clip_ratio/region_mean` counts tokens there); its
 sequence-weighted fraction is n/a.
 """
@@ -283,6 +285,12 @@ def late_mean(log_history: Sequence[dict], key: str | None, fraction: float = 0.
     return sum(tail) / len(tail)
 
 
+def last_value(log_history: Sequence[dict], key: str) -> float:
+    """The last logged value of `key` (NaN if none): for held-out measurements, the one at the end of training."""
+    _, values = series(log_history, key)
+    return values[-1] if values else math.nan
+
+
 def run_mean(log_history: Sequence[dict], key: str | None) -> float:
     _, values = series(log_history, key)
     return sum(values) / len(values) if values else math.nan
@@ -301,6 +309,7 @@ def summarize_run(result: dict) -> dict[str, float]:
         "zero_variance_groups": run_mean(history, "signal/zero_variance_groups"),
         "distinct_fraction": late_mean(history, "diversity/distinct_fraction"),
         "length_mean": late_mean(history, "length/group_mean"),
+        "length_gap_after": last_value(history, "heldout_length_gap"),
         "train_seconds": result["train_seconds"],
     }
 
@@ -314,6 +323,7 @@ COLUMNS = {
     "zero_variance_groups": ("zero-variance groups", "{:.3f}"),
     "distinct_fraction": ("distinct completions / group (last 25%)", "{:.3f}"),
     "length_mean": ("mean length (last 25%)", "{:.2f}"),
+    "length_gap_after": ("held-out length gap after (chars)", "{:+.3f}"),
     "train_seconds": ("train wall time (s)", "{:.0f}"),
 }
 
@@ -324,7 +334,8 @@ def _mean_std(values: list[float], fmt: str) -> str:
         return "n/a"
     if len(finite) == 1:
         return fmt.format(finite[0])
-    return f"{fmt.format(statistics.fmean(finite))} ± {fmt.format(statistics.stdev(finite))}"
+    # a spread has no sign, even where the mean is written with one
+    return f"{fmt.format(statistics.fmean(finite))} ± {fmt.replace('+', '').format(statistics.stdev(finite))}"
 
 
 def markdown_table(results: Sequence[dict]) -> str:
@@ -354,6 +365,40 @@ def per_seed_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_length_difference(run: dict, reference: dict) -> float:
+    """Mean over the steps both logged of `length/group_mean` minus the reference run's. With the same seed both
+    arms draw the same prompts at every step, so this isolates how the arm changed completion length."""
+    mine, theirs = (dict(zip(*series(r["log_history"], "length/group_mean"))) for r in (run, reference))
+    common = sorted(set(mine) & set(theirs))
+    return statistics.fmean(mine[s] - theirs[s] for s in common) if common else math.nan
+
+
+def paired_difference_table(results: Sequence[dict]) -> str:
+    """Per seed, each arm against the first arm on the same seed (same warm start, prompts and test rows): held-out
+    accuracy after training minus the first arm's (mean ± std over the seeds both ran, and on how many seeds the arm
+    was higher / lower / equal), and `paired_length_difference` (mean ± std over those seeds)."""
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    runs = {(r["arm"], r["seed"]): r for r in results}
+    reference = arms[0]
+    lines = [
+        f"| arm | seeds | accuracy after - {get_arm(reference).label} | higher / lower / equal "
+        f"| rollout length - {get_arm(reference).label}'s (tokens, same prompts) |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in arms[1:]:
+        pairs = [(runs[a, seed], runs[reference, seed]) for a, seed in runs if a == arm and (reference, seed) in runs]
+        differences = [mine["accuracy_after"] - theirs["accuracy_after"] for mine, theirs in pairs]
+        wins = sum(d > 0 for d in differences), sum(d < 0 for d in differences), sum(d == 0 for d in differences)
+        lengths = [paired_length_difference(mine, theirs) for mine, theirs in pairs]
+        lines.append(
+            f"| {get_arm(arm).label} | {','.join(str(mine['seed']) for mine, _ in pairs)} | "
+            f"{_mean_std(differences, '{:+.3f}')} | "
+            + " / ".join(map(str, wins))
+            + f" | {_mean_std(lengths, '{:+.3f}')} |"
+        )
+    return "\n".join(lines)
+
+
 def _mean_curve(runs: Sequence[dict], key: str | None) -> tuple[list[int], list[float]]:
     """Mean over runs at the steps every run logged."""
     curves = [dict(zip(*series(r["log_history"], key))) for r in runs]
@@ -362,8 +407,9 @@ def _mean_curve(runs: Sequence[dict], key: str | None) -> tuple[list[int], list[
 
 
 def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> Path:
-    """3 x 3 panels, one line per arm (mean over seeds): reward, held-out accuracy, token- and sequence-weighted
-    clip fractions, distinct fraction, mean length, length spread, zero-variance groups, wall time (bars)."""
+    """3 x 4 panels, one line per arm (mean over seeds): reward, held-out accuracy, token- and sequence-weighted
+    clip fractions, distinct fraction, mean length, length spread, zero-variance groups, held-out length gap, wall
+    time (bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,15 +425,19 @@ def plot_comparison(results: Sequence[dict], path, title: str | None = None) -> 
         ("mean completion length (tokens)", lambda level: "length/group_mean"),
         ("length std inside groups", lambda level: "length/group_std"),
         ("groups without reward variance", lambda level: "signal/zero_variance_groups"),
+        ("held-out greedy length - answer length (chars)", lambda level: "heldout_length_gap"),
     ]
-    fig, axes = plt.subplots(3, 3, figsize=(18, 12))
+    fig, axes = plt.subplots(3, 4, figsize=(24, 12))
     flat = list(axes.flat)
+    for ax in flat[len(panels) : -1]:
+        ax.axis("off")
     for ax, (name, key_for) in zip(flat, panels):
         for arm in arms:
             runs = [r for r in results if r["arm"] == arm]
             steps, values = _mean_curve(runs, key_for(get_arm(arm).importance_sampling_level))
             if steps:
-                ax.plot(steps, values, marker="o" if name.startswith("held-out") else None, label=get_arm(arm).label)
+                marker = "o" if name.startswith("held-out") else None
+                ax.plot(steps, values, marker=marker, label=get_arm(arm).label)
         if "clipped" in name:
             ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_title(name)
@@ -414,6 +464,7 @@ def write_report(results: Sequence[dict], output_dir, command: str, task_name: s
             f"Settings: `{json.dumps(asdict(settings))}`",
             markdown_table(results),
             "Held-out accuracy after training, per seed:\n\n" + per_seed_table(results),
+            "Paired by seed:\n\n" + paired_difference_table(results),
             f"![comparison]({figure.name})",
         ]
     )

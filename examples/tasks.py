@@ -97,6 +97,13 @@ def _reverse_parse(text: str) -> tuple:
     return tuple(letters)
 
 
+def _reverse_mixed_parse(text: str) -> tuple:
+    head, letters = text.split(" ")
+    if head != "reverse" or not 2 <= len(letters) <= 7 or not letters.isalpha():
+        raise ValueError(f"not a reverse_mixed prompt: {text!r}")
+    return tuple(letters)
+
+
 def _add_parse(text: str) -> tuple:
     if not text.endswith("=") or text.count("+") != 1:
         raise ValueError(f"not an add prompt: {text!r}")
@@ -147,6 +154,15 @@ TASKS: dict[str, Task] = {
         parse=_reverse_parse,
         solve=lambda ops: "".join(reversed(ops)),
         max_answer_length=5,
+    ),
+    "reverse_mixed": Task(
+        name="reverse_mixed",
+        description="reverse 2 to 7 lowercase letters (answers of every length in between: a length-bias probe)",
+        sample=lambda rng: tuple(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7))),
+        prompt=lambda ops: "reverse " + "".join(ops),
+        parse=_reverse_mixed_parse,
+        solve=lambda ops: "".join(reversed(ops)),
+        max_answer_length=7,
     ),
     "add": Task(
         name="add",
@@ -291,7 +307,17 @@ def greedy_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 25
     if not rows:
         raise ValueError("greedy_accuracy: no rows to evaluate")
     completions = greedy_completions(model, tokenizer, rows, batch_size, max_new_tokens)
+    return completion_accuracy(completions, rows)
+
+
+def completion_accuracy(completions: Sequence[str], rows: Sequence[dict]) -> float:
+    """Fraction of `completions` that score 1 under `exact_match` against their row's answer."""
     return sum(exact_match(completions, answer=[row["answer"] for row in rows])) / len(rows)
+
+
+def length_gap(completions: Sequence[str], rows: Sequence[dict]) -> float:
+    """Mean of (characters of the stripped completion - characters of the answer): < 0 when answers come out short."""
+    return sum(len(text.strip()) - len(row["answer"]) for text, row in zip(completions, rows, strict=True)) / len(rows)
 
 
 class WarmStartError(RuntimeError):
@@ -548,8 +574,8 @@ def prepare_tiny_recipe(script_args, training_args, model_args, *, task: str) ->
 class HeldoutAccuracyCallback(TrainerCallback):
     """Every `every` optimizer steps (and before the first), log greedy exact-match accuracy on `rows`.
 
-    The value goes into `state.log_history` as `{"heldout_accuracy": ..., "step": ...}`, the form `Trainer.log`
-    writes, so it is saved in trainer_state.json and drawn by trl_gspo.plotting; `history` keeps (step, accuracy)
+    The values go into `state.log_history` as `{"heldout_accuracy": ..., "heldout_length_gap": ..., "step": ...}`
+    (`length_gap` of the same greedy completions), the form `Trainer.log` writes, so it is saved in trainer_state.json and drawn by trl_gspo.plotting; `history` keeps (step, accuracy)
     pairs. With `log`, each measurement is also reported as a line of text (with the latest mean rollout reward).
     """
 
@@ -558,8 +584,15 @@ class HeldoutAccuracyCallback(TrainerCallback):
         self.history: list[tuple[int, float]] = []
 
     def _record(self, state, model):
-        accuracy = greedy_accuracy(model, self.tokenizer, self.rows)
-        state.log_history.append({"heldout_accuracy": accuracy, "step": state.global_step})
+        completions = greedy_completions(model, self.tokenizer, self.rows)
+        accuracy = completion_accuracy(completions, self.rows)
+        state.log_history.append(
+            {
+                "heldout_accuracy": accuracy,
+                "heldout_length_gap": length_gap(completions, self.rows),
+                "step": state.global_step,
+            }
+        )
         self.history.append((state.global_step, accuracy))
         if self.log is None:
             return

@@ -17,6 +17,7 @@ from gspo_examples.compare import (
     get_arm,
     late_mean,
     markdown_table,
+    paired_difference_table,
     parse_flags,
     run_seed,
     summarize_run,
@@ -49,6 +50,7 @@ def test_tiny_comparison_writes_table_and_figure(tmp_path):
     for run in runs.values():
         steps = [e["step"] for e in run["log_history"] if "heldout_accuracy" in e]
         assert steps == [0, 2, 4]  # before training, every 2 steps, at the end
+        assert [e["step"] for e in run["log_history"] if "heldout_length_gap" in e] == steps
         assert any("diversity/distinct_fraction" in e for e in run["log_history"])
     # the span reward reaches GSPO-token only, as a token-level reward
     assert any("rewards/mismatch_spans/mean" in e for e in runs["gspo_token"]["log_history"])
@@ -156,3 +158,33 @@ def test_summary_and_table_against_direct_computation():
     after = f"{statistics.fmean([0.5, 0.7]):.3f} ± {statistics.stdev([0.5, 0.7]):.3f}"
     assert table[2].startswith(f"| {ARMS['gspo'].label} | 0,1 | 0.300 ± 0.000 | {after} |")
     assert "| n/a |" in table[3] and table[3].endswith("| 9 |")
+
+
+def test_length_gap_column_is_the_last_held_out_gap():
+    run = fake_run("gspo", 0, 0.5, [0.1, 0.2], 1.0)
+    assert math.isnan(summarize_run(run)["length_gap_after"])  # not logged: n/a, not 0
+    run["log_history"] += [{"heldout_length_gap": -0.5, "step": 4}, {"heldout_length_gap": 0.25, "step": 8}]
+    assert summarize_run(run)["length_gap_after"] == 0.25
+
+
+def test_paired_difference_table_against_direct_computation():
+    runs = [
+        fake_run("gspo", 0, 0.5, [0.1], 1.0),
+        fake_run("gspo", 1, 0.7, [0.1], 1.0),
+        fake_run("gspo", 2, 0.6, [0.1], 1.0),
+        fake_run("grpo", 0, 0.4, [0.1], 1.0),
+        fake_run("grpo", 1, 0.8, [0.1], 1.0),
+        fake_run("grpo", 2, 0.6, [0.1], 1.0),
+        fake_run("gspo_dense", 1, 0.9, [0.1], 1.0),  # one seed only: paired on that seed alone
+    ]
+    for run, lengths in zip(runs, ([5, 6], [5, 5], [4, 4], [6, 6], [5, 5], [4, 4], [7, 7, 7])):
+        run["log_history"] += [{"length/group_mean": n, "step": 10 * (k + 1)} for k, n in enumerate(lengths)]
+    runs[3]["log_history"].append({"length/group_mean": 9.0, "step": 99})  # a step the reference did not log
+    table = paired_difference_table(runs).splitlines()
+    assert len(table) == 4 and get_arm("gspo").label in table[0]
+    differences = [0.4 - 0.5, 0.8 - 0.7, 0.6 - 0.6]
+    spread = f"{statistics.fmean(differences):+.3f} ± {statistics.stdev(differences):.3f}"
+    length_differences = [(6 - 5 + 6 - 6) / 2, 0.0, 0.0]
+    length_spread = f"{statistics.fmean(length_differences):+.3f} ± {statistics.stdev(length_differences):.3f}"
+    assert table[2] == f"| {ARMS['grpo'].label} | 0,1,2 | {spread} | 1 / 1 / 1 | {length_spread} |"
+    assert table[3] == f"| {ARMS['gspo_dense'].label} | 1 | +0.200 | 1 / 0 / 0 | +2.000 |"

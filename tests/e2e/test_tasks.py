@@ -8,8 +8,10 @@ import pytest
 from gspo_examples.tasks import (
     TASKS,
     WarmStartError,
+    completion_accuracy,
     get_task,
     greedy_accuracy,
+    length_gap,
     make_splits,
     prompt_text,
     read_jsonl,
@@ -36,6 +38,8 @@ def test_three_tasks_registered():
         ("sort_digits", "sort 00900", "00009"),
         ("reverse", "reverse bdzqa", "aqzdb"),
         ("reverse", "reverse abcba", "abcba"),
+        ("reverse_mixed", "reverse ab", "ba"),
+        ("reverse_mixed", "reverse bdzqaxy", "yxaqzdb"),
         ("add", "47+85=", "132"),
         ("add", "10+10=", "20"),
         ("add", "99+99=", "198"),
@@ -63,6 +67,12 @@ def test_checker_rejects_near_misses():
     assert not TASKS["add"].check("47+85=", "1 32")
 
 
+@pytest.mark.parametrize("prompt", ["reverse a", "reverse abcdefgh", "reverse ab1", "sort ab"])
+def test_reverse_mixed_refuses_prompts_outside_its_lengths(prompt):
+    with pytest.raises(ValueError, match="not a reverse_mixed prompt"):
+        TASKS["reverse_mixed"].check(prompt, "x")
+
+
 def swapped_letters(text):
     """swap k word: the word with its letters k and k+1 (1-based) exchanged."""
     _, position, word = text.split()
@@ -77,6 +87,7 @@ def test_rows_answers_agree_with_an_independent_solution(name):
         "sort_digits": lambda text: "".join(sorted(text.split()[1])),
         "reverse": lambda text: text.split()[1][::-1],
         "add": lambda text: str(sum(int(x) for x in text.rstrip("=").split("+"))),
+        "reverse_mixed": lambda text: text.split()[1][::-1],
         "place": lambda text: "".join(
             text.split()[2] if k + 1 == int(text.split()[1]) else c for k, c in enumerate(text.split()[3])
         ),
@@ -90,6 +101,8 @@ def test_rows_answers_agree_with_an_independent_solution(name):
     if name == "add":
         a, b = (int(x) for x in prompt_text(rows[0]["prompt"]).rstrip("=").split("+"))
         assert 10 <= a <= 99 and 10 <= b <= 99
+    elif name == "reverse_mixed":  # every answer length from 2 to 7 letters
+        assert {len(row["answer"]) for row in rows} == set(range(2, 8))
     else:
         assert all(len(row["answer"]) == 5 for row in rows)
 
@@ -283,10 +296,12 @@ def test_heldout_accuracy_callback_schedule_and_log(monkeypatch):
 
     import gspo_examples.tasks as tasks
 
-    measured = iter([0.25, 0.5, 0.75, 1.0])
-    monkeypatch.setattr(tasks, "greedy_accuracy", lambda model, tokenizer, rows: next(measured))
+    rows = [{"prompt": "p", "answer": "ab"}] * 4
+    # 1, 2, 3, 4 of the 4 completions right; the wrong ones one character short: gaps -3/4, -2/4, -1/4, 0
+    measured = iter([["ab"] * k + ["a"] * (4 - k) for k in (1, 2, 3, 4)])
+    monkeypatch.setattr(tasks, "greedy_completions", lambda model, tokenizer, rows: next(measured))
     lines = []
-    callback = tasks.HeldoutAccuracyCallback(None, [{"prompt": "p"}] * 3, every=2, log=lines.append)
+    callback = tasks.HeldoutAccuracyCallback(None, rows, every=2, log=lines.append)
     state = SimpleNamespace(global_step=0, max_steps=5, log_history=[])
     callback.on_train_begin(None, state, None)
     for step in range(1, 6):
@@ -295,6 +310,19 @@ def test_heldout_accuracy_callback_schedule_and_log(monkeypatch):
         callback.on_step_end(None, state, None)
     assert callback.history == [(0, 0.25), (2, 0.5), (4, 0.75), (5, 1.0)]
     heldout = [e for e in state.log_history if "heldout_accuracy" in e]
-    assert heldout == [{"heldout_accuracy": a, "step": s} for s, a in callback.history]
-    assert lines[-1] == "[held-out] step 5/5: greedy accuracy 1.000 on 3 test prompts, mean rollout reward 0.500"
-    assert lines[0] == "[held-out] step 0/5: greedy accuracy 0.250 on 3 test prompts"
+    assert heldout == [{"heldout_accuracy": a, "heldout_length_gap": a - 1, "step": s} for s, a in callback.history]
+    assert lines[-1] == "[held-out] step 5/5: greedy accuracy 1.000 on 4 test prompts, mean rollout reward 0.500"
+    assert lines[0] == "[held-out] step 0/5: greedy accuracy 0.250 on 4 test prompts"
+
+
+def test_length_gap_and_accuracy_of_completions():
+    rows = [
+        {"prompt": "1+2=", "answer": "3"},
+        {"prompt": "50+60=", "answer": "110"},
+        {"prompt": "9+9=", "answer": "18"},
+    ]
+    completions = [" 3\n", "11", "1800"]  # right, one short, two long (surrounding whitespace does not count)
+    assert length_gap(completions, rows) == (0 - 1 + 2) / 3
+    assert completion_accuracy(completions, rows) == 1 / 3
+    with pytest.raises(ValueError):
+        length_gap(completions[:2], rows)  # one completion per row
