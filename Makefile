@@ -26,7 +26,7 @@ docs-figure: demo
 	cp runs/demo/sort_digits/training_curves.png docs/demo_training_curves.png
 
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check trl_gspo examples benchmarks scripts tests
@@ -54,7 +54,7 @@ vllm-env: $(VLLM_VENV)/.installed
 # (TRL's colocate mode reaches into it).
 VLLM_TESTS := $(sort $(wildcard tests/*/test_vllm*.py))
 test-vllm: vllm-env
-	OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q $(VLLM_TESTS)
+	OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q --durations=10 $(VLLM_TESTS)
 
 bench: install
 	$(BIN)/python scripts/benchmark.py
