@@ -283,18 +283,25 @@ def _check_groups(rows: int, num_generations: int) -> None:
         raise ValueError(f"token advantage: {rows} rows are not a whole number of groups of {num_generations}")
 
 
-def _group_scale(values: torch.Tensor, mask: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, 1) 1 / (sigma_g + eps) and whether the group's masked values are constant (or fewer than two).
+def _masked_spread_positive(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Whether the masked values along `dim` differ (max > min; False with no masked value), keepdim."""
+    masked_max = torch.where(mask.bool(), values, torch.full_like(values, -math.inf)).amax(dim, keepdim=True)
+    masked_min = torch.where(mask.bool(), values, torch.full_like(values, math.inf)).amin(dim, keepdim=True)
+    return masked_max - masked_min > 0
+
+
+def _group_stats(
+    values: torch.Tensor, mask: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, 1) mu_g, 1 / (sigma_g + eps), and whether the group's masked values are constant (or fewer than two).
 
     values, mask: (groups, G * T) float64, one group per row; sigma_g the unbiased std of the masked values.
     """
     count = mask.sum(-1, keepdim=True)
     mean = (values * mask).sum(-1, keepdim=True) / count.clamp(min=1.0)
     std = ((((values - mean) * mask) ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()
-    masked_max = torch.where(mask.bool(), values, torch.full_like(values, -math.inf)).amax(-1, keepdim=True)
-    masked_min = torch.where(mask.bool(), values, torch.full_like(values, math.inf)).amin(-1, keepdim=True)
-    constant = (count < 2) | ~(masked_max - masked_min > 0)
-    return 1.0 / (std + eps), constant
+    constant = (count < 2) | ~_masked_spread_positive(values, mask, -1)
+    return mean, 1.0 / (std + eps), constant
 
 
 def group_centred_component(
@@ -315,8 +322,7 @@ def group_centred_component(
     _check_groups(rows, num_generations)
     r = token_rewards.double().reshape(-1, num_generations * width)
     m = mask.double().reshape(-1, num_generations * width)
-    mean = (r * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    inverse_scale, constant = _group_scale(r, m, eps)
+    mean, inverse_scale, constant = _group_stats(r, m, eps)
     component = torch.where(constant, torch.zeros_like(r), (r - mean) * m * inverse_scale)
     return component.reshape(rows, width).to(token_rewards.dtype)
 
@@ -334,7 +340,7 @@ def scaled_component(
     _check_groups(rows, num_generations)
     r = token_rewards.double().reshape(-1, num_generations * width)
     m = mask.double().reshape(-1, num_generations * width)
-    inverse_scale, constant = _group_scale(r, m, eps)
+    _, inverse_scale, constant = _group_stats(r, m, eps)
     component = torch.where(constant, torch.zeros_like(r), r * m * inverse_scale)
     return component.reshape(rows, width).to(token_rewards.dtype)
 
@@ -368,9 +374,7 @@ def position_baseline_component(
     m = mask.double().reshape(-1, num_generations, width)
     count = m.sum(1, keepdim=True)
     baseline = (r * m).sum(1, keepdim=True) / count.clamp(min=1.0)
-    masked_max = torch.where(m.bool(), r, torch.full_like(r, -math.inf)).amax(1, keepdim=True)
-    masked_min = torch.where(m.bool(), r, torch.full_like(r, math.inf)).amin(1, keepdim=True)
-    varies = masked_max - masked_min > 0  # (groups, 1, T)
+    varies = _masked_spread_positive(r, m, 1)  # (groups, 1, T)
     deviation = torch.where(varies, (r - baseline) * m, torch.zeros_like(r)).reshape(-1, num_generations * width)
     flat_mask = m.reshape(-1, num_generations * width)
     tokens = flat_mask.sum(-1, keepdim=True)
