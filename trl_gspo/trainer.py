@@ -233,9 +233,9 @@ class GSPOTrainer(
             else:  # per-token advantages (GSPO-token) give a per-token keep mask
                 token_weights.append(keep)
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            # (B, 1) per sequence (length-normalised by default: _generate_and_score_completions), (B, T) per token
+            # (B, 1) in a sequence mode (length-normalised by default: _generate_and_score_completions), else (B, T)
             weight = inputs["importance_sampling_ratio"]
-            if weight.size(1) == 1:
+            if self.vllm_importance_sampling_mode.startswith("sequence"):
                 sequence_weights.append(weight.squeeze(1))
             else:
                 token_weights.append(weight)
