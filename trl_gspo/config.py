@@ -21,6 +21,8 @@ PAPER_MINIBATCHES_PER_ROLLOUT = 4
 # Above this a sequence-level clip range looks like a token-level (GRPO) one: the sequence ratio is a geometric
 # mean over hundreds of tokens and moves far less than a token ratio, so such a clip never fires.
 GRPO_LIKE_EPSILON = 0.05
+# GRPOConfig's own clip range, which the token level (TRL's loss) keeps when the user sets none
+GRPO_EPSILON = next(f.default for f in fields(GRPOConfig) if f.name == "epsilon")
 ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
 MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
 # GSPOConfig.vllm_dtype values: "auto" is vLLM's own choice (TRL's colocate mode passes none)
@@ -105,7 +107,8 @@ class GSPOPrecisionWarning(UserWarning):
 
 
 class GSPOClipRangeWarning(UserWarning):
-    """A sequence-level clip range of GRPO's magnitude, which the sequence ratio never reaches."""
+    """A clip range sized for the other level: GRPO's at a sequence level (never reached), GSPO's at the token level
+    (clips most tokens)."""
 
 
 class GSPOUnusedSettingWarning(UserWarning):
@@ -121,8 +124,9 @@ class GSPOConfig(GRPOConfig):
 
     - `importance_sampling_level="sequence"` (GRPOConfig: `"token"`): GSPO's length-normalised sequence ratio.
       `"sequence_token"` is GSPO-token (per-token advantages allowed), `"token"` plain GRPO for A/B runs.
-    - `epsilon=3e-4`, `epsilon_high=4e-4` (GRPOConfig: 0.2 and 0.2): the paper's sequence clip range. The
-      sequence ratio is a geometric mean over the tokens and moves orders of magnitude less than a token ratio.
+    - `epsilon=3e-4`, `epsilon_high=4e-4` at the sequence levels (GRPOConfig: 0.2 and 0.2): the paper's sequence
+      clip range. The sequence ratio is a geometric mean over the tokens and moves orders of magnitude less than a
+      token ratio. At `importance_sampling_level="token"` an unset clip range is GRPOConfig's.
     - `beta=0.0` (same as GRPOConfig, kept explicit): the paper trains without a KL term.
     - `loss_type="grpo"` (GRPOConfig: `"dapo"`): the only aggregation that is GSPO's: one weight per sequence,
       mean over sequences. Token-sum losses ("dapo", "bnpo", "dr_grpo") weight sequences by their length and
@@ -201,11 +205,19 @@ class GSPOConfig(GRPOConfig):
             "'token' (plain GRPO, for A/B comparisons).",
         },
     )
-    epsilon: float = field(
-        default=PAPER_EPSILON_LOW, metadata={"help": "Lower clip range eps_low (paper: 3e-4 for GSPO)."}
+    epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels, GRPOConfig's default "
+            "(0.2) at the token level, where a sequence-sized band would clip most tokens."
+        },
     )
     epsilon_high: float | None = field(
-        default=PAPER_EPSILON_HIGH, metadata={"help": "Upper clip range eps_high (paper: 4e-4 for GSPO)."}
+        default=None,
+        metadata={
+            "help": "Upper clip range eps_high. None: the paper's 4e-4 at the sequence levels; at the token level "
+            "GRPOConfig's rule (equal to epsilon)."
+        },
     )
     beta: float = field(default=0.0, metadata={"help": "KL coefficient; the paper uses none (0.0)."})
     loss_type: str = field(
@@ -328,6 +340,7 @@ class GSPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
             self.bf16 = default_bf16(self.use_cpu)
+        self._resolve_clip_range()
         self._validate_gspo_fields()
         self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
@@ -360,6 +373,17 @@ class GSPOConfig(GRPOConfig):
             f"{made_of}: every prompt's group of num_generations completions must fit in one rollout. Choose a "
             f"num_generations that divides {rollout}, or a batch size that is a multiple of {self.num_generations}."
         )
+
+    def _resolve_clip_range(self):
+        """An unset clip range takes the level's own: the paper's band for a sequence ratio, TRL's for a token ratio
+        (a token ratio moves orders of magnitude more than a sequence ratio, so neither band suits the other)."""
+        if self.importance_sampling_level in SEQUENCE_LEVELS:
+            if self.epsilon is None:
+                self.epsilon = PAPER_EPSILON_LOW
+            if self.epsilon_high is None:
+                self.epsilon_high = PAPER_EPSILON_HIGH
+        elif self.epsilon is None:
+            self.epsilon = GRPO_EPSILON
 
     @property
     def is_sequence_level(self) -> bool:
@@ -579,7 +603,17 @@ class GSPOConfig(GRPOConfig):
             warnings.warn(f"GSPOConfig: {message}; it has no effect here.", GSPOUnusedSettingWarning, stacklevel=3)
 
     def _warn_on_suspicious_setup(self):
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         if not self.is_sequence_level:
+            if max(self.epsilon, eps_high) < GRPO_LIKE_EPSILON:
+                warnings.warn(
+                    f"GSPOConfig: epsilon={self.epsilon}, epsilon_high={eps_high} look like a sequence-level (GSPO) "
+                    "clip range, but importance_sampling_level='token' clips each token's own ratio, which moves far "
+                    "more: most tokens would be clipped after the first optimizer step of a rollout, a crippled GRPO "
+                    f"baseline. Leave epsilon and epsilon_high unset for GRPOConfig's {GRPO_EPSILON}.",
+                    GSPOClipRangeWarning,
+                    stacklevel=3,
+                )
             return
         # mixed_precision is set by bf16/fp16 or by the accelerate launch config
         fp16_is_float32 = self.mixed_precision == "fp16" and fp16_runs_in_float32(self.use_cpu)
@@ -624,7 +658,6 @@ class GSPOConfig(GRPOConfig):
                 GSPOPrecisionWarning,
                 stacklevel=3,
             )
-        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         if max(self.epsilon, eps_high) >= GRPO_LIKE_EPSILON:
             warnings.warn(
                 f"GSPOConfig: epsilon={self.epsilon}, epsilon_high={eps_high} look like a GRPO (token-level) clip "

@@ -1,6 +1,7 @@
 """GSPOTrainer: the loss it returns against the float64 reference, every GRPOTrainer feature it keeps, drop-in use."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from helpers import reference_clip_flags, reference_objective
 from trl import GRPOConfig, GRPOTrainer
 
 import trl_gspo.trainer as trainer_module
-from trl_gspo import GSPOConfig, GSPOTrainer
+from trl_gspo import GSPOClipRangeWarning, GSPOConfig, GSPOTrainer
 from trl_gspo.trainer import check_trl_private_api
 
 
@@ -347,6 +348,21 @@ def test_token_level_is_trls_own_grpo_loss(make_model, tokenizer, tmp_path):
     theirs = GRPOTrainer._compute_loss(trainer, trainer.model, inputs).item()
     assert ours == theirs
     assert "gspo/seq_ratio/mean" not in trainer._metrics["train"]
+
+
+def test_token_level_clips_with_grpo_band_by_default(make_model, tokenizer, tmp_path):
+    """The token level's unset clip range is GRPOConfig's: after the first optimizer step of a rollout its token
+    ratios stay mostly inside it, where the sequence-sized band clips a large share of the tokens."""
+    clipped = {}
+    for name, clip in (("default", {}), ("sequence_band", {"epsilon": 3e-4, "epsilon_high": 4e-4})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GSPOClipRangeWarning)  # the sequence band at the token level warns
+            trainer = make_trainer(
+                make_model, tokenizer, tmp_path / name, importance_sampling_level="token", loss_type="bnpo", **clip
+            )
+        trainer.train()
+        clipped[name] = max(entry["clip_ratio/region_mean"] for entry in trainer.state.log_history[:-1])
+    assert clipped["default"] < 0.05 < clipped["sequence_band"], clipped
 
 
 # ------------------------------------------------------------------ drop-in use, model card, private API

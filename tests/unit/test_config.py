@@ -134,6 +134,27 @@ def test_grpo_like_clip_range_warns(tmp_path):
         make(tmp_path, epsilon=3e-4, epsilon_high=0.05)
 
 
+def test_token_level_takes_grpo_clip_range(tmp_path):
+    """The token level is TRL's GRPO loss: an unset clip range is GRPOConfig's (read from TRL, not restated), and
+    it does not warn; the sequence levels keep the paper's band."""
+    grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GSPOClipRangeWarning)
+        token = make(tmp_path, importance_sampling_level="token", loss_type="dapo")
+    assert (token.epsilon, token.epsilon_high) == (grpo.epsilon, grpo.epsilon_high)
+    for level in ("sequence", "sequence_token"):
+        assert (make(tmp_path, importance_sampling_level=level).epsilon_high) == 4e-4
+    # each bound left unset keeps its level's default beside a set one
+    assert make(tmp_path, epsilon=1e-3).epsilon_high == 4e-4
+    assert make(tmp_path, importance_sampling_level="token", epsilon_high=0.28).epsilon == grpo.epsilon
+
+
+@pytest.mark.parametrize("clip", [{"epsilon": 3e-4, "epsilon_high": 4e-4}, {"epsilon": 1e-3}])
+def test_sequence_sized_clip_range_at_token_level_warns(tmp_path, clip):
+    with pytest.warns(GSPOClipRangeWarning, match="importance_sampling_level='token'"):
+        make(tmp_path, importance_sampling_level="token", **clip)
+
+
 def test_docstring_lists_every_changed_default(tmp_path):
     gspo, grpo = make(tmp_path), GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     changed = [
