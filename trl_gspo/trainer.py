@@ -114,6 +114,7 @@ class GSPOTrainer(
         elif not isinstance(args, GSPOConfig):
             args, notice = upgrade_grpo_config(args)  # the rule: trl_gspo/config.py
             logger.warning(notice)
+        self._rollout_optimizer_step = None  # state.global_step when the current training rollout was generated
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         check_trl_private_attributes(self)
         self._print_start_banner()
@@ -149,9 +150,14 @@ class GSPOTrainer(
             # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py)
             self._buffered_inputs = load_rollout_buffer(path, self.accelerator.device)
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
+            # a checkpoint is written after an optimizer step, so the restored rollout has seen an update
+            self._rollout_optimizer_step = None
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's rollout; length-normalised engine weights where they apply (`_length_normalize_engine_weights`)."""
+        """TRL's rollout; length-normalised engine weights where they apply (`_length_normalize_engine_weights`).
+        Notes the optimizer step the rollout's policy is at: pi_old is that policy (`_before_first_update_of_rollout`)."""
+        if self.model.training:
+            self._rollout_optimizer_step = self.state.global_step
         output = super()._generate_and_score_completions(inputs)
         if (
             self.importance_sampling_level != "token"  # TRL's own loss: its product-form weights
@@ -295,20 +301,20 @@ class GSPOTrainer(
         )
         for name, value in reduced.items():
             self._metrics[mode][name].append(value)
-        if mode == "train" and self._at_first_optimizer_step_of_rollout():
+        if mode == "train" and self._before_first_update_of_rollout():
             outside, sequences = self.accelerator.reduce(
                 outside_clip_band_counts(out, self.epsilon_low, self.epsilon_high), reduction="sum"
             ).tolist()
             if sequences:
                 self._metrics[mode]["gspo/first_step_outside_clip_band"].append(outside / sequences)
 
-    def _at_first_optimizer_step_of_rollout(self) -> bool:
-        """Whether this training micro-step belongs to the first optimizer step on its rollout, where no update has
-        happened yet: s_i must be exactly 1 there, and `gspo/first_step_outside_clip_band` (the fraction of sequences
-        outside [1 - eps_low, 1 + eps_high]) exactly 0. `_step` counts micro-steps; TRL regenerates every
-        steps_per_generation * num_iterations of them."""
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        return self._step % generate_every < self.args.gradient_accumulation_steps
+    def _before_first_update_of_rollout(self) -> bool:
+        """Whether no optimizer step has happened since this micro-step's rollout was generated: the policy is still
+        pi_old, s_i must be exactly 1, and `gspo/first_step_outside_clip_band` (the fraction of sequences outside
+        [1 - eps_low, 1 + eps_high]) exactly 0. Compared by optimizer step rather than derived from the micro-step
+        counter, so it holds for every schedule, also when a rollout's micro-steps are not a whole number of
+        optimizer steps (a rollout may then start or end inside one)."""
+        return self._rollout_optimizer_step == self.state.global_step
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.

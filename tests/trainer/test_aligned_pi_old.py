@@ -58,6 +58,49 @@ def test_every_ratio_is_exactly_one_at_learning_rate_zero(make_model, tokenizer,
         assert torch.isfinite(batch["old_per_token_logps"]).all()
 
 
+def optimizer_steps_with_a_first_step(accumulation, steps_per_generation, num_iterations, optimizer_steps):
+    """Independent reference, a plain simulation of the schedule: the optimizer steps (1-based) holding at least one
+    micro-step that runs before any update since its rollout was generated (TRL regenerates every
+    steps_per_generation * num_iterations micro-steps and updates after every `accumulation` of them)."""
+    updates, updates_at_generation, steps = 0, None, set()
+    for micro_step in range(optimizer_steps * accumulation):
+        if micro_step % (steps_per_generation * num_iterations) == 0:
+            updates_at_generation = updates
+        if updates == updates_at_generation:
+            steps.add(micro_step // accumulation + 1)
+        if (micro_step + 1) % accumulation == 0:
+            updates += 1
+    return steps
+
+
+# (gradient_accumulation_steps, steps_per_generation, num_iterations): rollouts that hold a whole number of
+# optimizer steps, and rollouts that start or end inside an optimizer step
+@pytest.mark.parametrize("schedule", [(2, 4, 1), (2, 3, 1), (3, 2, 1), (2, 3, 2)], ids=lambda s: "ga%d-spg%d-it%d" % s)
+def test_first_step_metric_counts_only_micro_steps_before_an_update(make_model, tokenizer, tmp_path, schedule):
+    """`gspo/first_step_outside_clip_band` is logged exactly at the optimizer steps the simulation names, and reads
+    exactly 0 there although the learning rate moves every later ratio."""
+    accumulation, steps_per_generation, num_iterations = schedule
+    optimizer_steps = 6
+    trainer = build(
+        make_model,
+        tokenizer,
+        tmp_path,
+        max_steps=optimizer_steps,
+        learning_rate=5e-3,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=steps_per_generation,
+        num_iterations=num_iterations,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == optimizer_steps
+    expected = optimizer_steps_with_a_first_step(*schedule, optimizer_steps)
+    assert {entry["step"] for entry in logs if FIRST_STEP in entry} == expected
+    assert all(entry[FIRST_STEP] == 0.0 for entry in logs if FIRST_STEP in entry)
+    # the metric would notice a micro-step after an update: there, ratios leave the band
+    assert any(entry["gspo/seq_ratio/max"] - entry["gspo/seq_ratio/min"] > 1e-3 for entry in logs)
+
+
 def test_pi_old_is_the_log_prob_of_each_sequence_run_alone(make_model, tokenizer, tmp_path):
     """Independent reference: every buffered micro-batch's pi_old equals a float32 forward of each of its sequences
     alone, without padding (so the alignment moved the right rows, not only the same rows on both sides)."""
