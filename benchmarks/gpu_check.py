@@ -1,18 +1,18 @@
-"""The one-shot GPU check (benchmarks/gpu_check.sh): everything a short device lease should record, in one file.
+"""The one-shot GPU check (benchmarks/gpu_check.sh): every GPU figure the docs lack, in one file, in about 8 minutes.
 
-    python -m gspo_benchmarks.gpu_check --out runs/gpu_check/gpu_check.json          # CUDA (the device)
+    python -m gspo_benchmarks.gpu_check --out runs/gpu_check/gpu_check.json          # CUDA (an NVIDIA GPU)
     python -m gspo_benchmarks.gpu_check --cpu --out /tmp/gpu_check.json              # tiny shapes, end to end
 
 Sections, in order of priority (each one's failure is recorded and the next one runs; past `--budget-s` the rest
 are recorded as skipped):
 
 1. environment: versions, GPU, and that every requirement of trl and datasets is met by what is installed (a
-   carried wheel that does not fit the image is named here, before anything runs).
+   wheel from .whl/ that does not fit the installed packages is named here, before anything runs).
 2. precision: gspo_benchmarks.precision's measurement of log s_i against float64 for the six routes (on CUDA:
    real bf16, fp16 and TF32 kernels, fp32 with TF32 off) and its summary table; the cost per forward of each route
    on a Qwen2.5-0.5B-shaped model (the tiny one in CPU mode).
 3. first_step: GSPOTrainer at learning rate 0 (4 micro-batches per rollout, 2 per optimizer step), padded and
-   padding_free, in every precision the device runs: every sequence ratio must be exactly 1 and
+   padding_free, in every precision the GPU runs: every sequence ratio must be exactly 1 and
    `gspo/first_step_outside_clip_band` 0.
 4. trainer_ab: GSPOTrainer against TRL's GRPOTrainer, step time and peak memory (gspo_benchmarks.trainer_ab trials,
    one subprocess each) on the ragged workload of BENCHMARKS.md, Qwen2.5-0.5B shape in bf16, padded and
@@ -39,7 +39,7 @@ import torch
 
 from gspo_benchmarks.trainer_ab import SHAPES
 
-# what the section "precision" and "trainer_ab" run on a device, and their tiny counterparts for --cpu
+# what the sections "precision" and "trainer_ab" run on a GPU, and their tiny counterparts for --cpu
 DEVICE_PLAN = dict(
     precision=dict(lengths=(16, 64, 256, 1024), batch_size=16, hidden_size=128),
     cost=dict(shape=SHAPES["qwen2.5-0.5b"], batch_size=16, length=1024),

@@ -316,8 +316,8 @@ def make_batch(tokenizer, model: torch.nn.Module, settings: Settings, max_length
     return prompt, completion
 
 
-# The KV cache's argument and output field: `cache` since transformers 5.18, `past_key_values` before (the device
-# image and the vLLM environment have 5.17).
+# The KV cache's argument and output field: `cache` since transformers 5.18, `past_key_values` before (GPU
+# machines with only torch, transformers, accelerate and peft, and .venv-vllm, may have 5.17).
 KV_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 

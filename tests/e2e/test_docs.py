@@ -191,3 +191,22 @@ def test_documented_commands_run(document, tmp_path):
         assert (cwd / "runs" / "tiny" / "sort_digits" / "training_curves.png").is_file()
     if document == "README.md":
         assert any("scripts/quickstart.py" in c for c in ran), ran
+
+
+# Phrases that describe how a measurement was organised rather than what a user runs: a user cannot act on them.
+NOT_ABOUT_THE_PROJECT = re.compile(r"lent to|was lent|no device|a lease|device time|carry=|run\(command=|device lease")
+
+
+def test_user_facing_files_speak_of_the_project_only():
+    """README, BENCHMARKS, docs/, recipes/, the plugin and the benchmarks say what a user runs (e.g. `bash
+    benchmarks/gpu_check.sh` on an NVIDIA GPU), never how a measurement was scheduled."""
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md"]
+    for folder, pattern in (("docs", "*.md"), ("recipes", "*"), ("trl_gspo", "*.py"), ("benchmarks", "*")):
+        files += [path for path in (ROOT / folder).rglob(pattern) if path.is_file() and path.suffix != ".png"]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if NOT_ABOUT_THE_PROJECT.search(line)
+    ]
+    assert not found, "\n".join(found)
