@@ -75,7 +75,9 @@ def optimizer_steps_with_a_first_step(accumulation, steps_per_generation, num_it
 
 # (gradient_accumulation_steps, steps_per_generation, num_iterations): rollouts that hold a whole number of
 # optimizer steps, and rollouts that start or end inside an optimizer step
-@pytest.mark.parametrize("schedule", [(2, 4, 1), (2, 3, 1), (3, 2, 1), (2, 3, 2)], ids=lambda s: "ga{}-spg{}-it{}".format(*s))
+@pytest.mark.parametrize(
+    "schedule", [(2, 4, 1), (2, 3, 1), (3, 2, 1), (2, 3, 2)], ids=lambda s: "ga{}-spg{}-it{}".format(*s)
+)
 def test_first_step_metric_counts_only_micro_steps_before_an_update(make_model, tokenizer, tmp_path, schedule):
     """`gspo/first_step_outside_clip_band` is logged exactly at the optimizer steps the simulation names, and reads
     exactly 0 there although the learning rate moves every later ratio."""
