@@ -65,7 +65,7 @@ bench: install
 dist: install
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
-	$(BIN)/twine check --strict dist/*
+	$(BIN)/python -m twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .cache
