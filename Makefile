@@ -59,5 +59,13 @@ test-vllm: vllm-env
 bench: install
 	$(BIN)/python scripts/benchmark.py
 
+# The release files: an sdist and a wheel built from it (in an isolated build environment) into dist/, then
+# checked as the package index renders them (tests/e2e/test_package.py builds and checks the wheel offline).
+.PHONY: dist
+dist: install
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .cache

@@ -3,7 +3,9 @@
     python scripts/quickstart.py                     # a tiny model built on the spot: CPU, no download, about 10 seconds
     python scripts/quickstart.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 200   # a real model (GPU, hub)
 
-The README shows the lines between the "README snippet" markers; tests/e2e/test_docs.py checks that they match.
+It needs only the trl_gspo package (the wheel, or `pip install .` in a clone): the tiny model comes from
+trl_gspo.tiny. The README shows the lines between the "README snippet" markers; tests/e2e/test_docs.py checks that
+they match.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
         if flags.model:
             model = flags.model
         else:
-            from gspo_examples.tiny import save_tiny_model
+            from trl_gspo.tiny import save_tiny_model
 
             model = save_tiny_model(Path(scratch) / "tiny-model")
 
