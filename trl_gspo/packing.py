@@ -343,10 +343,9 @@ def packed_logps_and_entropies(
 class PaddingFreeMixin:
     """Trainer mixin: every log-prob pass (policy, pi_old, reference) on packed rows, same (B, T) outputs.
 
-    Composes with GSPOTrainer or TRL's plain GRPOTrainer (`class T(PaddingFreeMixin, GRPOTrainer)`): on by
-    composition, unless `args.padding_free` is False; `args.padding_free_row_tokens` (optional) bounds the rows.
-    Refuses at construction a model (or ref_model) whose passes cannot be packed exactly. Overrides
-    `__init__` and `_get_per_token_logps_and_entropies`; keeps the latest layout in `packed_layout`.
+    On when `args.padding_free`; `args.padding_free_row_tokens` (optional) bounds the rows. Refuses at construction
+    a model (or ref_model) whose passes cannot be packed exactly. Overrides `__init__` and
+    `_get_per_token_logps_and_entropies`.
     """
 
     def __init__(self, *args, **kwargs):
@@ -360,7 +359,7 @@ class PaddingFreeMixin:
 
     @property
     def _padding_free(self) -> bool:
-        return getattr(self.args, "padding_free", True)
+        return self.args.padding_free
 
     def _check_padding_free_supported(self):
         """Refuse a model for which packing is not known to be exact (never a wrong result), naming why, and decide
@@ -372,10 +371,9 @@ class PaddingFreeMixin:
             base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
             problem = packing_support_problem(base)
             if problem:
-                # a GRPOConfig has no padding_free field: there the mixin is on because it was composed
-                remedy = "Set padding_free=False" if hasattr(self.args, "padding_free") else "Remove PaddingFreeMixin"
                 raise ValueError(
-                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. {remedy}."
+                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. Set "
+                    "padding_free=False."
                 )
             self._padding_free_one_row |= packs_into_one_row(base)
 
@@ -413,7 +411,7 @@ class PaddingFreeMixin:
             batch_size=batch_size,
             compute_entropy=compute_entropy,
             compute_aux_loss=compute_aux_loss,
-            max_row_tokens=getattr(self.args, "padding_free_row_tokens", None),
+            max_row_tokens=self.args.padding_free_row_tokens,
             autocast=self.accelerator.autocast,
             on_pack=self._remember_packing,
             one_row=self._padding_free_one_row,
