@@ -490,11 +490,10 @@ class GSPOConfig(GRPOConfig):
         if self.rollout_routing_replay and self.use_vllm:
             raise ValueError(
                 "GSPOConfig.rollout_routing_replay=True cannot be combined with use_vllm=True: it replays the routing "
-                "recorded in transformers generation. vLLM 0.31 returns the routed experts "
-                "(enable_return_routed_experts) only with its Model Runner V2, which needs Triton, i.e. a GPU; this "
-                "project runs vLLM on CPU only (no CUDA vLLM wheel fits its GPU test machines) and TRL's vLLM client "
-                "does not pass routed experts on, so that path is untested (docs/MOE.md says what an engine adapter "
-                "needs). Set use_vllm=False or rollout_routing_replay=False."
+                "recorded in transformers generation, and TRL's vLLM client does not pass vLLM's routed experts on "
+                "(vLLM 0.31 returns them, with enable_return_routed_experts, only from its Model Runner V2, which needs "
+                "Triton, i.e. a GPU; docs/MOE.md says what an engine adapter needs). Set use_vllm=False or "
+                "rollout_routing_replay=False."
             )
         if self.rollout_routing_replay and self.use_transformers_continuous_batching:
             raise ValueError(
@@ -598,16 +597,6 @@ class GSPOConfig(GRPOConfig):
                 GSPOClipRangeWarning,
                 stacklevel=3,
             )
-
-    @classmethod
-    def from_grpo_config(cls, args: GRPOConfig) -> GSPOConfig:
-        """A GSPOConfig that keeps every field the user set in `args` and takes GSPO's defaults elsewhere.
-
-        The rule (`upgrade_grpo_config` below): a field counts as set when it differs from GRPOConfig's default; the
-        clip range is kept as a pair (epsilon with epsilon_high, which defaults to epsilon in GRPOConfig) when
-        either bound was set, else both take GSPO's 3e-4 / 4e-4.
-        """
-        return upgrade_grpo_config(args)[0]
 
 
 # --- A GRPOConfig handed to GSPOTrainer: which of its fields are kept, which take GSPO's defaults, the notice.

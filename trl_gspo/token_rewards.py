@@ -437,7 +437,7 @@ def token_advantages(
     num_generations: int,
     first_row: int,
     weight: float,
-    component_function: Callable[..., torch.Tensor] = group_centred_component,
+    component_function: Callable[..., torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO-token advantages of this process's rows, A_it = A_i + weight * component_it, and mean |component|.
 

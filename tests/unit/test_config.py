@@ -172,7 +172,9 @@ def test_every_changed_default_is_documented_once(tmp_path):
         assert f"{name} (`" not in GSPOConfig.__doc__, f"{name} is documented in the docstring and in its help="
 
 
-def test_from_grpo_config_keeps_user_fields(tmp_path):
+def test_grpo_upgrade_keeps_user_fields(tmp_path):
+    from trl_gspo.config import upgrade_grpo_config
+
     grpo = GRPOConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -182,14 +184,14 @@ def test_from_grpo_config_keeps_user_fields(tmp_path):
         learning_rate=3e-6,
         max_completion_length=64,
     )
-    gspo = GSPOConfig.from_grpo_config(grpo)
+    gspo, _ = upgrade_grpo_config(grpo)
     assert isinstance(gspo, GSPOConfig)
     assert (gspo.learning_rate, gspo.max_completion_length, gspo.num_generations) == (3e-6, 64, 4)
     assert gspo.importance_sampling_level == "sequence" and gspo.epsilon == 3e-4 and gspo.loss_type == "grpo"
     assert gspo.steps_per_generation == 4
     # a choice the user made explicitly that GSPO cannot honour is refused, not silently replaced
     with pytest.raises(ValueError, match="loss_type='bnpo'"):
-        GSPOConfig.from_grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bnpo"))
+        upgrade_grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bnpo"))
 
 
 def test_half_precision_off_policy_warns(tmp_path):
