@@ -12,8 +12,9 @@ all arms; each arm then trains a fresh copy with GSPOTrainer, its held-out greed
                 (token_rewards.summed_reward): the same reward information as gspo_token without the per-token
                 credit, so gspo_token vs gspo_dense isolates where the credit goes
     gspo_token:<formulation>
-                gspo_token with GSPOConfig.token_advantage=<formulation> (one of config.TOKEN_ADVANTAGES), e.g.
-                gspo_token:position_baseline; plain gspo_token uses GSPOConfig's default
+                gspo_token trained with another token component (a name of
+                gspo_examples.token_advantages.TOKEN_ADVANTAGES), e.g. gspo_token:position_baseline; plain
+                gspo_token uses GSPOTrainer's own (group_centred)
 
 Everything else is shared (gspo_examples.tasks defaults; `TrainSettings`): 64 completions per optimizer step (8 prompts
 x 8), 4 optimizer steps per rollout, temperature 0.5, learning rate decayed linearly to 0, no KL, loss_type "grpo"
@@ -43,10 +44,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW, TOKEN_ADVANTAGES
+from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW
 from trl_gspo.plotting import save_figure, series
 from trl_gspo.rewards import exact_match, get_reward_func
 from trl_gspo.token_rewards import summed_reward
+
+from .tasks import SPAN_REWARDS
+from .token_advantages import TOKEN_ADVANTAGES, token_advantage_trainer
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Arm:
     epsilon_high: float
     use_span_reward: bool = False
     span_reward_summed: bool = False  # the span reward as one number per completion (sequence-level arms)
-    token_advantage: str = TOKEN_ADVANTAGES[0]  # GSPOConfig.token_advantage (GSPO-token arms)
+    token_advantage: str = "group_centred"  # the token component (a TOKEN_ADVANTAGES name; GSPO-token arms)
 
 
 ARMS = {
@@ -75,7 +79,7 @@ FORMULATION_SEPARATOR = ":"
 
 
 def get_arm(name: str) -> Arm:
-    """ARMS[name], or for "gspo_token:<formulation>" the gspo_token arm with that GSPOConfig.token_advantage."""
+    """ARMS[name], or for "gspo_token:<formulation>" the gspo_token arm with that token component."""
     if name in ARMS:
         return ARMS[name]
     base, _, formulation = name.partition(FORMULATION_SEPARATOR)
@@ -111,17 +115,20 @@ class TrainSettings:
     threads: int = 1
     token_advantage_weight: float = 1.0  # lambda of GSPO-token's token component (GSPOConfig)
     target_accuracy: float = 0.3
-    span_reward: str | None = None  # the span arms' span reward (a trl_gspo.rewards name); None: the task's
+    span_reward: str | None = None  # the span arms' span reward (see arm_reward_funcs); None: the task's
     split_sizes: dict | None = None
     model_kwargs: dict | None = field(default=None)
 
 
 def arm_reward_funcs(arm: Arm, task, span_reward: str | None = None) -> list[Callable]:
-    """exact_match, plus for span arms `span_reward` (a trl_gspo.rewards name) or else the task's span reward."""
+    """exact_match, plus for span arms `span_reward` or else the task's span reward.
+
+    `span_reward`: a name in gspo_examples.tasks.SPAN_REWARDS, or anything trl_gspo.rewards.get_reward_func resolves.
+    """
     funcs = [exact_match]
     span_reward = span_reward or task.span_reward
     if arm.use_span_reward and span_reward:
-        span = get_reward_func(span_reward)
+        span = SPAN_REWARDS[span_reward] if span_reward in SPAN_REWARDS else get_reward_func(span_reward)
         funcs.append(summed_reward(span) if arm.span_reward_summed else span)
     return funcs
 
@@ -133,7 +140,6 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_gspo.config import GSPOConfig
-    from trl_gspo.trainer import GSPOTrainer
 
     from .tasks import HeldoutAccuracyCallback, greedy_accuracy
 
@@ -159,7 +165,6 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
         max_steps=settings.steps,
         logging_steps=settings.logging_steps,
         token_advantage_weight=settings.token_advantage_weight,
-        token_advantage=arm.token_advantage,
         seed=seed,
         use_cpu=True,
         bf16=False,
@@ -167,7 +172,7 @@ def run_arm(arm_name: str, task, seed: int, model_dir, splits: dict, settings: T
         save_strategy="no",
         disable_tqdm=True,
     )
-    trainer = GSPOTrainer(
+    trainer = token_advantage_trainer(arm.token_advantage)(
         model=model,
         reward_funcs=arm_reward_funcs(arm, task, settings.span_reward),
         args=config,
@@ -507,7 +512,7 @@ def parse_flags(argv=None):
         default=list(DEFAULT_ARMS),
         type=checked_arm,
         help=f"among {', '.join(sorted(ARMS))} and gspo_token:<formulation>, formulation one of "
-        f"{', '.join(TOKEN_ADVANTAGES)} (GSPOConfig.token_advantage)",
+        f"{', '.join(TOKEN_ADVANTAGES)} (the token component, gspo_examples.token_advantages)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="optimizer steps per run")
@@ -523,8 +528,8 @@ def parse_flags(argv=None):
     parser.add_argument(
         "--span-reward",
         default=None,
-        help="span reward of the span arms, a trl_gspo.rewards name (default: the task's, e.g. mismatch_spans for "
-        "place, first_mismatch_span for swap)",
+        help="span reward of the span arms: a gspo_examples.tasks.SPAN_REWARDS name or a dotted import path "
+        "(default: the task's, e.g. mismatch_spans for place, first_mismatch_span for swap)",
     )
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--cache-dir", default=".cache/trl_gspo", help="where warm-started models are cached")

@@ -14,6 +14,8 @@ noise: `exact_match` (trl_gspo.rewards) scores a completion 1.0 if it equals the
   so its sum says no more than exact match: groups whose completions are all wrong still differ in where they went
   wrong, a signal only per-token credit can use.
 
+The span rewards (`SPAN_REWARDS`, by name) return spans for GSPO-token (trl_gspo.token_rewards).
+
 Rows are conversational, in TRL's format: ``{"prompt": [{"role": "user", "content": ...}], "answer": ...}``.
 ``make_splits`` draws train/dev/test splits deterministically from a seed; no prompt appears in two splits.
 
@@ -36,11 +38,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from trl_gspo.rewards import exact_match
+from trl_gspo.rewards import Completion, completion_text, exact_match
+from trl_gspo.token_rewards import token_level_reward
 
 # Bump when a task's prompt format or a split's drawing changes: it is part of the cache key.
 TASKS_FORMAT_VERSION = 1
@@ -72,7 +76,7 @@ class Task:
     parse: Callable[[str], tuple]
     solve: Callable[[tuple], str]
     max_answer_length: int
-    # name in trl_gspo.rewards.REWARD_FUNCS of a span reward marking the wrong part of a completion, if any
+    # name in SPAN_REWARDS of a span reward marking the wrong part of a completion, if any
     span_reward: str | None = None
 
     def row(self, operands: tuple) -> dict:
@@ -134,6 +138,62 @@ def _swap_solve(operands: tuple) -> str:
 def _place_solve(operands: tuple) -> str:
     position, letter, word = operands
     return word[: position - 1] + letter + word[position:]
+
+
+@token_level_reward
+def mismatch_spans(completions: list[Completion], answer: list[Any], **kwargs) -> list[list[tuple] | float]:
+    """Span reward marking the wrong characters of a completion, position by position against ``answer``.
+
+    Compares the completion text with ``str(answer)`` character by character (no stripping: a leading space shifts
+    every position and is wrong). Each wrong character gets a span ``(k, k + 1, -1.0)``; surplus characters beyond
+    the answer's length one span ``(len(answer), len(text), -1.0)``; a completion that stops short gets -1 more on
+    its last character. A right answer returns ``[]`` (no penalty, sum 0); an empty completion returns the number
+    -1.0 (no character to mark). Needs importance_sampling_level="sequence_token"; its sum, the negated number of
+    mistakes, is its sequence reward.
+    """
+    rewards: list[list[tuple] | float] = []
+    for completion, gold in zip(completions, answer, strict=True):
+        text, gold = completion_text(completion), str(gold)
+        if not text:
+            rewards.append(-1.0)
+            continue
+        penalties = [-1.0 if k >= len(gold) or text[k] != gold[k] else 0.0 for k in range(min(len(text), len(gold)))]
+        if len(text) < len(gold):
+            penalties[-1] -= 1.0
+        spans = [(k, k + 1, p) for k, p in enumerate(penalties) if p]
+        if len(text) > len(gold):
+            spans.append((len(gold), len(text), -1.0))
+        rewards.append(spans)
+    return rewards
+
+
+@token_level_reward
+def first_mismatch_span(completions: list[Completion], answer: list[Any], **kwargs) -> list[list[tuple] | float]:
+    """Span reward marking the first character where a completion departs from ``answer``, -1 on it.
+
+    Compared without stripping, position by position: the first wrong character; else, for a completion longer
+    than the answer, its first surplus character; else, for one that stops short, its last character. A right
+    answer returns ``[]`` and an empty completion the number -1.0. The sum is -1 for every wrong completion and 0
+    for a right one (``exact_match - 1`` when the completion has no surrounding whitespace), so the sequence reward
+    GSPO-token sees with ``exact_match`` is an affine function of exact match alone and group-normalises to the
+    same sequence advantage: the span only says where the decisive mistake is. Needs
+    importance_sampling_level="sequence_token".
+    """
+    rewards: list[list[tuple] | float] = []
+    for completion, gold in zip(completions, answer, strict=True):
+        text, gold = completion_text(completion), str(gold)
+        if not text:
+            rewards.append(-1.0)
+            continue
+        first = next((k for k, (a, b) in enumerate(zip(text, gold)) if a != b), None)
+        if first is None and len(text) != len(gold):
+            first = len(gold) if len(text) > len(gold) else len(text) - 1
+        rewards.append([] if first is None else [(first, first + 1, -1.0)])
+    return rewards
+
+
+# The span rewards of the tasks (GSPO-token, trl_gspo.token_rewards), by name
+SPAN_REWARDS = {func.__name__: func for func in (mismatch_spans, first_mismatch_span)}
 
 
 TASKS: dict[str, Task] = {

@@ -188,7 +188,7 @@ def tiny_model(model_type, attention="eager", **extra):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference: GSPO-token's token component under each GSPOConfig.token_advantage, float64 loops over nested lists
+# Reference: GSPO-token's token component under each formulation (gspo_examples.token_advantages), float64 loops
 # (rows grouped by prompt in consecutive blocks of group_size, mask 1 on the loss tokens).
 
 

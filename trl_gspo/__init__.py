@@ -3,7 +3,7 @@
 - `trl_gspo.objective`: the GSPO / GSPO-token loss as pure tensor functions.
 - `trl_gspo.config.GSPOConfig`: GRPOConfig with the paper's defaults, validated at construction.
 - `trl_gspo.trainer.GSPOTrainer`: GRPOTrainer with the GSPO objective (a drop-in replacement).
-- the features, each a mixin usable on GRPOTrainer too: `moe`, `aligned_pi_old`, `rollout_logprobs`, `packing`,
+- the features, each a mixin of GSPOTrainer: `moe`, `aligned_pi_old`, `rollout_logprobs`, `packing`,
   `token_rewards`, `diagnostics`, `vllm_cpu`, `vllm_checks` (their order: `trainer.py`); `trl_api`: the private TRL
   API relied on.
 """

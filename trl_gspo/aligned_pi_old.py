@@ -47,7 +47,7 @@ def policy_pass_arguments(inputs: dict) -> tuple[tuple, dict]:
 class AlignedPiOldMixin:
     """Trainer mixin: old_per_token_logps computed per buffered micro-batch, with the policy pass's own call.
 
-    Composes with GSPOTrainer or TRL's plain GRPOTrainer. Overrides:
+    Overrides:
       _generate_and_score_completions    decides per rollout whether pi_old is aligned; lets TRL skip its pass
       _get_per_token_logps_and_entropies answers TRL's pi_old pass without a forward (NaN) when it is skipped
       _prepare_inputs                    after TRL's shuffle and split, the pi_old pass of every micro-batch
@@ -64,11 +64,7 @@ class AlignedPiOldMixin:
 
     def _pi_old_per_micro_batch(self) -> bool:
         """Whether the rollout being generated gets its pi_old from `_aligned_pi_old_pass` (see module docstring)."""
-        return (
-            self.model.training
-            and pi_old_pass_runs(self.args)
-            and not getattr(self.args, "use_rollout_logprobs", False)
-        )
+        return self.model.training and pi_old_pass_runs(self.args) and not self.args.use_rollout_logprobs
 
     def _generate_and_score_completions(self, inputs):
         aligned = self._pi_old_per_micro_batch()

@@ -7,8 +7,16 @@ it overrides bf16=False in the config) | importance_sampling_level='sequence', c
 
 from __future__ import annotations
 
-# GSPOConfig switches named in the line when they are on
-SWITCHES = ("padding_free", "use_rollout_logprobs", "routing_replay")
+from dataclasses import fields
+
+from trl import GRPOConfig
+
+from .config import GSPOConfig
+
+# GSPOConfig's own switches, off by default, each named in the line when it is on
+SWITCHES = tuple(
+    f.name for f in fields(GSPOConfig) if f.default is False and f.name not in {g.name for g in fields(GRPOConfig)}
+)
 
 
 def distributed_backend(accelerator) -> str:
@@ -59,8 +67,7 @@ def start_banner(world_size: int, backend: str, mixed_precision: str, args, devi
         f"importance_sampling_level={args.importance_sampling_level!r}, clip range [1-{args.epsilon:g}, "
         f"1+{clip_high:g}], {steps:g} optimizer steps per rollout ({policy})"
     )
-    options = [name for name in SWITCHES if getattr(args, name, False)]
+    options = [name for name in SWITCHES if getattr(args, name)]
     if args.importance_sampling_level == "sequence_token":
         options.append(f"token_advantage_weight={args.token_advantage_weight:g}")
-        options.append(f"token_advantage={args.token_advantage}")
     return line + (" | " + ", ".join(options) if options else "")

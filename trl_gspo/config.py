@@ -27,9 +27,6 @@ ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interv
 MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
 # GSPOConfig.vllm_dtype values: "auto" is vLLM's own choice (TRL's colocate mode passes none)
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# GSPOConfig.token_advantage values: how GSPO-token turns token rewards into the token component (formulas in
-# trl_gspo.token_rewards, one function each in TOKEN_ADVANTAGE_FUNCTIONS)
-TOKEN_ADVANTAGES = ("group_centred", "scaled", "marked_only", "position_baseline", "return_to_go")
 
 # generation_kwargs that change the sampling distribution the rollout log-probs describe: transformers' generate
 # (before SampledTokenLogProbs sees it) and vLLM's SamplingParams (min_tokens masks eos out of vLLM's processed
@@ -120,17 +117,9 @@ class GSPOConfig(GRPOConfig):
     r"""
     Configuration for [`GSPOTrainer`]: every [`~trl.GRPOConfig`] field, with the GSPO paper's defaults.
 
-    Defaults that differ from `GRPOConfig`, and why:
+    Every field GSPO adds or whose default it changes is documented in its `help=` (`trl-gspo-train --help` prints
+    them). Two GRPOConfig defaults change without a field of their own:
 
-    - `importance_sampling_level="sequence"` (GRPOConfig: `"token"`): GSPO's length-normalised sequence ratio.
-      `"sequence_token"` is GSPO-token (per-token advantages allowed), `"token"` plain GRPO for A/B runs.
-    - `epsilon=3e-4`, `epsilon_high=4e-4` at the sequence levels (GRPOConfig: 0.2 and 0.2): the paper's sequence
-      clip range. The sequence ratio is a geometric mean over the tokens and moves orders of magnitude less than a
-      token ratio. At `importance_sampling_level="token"` an unset clip range is GRPOConfig's.
-    - `beta=0.0` (same as GRPOConfig, kept explicit): the paper trains without a KL term.
-    - `loss_type="grpo"` (GRPOConfig: `"dapo"`): the only aggregation that is GSPO's: one weight per sequence,
-      mean over sequences. Token-sum losses ("dapo", "bnpo", "dr_grpo") weight sequences by their length and
-      are refused under a sequence-level ratio.
     - `bf16` left unset: True only where the accelerator supports bf16 (GRPOConfig: True unless fp16, which fails
       on a CPU-only machine without `use_cpu`); float32 on a CPU. See "Precision" in the README for why GSPO
       prefers float32 where it can.
@@ -138,59 +127,6 @@ class GSPOConfig(GRPOConfig):
       set (GRPOConfig: `gradient_accumulation_steps`): the paper splits each rollout batch into 4 minibatches,
       i.e. 4 optimizer steps per generation. On-policy (1 step per rollout) the ratio is exactly 1, clipping
       never fires, and GSPO reduces to GRPO.
-
-    Parameters added by GSPO:
-
-        log_ratio_bound (`float`, defaults to `10.0`):
-            Clamp of the (length-normalised) log-ratio before `exp`, so it cannot overflow.
-        token_advantage_weight (`float`, defaults to `1.0`):
-            With token or span rewards under `"sequence_token"`, the weight of the group-normalised token component
-            of the per-token advantage (formula in `trl_gspo.token_rewards`).
-        token_advantage (`str`, defaults to `"group_centred"`):
-            How GSPO-token forms that token component from the token rewards: `"group_centred"` (centred on the
-            group's mean token reward), `"scaled"` (no centring), `"marked_only"` (only tokens a reward marked),
-            `"position_baseline"` (centred per position across the group), `"return_to_go"` (each token credited
-            with the token rewards from it to the end). Formulas in `trl_gspo.token_rewards`.
-        vllm_importance_sampling_length_normalized (`bool`, defaults to `True`):
-            With vLLM and a `"sequence_*"` `vllm_importance_sampling_mode`, correct for the engine/trainer
-            mismatch with the geometric mean of the token ratios (GSPO's form) rather than TRL's product over
-            all tokens, which collapses long sequences. `sampling/importance_sampling_ratio/*` then log these
-            weights. With TRL's default `vllm_importance_sampling_clip_max=3`, `"sequence_mask"` drops only
-            sequences whose mean per-token log-ratio exceeds ln 3 (1.1): precision mismatch stays orders of
-            magnitude below (docs/VLLM.md), so it guards against gross disagreement and changes nothing else.
-        log_routing_drift (`bool`, defaults to `True`):
-            MoE models: log `moe/routing_drift/token_layer` and `moe/routing_drift/token_any_layer` (see
-            docs/MOE.md). Ignored by dense models and when no pi_old pass runs (on-policy schedule).
-        routing_replay (`bool`, defaults to `False`):
-            MoE models: replay the pi_old pass's experts in the policy pass (R2), weights from the current router.
-            Refused with an on-policy schedule here, and for a dense model by the trainer.
-        rollout_routing_replay (`bool`, defaults to `False`):
-            MoE models, transformers generation: replay the experts generate() chose (R3) in the pi_old and policy
-            passes. Refused with vLLM, continuous batching, padding-free or rollout log-probs, on-policy schedules.
-
-        padding_free (`bool`, defaults to `False`):
-            Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
-            same results as the padded path. Off by default: measured on CPU only (BENCHMARKS.md); on GPUs the dense
-            block-diagonal sdpa mask is untested. Only model types measured exact when packed
-            (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES) with sdpa, eager or flash-attention; any other is refused
-            when the trainer is built. For
-            a MoE model with an aux loss, the policy pass packs each chunk into one row (the load-balancing loss then
-            sees exactly the padded path's tokens) at the cost of attention quadratic in that row.
-        padding_free_row_tokens (`int` or `None`, defaults to `None`):
-            Token budget of one packed row; None uses the padded width of each batch.
-        use_rollout_logprobs (`bool`, defaults to `False`):
-            Use the log-probs computed while sampling as pi_old and skip the pi_old forward
-            (trl_gspo/rollout_logprobs.py). Refused for on-policy schedules, continuous batching, repetition
-            penalty and other distribution-changing generation settings, and, with vLLM, for its importance-sampling
-            correction and for top-k/top-p truncation.
-        rollout_logprobs_check_interval (`int`, defaults to `10`):
-            Every this many rollouts, also run the pi_old forward and log the mismatch (gspo/rollout_logprobs/*).
-        max_consecutive_nonfinite_reward_rollouts (`int`, defaults to `5`):
-            Stop training (ValueError naming the reward functions) after this many consecutive rollouts in which no
-            completion got a finite reward and some reward function returned NaN or +-inf. A single such rollout
-            trains on (its advantages are 0); the current streak is logged as
-            `gspo/consecutive_nonfinite_reward_rollouts`. Rollouts whose rewards are all `None` ("does not apply",
-            TRL's contract) warn and train on, as in TRL, and never count.
 
     Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
     `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
@@ -201,15 +137,16 @@ class GSPOConfig(GRPOConfig):
     importance_sampling_level: str = field(
         default="sequence",
         metadata={
-            "help": "'sequence' (GSPO, default), 'sequence_token' (GSPO-token, per-token advantages allowed) or "
-            "'token' (plain GRPO, for A/B comparisons).",
+            "help": "'sequence' (GSPO's length-normalised sequence ratio, the default; GRPOConfig: 'token'), "
+            "'sequence_token' (GSPO-token, per-token advantages allowed) or 'token' (plain GRPO, for A/B comparisons).",
         },
     )
     epsilon: float | None = field(
         default=None,
         metadata={
-            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels, GRPOConfig's default "
-            "(0.2) at the token level, where a sequence-sized band would clip most tokens."
+            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels (GRPOConfig: 0.2; the "
+            "sequence ratio, a geometric mean over the tokens, moves orders of magnitude less than a token ratio), "
+            "GRPOConfig's default (0.2) at the token level, where a sequence-sized band would clip most tokens."
         },
     )
     epsilon_high: float | None = field(
@@ -219,14 +156,20 @@ class GSPOConfig(GRPOConfig):
             "GRPOConfig's rule (equal to epsilon)."
         },
     )
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient; the paper uses none (0.0)."})
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient; the paper uses none (0.0, GRPOConfig's default too)."}
+    )
     loss_type: str = field(
         default="grpo",
-        metadata={"help": "Aggregation. Under a sequence-level ratio only 'grpo' (mean over sequences) is GSPO."},
+        metadata={
+            "help": "Aggregation (GRPOConfig: 'dapo'). Under a sequence-level ratio only 'grpo' (one weight per "
+            "sequence, mean over sequences) is GSPO; the token-sum losses ('dapo', 'bnpo', 'dr_grpo') weight sequences "
+            "by their length and are refused there."
+        },
     )
     log_ratio_bound: float = field(
         default=DEFAULT_LOG_RATIO_BOUND,
-        metadata={"help": "Clamp of the log importance ratio before exp, so it cannot overflow."},
+        metadata={"help": "Clamp of the (length-normalised) log importance ratio before exp, so it cannot overflow."},
     )
     token_advantage_weight: float = field(
         default=1.0,
@@ -236,19 +179,12 @@ class GSPOConfig(GRPOConfig):
             "token detail (the rewards' sums still count as sequence rewards)."
         },
     )
-    token_advantage: str = field(
-        default="group_centred",
-        metadata={
-            "help": "GSPO-token with token or span rewards: how the token component is formed, one of "
-            + ", ".join(TOKEN_ADVANTAGES)
-            + " (see trl_gspo.token_rewards)."
-        },
-    )
     vllm_importance_sampling_length_normalized: bool = field(
         default=True,
         metadata={
             "help": "With vLLM and a 'sequence_*' vllm_importance_sampling_mode, use the geometric mean of the token "
-            "ratios (GSPO's form) instead of their product; sampling/importance_sampling_ratio/* log these weights. "
+            "ratios (GSPO's form) instead of their product, which collapses long sequences; "
+            "sampling/importance_sampling_ratio/* log these weights. "
             "At TRL's default cap (vllm_importance_sampling_clip_max=3) 'sequence_mask' then drops only sequences "
             "whose mean per-token log-ratio exceeds ln 3, far beyond precision mismatch (docs/VLLM.md)."
         },
@@ -262,6 +198,8 @@ class GSPOConfig(GRPOConfig):
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
             "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES); any "
             "other is refused when the trainer is built."
+            " Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
+            "sdpa mask is untested."
         },
     )
     padding_free_row_tokens: int | None = field(
@@ -277,7 +215,9 @@ class GSPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "Use the log-probs computed while sampling (transformers generation, vLLM or a rollout_func) as "
-            "pi_old instead of running a separate pi_old forward."
+            "pi_old instead of running a separate pi_old forward. Refused for on-policy schedules, continuous "
+            "batching, repetition penalty and other distribution-changing generation settings, and, with vLLM, for "
+            "its importance-sampling correction and for top-k/top-p truncation."
         },
     )
     rollout_logprobs_check_interval: int = field(
@@ -291,8 +231,9 @@ class GSPOConfig(GRPOConfig):
     max_consecutive_nonfinite_reward_rollouts: int = field(
         default=MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS,
         metadata={
-            "help": "Stop after this many consecutive rollouts with no finite reward in which some reward function "
-            "returned NaN or inf (a bug, not 'does not apply'); one such rollout trains on with zero advantages. "
+            "help": "Stop (ValueError naming the reward functions) after this many consecutive rollouts with no finite "
+            "reward in which some reward function returned NaN or inf (a bug, not 'does not apply'); one such rollout "
+            "trains on with zero advantages. The streak is logged as gspo/consecutive_nonfinite_reward_rollouts. "
             "All-None rollouts (TRL: the reward does not apply) warn and never count."
         },
     )
@@ -303,7 +244,7 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "MoE models: log moe/routing_drift/{token_layer,token_any_layer}, the fraction of completion "
             "(token, layer) pairs and of tokens whose top-k experts changed between the pi_old pass and the "
-            "policy pass. Needs an off-policy schedule (there is no pi_old pass otherwise)."
+            "policy pass (docs/MOE.md). Needs an off-policy schedule (there is no pi_old pass otherwise)."
         },
     )
     routing_replay: bool = field(
@@ -418,10 +359,6 @@ class GSPOConfig(GRPOConfig):
         if not (math.isfinite(self.token_advantage_weight) and self.token_advantage_weight >= 0):
             raise ValueError(
                 f"GSPOConfig.token_advantage_weight={self.token_advantage_weight} must be a finite number >= 0."
-            )
-        if self.token_advantage not in TOKEN_ADVANTAGES:
-            raise ValueError(
-                f"GSPOConfig.token_advantage={self.token_advantage!r} must be one of {', '.join(TOKEN_ADVANTAGES)}."
             )
         if level not in SEQUENCE_LEVELS:
             return  # plain GRPO: TRL's own loss and checks apply
@@ -553,11 +490,10 @@ class GSPOConfig(GRPOConfig):
         if self.rollout_routing_replay and self.use_vllm:
             raise ValueError(
                 "GSPOConfig.rollout_routing_replay=True cannot be combined with use_vllm=True: it replays the routing "
-                "recorded in transformers generation. vLLM 0.31 returns the routed experts "
-                "(enable_return_routed_experts) only with its Model Runner V2, which needs Triton, i.e. a GPU; this "
-                "project runs vLLM on CPU only (no CUDA vLLM wheel fits its GPU test machines) and TRL's vLLM client "
-                "does not pass routed experts on, so that path is untested (docs/MOE.md says what an engine adapter "
-                "needs). Set use_vllm=False or rollout_routing_replay=False."
+                "recorded in transformers generation, and TRL's vLLM client does not pass vLLM's routed experts on "
+                "(vLLM 0.31 returns them, with enable_return_routed_experts, only from its Model Runner V2, which needs "
+                "Triton, i.e. a GPU; docs/MOE.md says what an engine adapter needs). Set use_vllm=False or "
+                "rollout_routing_replay=False."
             )
         if self.rollout_routing_replay and self.use_transformers_continuous_batching:
             raise ValueError(
@@ -584,11 +520,6 @@ class GSPOConfig(GRPOConfig):
         if self.token_advantage_weight != 1.0 and self.importance_sampling_level != "sequence_token":
             unused.append(
                 f"token_advantage_weight={self.token_advantage_weight} is only used with importance_sampling_level="
-                f"'sequence_token', not {self.importance_sampling_level!r}"
-            )
-        if self.token_advantage != TOKEN_ADVANTAGES[0] and self.importance_sampling_level != "sequence_token":
-            unused.append(
-                f"token_advantage={self.token_advantage!r} is only used with importance_sampling_level="
                 f"'sequence_token', not {self.importance_sampling_level!r}"
             )
         if self.padding_free_row_tokens is not None and not self.padding_free:
@@ -667,16 +598,6 @@ class GSPOConfig(GRPOConfig):
                 stacklevel=3,
             )
 
-    @classmethod
-    def from_grpo_config(cls, args: GRPOConfig) -> GSPOConfig:
-        """A GSPOConfig that keeps every field the user set in `args` and takes GSPO's defaults elsewhere.
-
-        The rule (`upgrade_grpo_config` below): a field counts as set when it differs from GRPOConfig's default; the
-        clip range is kept as a pair (epsilon with epsilon_high, which defaults to epsilon in GRPOConfig) when
-        either bound was set, else both take GSPO's 3e-4 / 4e-4.
-        """
-        return upgrade_grpo_config(args)[0]
-
 
 # --- A GRPOConfig handed to GSPOTrainer: which of its fields are kept, which take GSPO's defaults, the notice.
 # The rule (also in README.md, "Use it from Python"):
@@ -689,15 +610,6 @@ class GSPOConfig(GRPOConfig):
 CLIP_FIELDS = ("epsilon", "epsilon_high")
 # Batch-shape fields TRL derives from the others: carried only when the user chose them.
 DERIVED_FIELDS = ("steps_per_generation", "generation_batch_size")
-# Fields whose GSPOConfig value differs from GRPOConfig's default (fixed defaults and derived ones).
-GSPO_DEFAULT_FIELDS = (
-    "importance_sampling_level",
-    "epsilon",
-    "epsilon_high",
-    "loss_type",
-    "steps_per_generation",
-    "bf16",
-)
 
 
 def user_set_fields(args: GRPOConfig) -> dict:
@@ -723,8 +635,21 @@ def upgrade_grpo_config(args: GRPOConfig) -> tuple[GSPOConfig, str]:
     """(the GSPOConfig for `args`, the notice naming the fields kept and the GSPO defaults taken)."""
     kept = user_set_fields(args)
     config = GSPOConfig(output_dir=args.output_dir, use_cpu=args.use_cpu, **kept)
-    took_defaults = {name: getattr(config, name) for name in GSPO_DEFAULT_FIELDS if name not in kept}
-    return config, upgrade_notice(kept, took_defaults)
+    return config, upgrade_notice(kept, gspo_defaults_taken(args, config, kept))
+
+
+def gspo_defaults_taken(args: GRPOConfig, config: GSPOConfig, kept: dict) -> dict:
+    """The fields the upgrade did not keep and where `config` differs from `args`: GSPO's defaults, fixed or resolved
+    in __post_init__ (clip range, steps_per_generation, bf16), where they differ from GRPOConfig's. Not
+    generation_batch_size, which TRL derives from steps_per_generation."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in fields(GRPOConfig)
+        if f.init
+        and f.name not in kept
+        and f.name != "generation_batch_size"
+        and getattr(config, f.name) != getattr(args, f.name)
+    }
 
 
 def upgrade_notice(kept: dict, took_defaults: dict) -> str:

@@ -1,7 +1,7 @@
 """Mixture-of-Experts routing: no router logits in generate(), the routing drift metric, routing replay (R2 and R3).
 
 Pure functions (tested against naive references), one hook manager, `RouterHooks`, and the trainer mixin
-`MoERoutingMixin` that wires them into the rollout and the loss (on GSPOTrainer or TRL's plain GRPOTrainer).
+`MoERoutingMixin` that wires them into GSPOTrainer's rollout and loss.
 
 How it works. transformers' MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE) route each token in a `*TopKRouter`
 module that returns (router_logits, top_k_weights, top_k_index); every experts implementation takes its
@@ -334,9 +334,8 @@ class MoERoutingMixin:
     """Trainer mixin for MoE models: no router logits in generate(), the routing drift metric, routing replay (R2),
     rollout routing replay (R3).
 
-    Composes with GSPOTrainer or TRL's plain GRPOTrainer (`class T(MoERoutingMixin, GRPOTrainer)`). Reads
-    `args.log_routing_drift` (default True), `args.routing_replay` and `args.rollout_routing_replay` (default False);
-    a dense model passes through untouched. Overrides:
+    Reads `args.log_routing_drift`, `args.routing_replay` and `args.rollout_routing_replay`; a dense model passes
+    through untouched. Overrides:
       __init__                           hooks the routers; refuses replay on a dense model or an untested router
       _generate_single_turn              with R3: records generate()'s routing, one RolloutRouting per row
       _generate_and_score_completions    generation without router logits; arms the pi_old pass for recording;
@@ -364,12 +363,12 @@ class MoERoutingMixin:
 
     @property
     def _rollout_routing_replay(self) -> bool:
-        return getattr(self.args, "rollout_routing_replay", False)
+        return self.args.rollout_routing_replay
 
     @property
     def _routing_replay(self) -> bool:
         """Whether the policy pass replays: R2, or R3 (whose policy pass replays what its pi_old pass used)."""
-        return getattr(self.args, "routing_replay", False) or self._rollout_routing_replay
+        return self.args.routing_replay or self._rollout_routing_replay
 
     @property
     def _replay_field(self) -> str:
@@ -377,7 +376,7 @@ class MoERoutingMixin:
 
     @property
     def _log_routing_drift_on(self) -> bool:
-        return getattr(self.args, "log_routing_drift", True)
+        return self.args.log_routing_drift
 
     def _moe_setup_routing(self):
         """Hook the routers when the drift metric or replay needs them; refuse replay on a dense model."""
@@ -425,15 +424,7 @@ class MoERoutingMixin:
                     f"with {other_generation} the completions are produced otherwise (tool turns, a custom "
                     "rollout), so their routing is not recorded. Set rollout_routing_replay=False."
                 )
-        # the switches of the composed mixins (a GRPOConfig has no such fields: a composed padding-free mixin is on)
-        speed_options = [
-            name
-            for name, active in (
-                ("padding_free", getattr(self, "_padding_free", False)),
-                ("use_rollout_logprobs", getattr(self, "_use_rollout_logprobs", False)),
-            )
-            if active
-        ]
+        speed_options = [name for name in ("padding_free", "use_rollout_logprobs") if getattr(self.args, name)]
         if routers and self._log_routing_drift_on and speed_options:  # routing_replay is refused by GSPOConfig
             logger.warning(
                 f"moe/routing_drift is not logged with {speed_options}: the routing record needs an unpacked pi_old "

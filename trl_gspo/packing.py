@@ -13,9 +13,8 @@ is the next token of the same sequence when that token is a scored completion to
 scored across a sequence boundary. `unpack_completion_values` maps the per-position results (log-probs,
 entropies) back to the (B, T) completion layout of the padded path, with zeros where the padded path has zeros.
 
-`PackedBatch.token_index` maps every packed position to its flat (B, L) index (b * L + column, -1 for filler) and
-`PackedBatch.packed_index` maps every (B, L) position to its flat packed index (r * W + w, -1 for padding): hooks
-that record per-token state (e.g. MoE routing) can move it between the two layouts with them.
+`PackedBatch.packed_index` maps every (B, L) position to its flat packed index (r * W + w, -1 for padding); the
+unpacking reads the results through it.
 
 Which models pack exactly is established by measurement and accepted positively (`packing_support_problem`): an
 allowlist of text-config `model_type`s, each tested (tests/unit/test_packing.py) on a tiny float32 model whose packed
@@ -47,17 +46,13 @@ class PackedBatch:
     """Model inputs for one padding-free forward, and the maps between the padded and the packed layouts.
 
     input_ids, position_ids, shift_labels: (R, W) rows of packed sequences (see the module docstring).
-    token_index: (R, W) flat index b * L + column of each packed token in the padded (B, L) batch, -1 for filler.
     packed_index: (B, L) flat index r * W + w of each real token in the packed rows, -1 for padding.
-    real_tokens: number of real tokens (the sum of the sequence lengths); R * W - real_tokens are filler.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     shift_labels: torch.Tensor
-    token_index: torch.Tensor
     packed_index: torch.Tensor
-    real_tokens: int
 
     def model_inputs(self) -> dict[str, torch.Tensor | None | bool]:
         """Keyword arguments for the model: packing is detected only without an attention mask and without a cache."""
@@ -161,9 +156,7 @@ def pack_sequences(
         input_ids=packed_ids,
         position_ids=position_ids,
         shift_labels=shift_labels,
-        token_index=token_index,
         packed_index=packed_index.view(batch_size, width),
-        real_tokens=sum(lengths),
     )
 
 
@@ -295,7 +288,6 @@ def packed_logps_and_entropies(
     max_row_tokens: int | None = None,
     pad_token_id: int = 0,
     autocast=None,
-    on_pack=None,
     one_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """GRPOTrainer._get_per_token_logps_and_entropies on packed rows: same inputs, same (B, T) outputs.
@@ -308,8 +300,6 @@ def packed_logps_and_entropies(
     single row without filler. For the aux loss: the MoE load-balancing loss then averages over exactly the chunk's
     real tokens, as the padded path's (which masks padding with the attention mask) does; rows with filler would
     count the filler tokens. `autocast` is a factory of the autocast context (one per chunk).
-    `on_pack(packed, start)`, if given, is called before each chunk's forward with its PackedBatch and the index of
-    its first sequence in the batch: per-token hooks (e.g. MoE routing) map packed positions to (B, L) with it.
     """
     batch_size = batch_size or input_ids.size(0)
     all_logps, all_entropies, all_aux = [], [], []
@@ -322,8 +312,6 @@ def packed_logps_and_entropies(
             max_row_tokens=attention_mask.numel() if one_row or compute_aux_loss else max_row_tokens,
             pad_token_id=pad_token_id,
         )
-        if on_pack is not None:
-            on_pack(packed, start)
         model_inputs = packed.model_inputs()
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
@@ -343,15 +331,13 @@ def packed_logps_and_entropies(
 class PaddingFreeMixin:
     """Trainer mixin: every log-prob pass (policy, pi_old, reference) on packed rows, same (B, T) outputs.
 
-    Composes with GSPOTrainer or TRL's plain GRPOTrainer (`class T(PaddingFreeMixin, GRPOTrainer)`): on by
-    composition, unless `args.padding_free` is False; `args.padding_free_row_tokens` (optional) bounds the rows.
-    Refuses at construction a model (or ref_model) whose passes cannot be packed exactly. Overrides
-    `__init__` and `_get_per_token_logps_and_entropies`; keeps the latest layout in `packed_layout`.
+    On when `args.padding_free`; `args.padding_free_row_tokens` (optional) bounds the rows. Refuses at construction
+    a model (or ref_model) whose passes cannot be packed exactly. Overrides `__init__` and
+    `_get_per_token_logps_and_entropies`.
     """
 
     def __init__(self, *args, **kwargs):
         check_trl_private_api()
-        self.packed_layout = None  # (PackedBatch, first sequence index) of the latest packed forward
         self._padding_free_one_row = False  # flash-attention: one row per chunk (see packs_into_one_row)
         super().__init__(*args, **kwargs)
         check_trl_private_attributes(self)
@@ -360,7 +346,7 @@ class PaddingFreeMixin:
 
     @property
     def _padding_free(self) -> bool:
-        return getattr(self.args, "padding_free", True)
+        return self.args.padding_free
 
     def _check_padding_free_supported(self):
         """Refuse a model for which packing is not known to be exact (never a wrong result), naming why, and decide
@@ -372,10 +358,9 @@ class PaddingFreeMixin:
             base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
             problem = packing_support_problem(base)
             if problem:
-                # a GRPOConfig has no padding_free field: there the mixin is on because it was composed
-                remedy = "Set padding_free=False" if hasattr(self.args, "padding_free") else "Remove PaddingFreeMixin"
                 raise ValueError(
-                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. {remedy}."
+                    f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. Set "
+                    "padding_free=False."
                 )
             self._padding_free_one_row |= packs_into_one_row(base)
 
@@ -413,17 +398,7 @@ class PaddingFreeMixin:
             batch_size=batch_size,
             compute_entropy=compute_entropy,
             compute_aux_loss=compute_aux_loss,
-            max_row_tokens=getattr(self.args, "padding_free_row_tokens", None),
+            max_row_tokens=self.args.padding_free_row_tokens,
             autocast=self.accelerator.autocast,
-            on_pack=self._remember_packing,
             one_row=self._padding_free_one_row,
         )
-
-    def _remember_packing(self, packed, start):
-        """Keep the layout of the latest packed forward: `self.packed_layout = (PackedBatch, first sequence index)`.
-
-        It stays until the next packed forward, i.e. through the backward of the policy pass (gradient
-        checkpointing recomputes the layers there); per-token hooks map packed positions back to (B, L) with
-        `PackedBatch.token_index`.
-        """
-        self.packed_layout = (packed, start)

@@ -13,11 +13,8 @@ Contents:
 - ``think_format``: 1.0 for a completion of the form ``<think>...</think> <answer>...</answer>``, else 0.0.
 - ``soft_overlong_penalty(max_completion_length, cache_length)``: factory for DAPO's soft overlong punishment.
 - ``exact_match``: 1.0 if the stripped completion equals the stripped ``answer`` column, else 0.0.
-- ``mismatch_spans``: a span reward (token-level, for GSPO-token): -1 on every character that differs from the
-  ``answer`` column at its position (see trl_gspo.token_rewards for span rewards).
-- ``first_mismatch_span``: a span reward marking only the first wrong character (-1): its sum is ``exact_match - 1``
-  on the raw text, so it adds where a completion went wrong and nothing else to the sequence reward.
 - ``REWARD_FUNCS`` / ``get_reward_func`` / ``load_reward_funcs``: resolve reward names or dotted import paths.
+- ``reward_output_kinds``: the check on one call's outputs (GSPOTrainer's and ``wrap_reward_checked``'s).
 - ``wrap_reward_checked``: turns a reward function's crash or malformed output into an error that names it.
 
 Factories and the checked wrapper return instances of module-level classes rather than closures, so the resulting
@@ -153,62 +150,6 @@ def exact_match(completions: list[Completion], answer: list[Any], **kwargs) -> l
     ]
 
 
-def mismatch_spans(completions: list[Completion], answer: list[Any], **kwargs) -> list[list[tuple] | float]:
-    """Span reward marking the wrong characters of a completion, position by position against ``answer``.
-
-    Compares the completion text with ``str(answer)`` character by character (no stripping: a leading space shifts
-    every position and is wrong). Each wrong character gets a span ``(k, k + 1, -1.0)``; surplus characters beyond
-    the answer's length one span ``(len(answer), len(text), -1.0)``; a completion that stops short gets -1 more on
-    its last character. A right answer returns ``[]`` (no penalty, sum 0); an empty completion returns the number
-    -1.0 (no character to mark). Needs importance_sampling_level="sequence_token"; its sum, the negated number of
-    mistakes, is its sequence reward.
-    """
-    rewards: list[list[tuple] | float] = []
-    for completion, gold in zip(completions, answer, strict=True):
-        text, gold = completion_text(completion), str(gold)
-        if not text:
-            rewards.append(-1.0)
-            continue
-        penalties = [-1.0 if k >= len(gold) or text[k] != gold[k] else 0.0 for k in range(min(len(text), len(gold)))]
-        if len(text) < len(gold):
-            penalties[-1] -= 1.0
-        spans = [(k, k + 1, p) for k, p in enumerate(penalties) if p]
-        if len(text) > len(gold):
-            spans.append((len(gold), len(text), -1.0))
-        rewards.append(spans)
-    return rewards
-
-
-mismatch_spans.returns_token_rewards = True  # as trl_gspo.token_rewards.token_level_reward marks it (no cycle)
-
-
-def first_mismatch_span(completions: list[Completion], answer: list[Any], **kwargs) -> list[list[tuple] | float]:
-    """Span reward marking the first character where a completion departs from ``answer``, -1 on it.
-
-    Compared without stripping, position by position: the first wrong character; else, for a completion longer
-    than the answer, its first surplus character; else, for one that stops short, its last character. A right
-    answer returns ``[]`` and an empty completion the number -1.0. The sum is -1 for every wrong completion and 0
-    for a right one (``exact_match - 1`` when the completion has no surrounding whitespace), so the sequence reward
-    GSPO-token sees with ``exact_match`` is an affine function of exact match alone and group-normalises to the
-    same sequence advantage: the span only says where the decisive mistake is. Needs
-    importance_sampling_level="sequence_token".
-    """
-    rewards: list[list[tuple] | float] = []
-    for completion, gold in zip(completions, answer, strict=True):
-        text, gold = completion_text(completion), str(gold)
-        if not text:
-            rewards.append(-1.0)
-            continue
-        first = next((k for k, (a, b) in enumerate(zip(text, gold)) if a != b), None)
-        if first is None and len(text) != len(gold):
-            first = len(gold) if len(text) > len(gold) else len(text) - 1
-        rewards.append([] if first is None else [(first, first + 1, -1.0)])
-    return rewards
-
-
-first_mismatch_span.returns_token_rewards = True
-
-
 class _SoftOverlongPenalty:
     """DAPO soft overlong punishment; see ``soft_overlong_penalty``."""
 
@@ -245,8 +186,6 @@ REWARD_FUNCS: dict[str, Callable[..., Any]] = {
     "think_format": think_format,
     "soft_overlong_penalty": soft_overlong_penalty,
     "exact_match": exact_match,
-    "mismatch_spans": mismatch_spans,
-    "first_mismatch_span": first_mismatch_span,
 }
 # Registered names whose entry is a factory: it takes keyword arguments and returns the reward function.
 REWARD_FACTORIES = frozenset({"soft_overlong_penalty"})
@@ -316,6 +255,49 @@ def load_reward_funcs(specs: list[str | dict[str, Any]]) -> list[RewardFunc]:
     return reward_funcs
 
 
+class TokenRewardError(ValueError):
+    """A reward function returned an entry that cannot be used; the message names it and the completion."""
+
+
+def output_kind(value: Any, name: str, index: int) -> str:
+    """'scalar' (a number or None), 'spans' or 'tokens' (trl_gspo.token_rewards); TokenRewardError for anything else.
+
+    A list (or tuple) of numbers is a per-token list, a list of 3-item sequences a span list; an empty list is an
+    empty span list. Tensors and numpy arrays count as the lists (or numbers) they hold.
+    """
+    if value is None or isinstance(value, numbers.Real):
+        return "scalar"
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays
+        value = value.tolist()
+        if isinstance(value, numbers.Real):
+            return "scalar"
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, numbers.Real) for v in value):
+            return "tokens" if value else "spans"
+        if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in value):
+            return "spans"
+    raise TokenRewardError(
+        f"reward function {name!r} returned {value!r} for completion {index}: expected a number, None, a list of "
+        "(start_char, end_char, value) spans, or a list of per-token values."
+    )
+
+
+def reward_output_kinds(outputs: Any, name: str, num_completions: int) -> list[str]:
+    """Check what reward function `name` returned for `num_completions` completions; each entry's `output_kind`.
+
+    TypeError unless `outputs` is a list (or tensor, array) of entries, ValueError unless there is one entry per
+    completion, TokenRewardError for an entry that is no number, None, span list or per-token list.
+    """
+    if outputs is None or isinstance(outputs, (str, bytes, dict, numbers.Number)) or not hasattr(outputs, "__len__"):
+        raise TypeError(
+            f"reward function {name!r} returned {type(outputs).__name__} {reprlib.repr(outputs)}: expected a list "
+            f"with one entry per completion ({num_completions} completions here)."
+        )
+    if len(outputs) != num_completions:
+        raise ValueError(f"reward function {name!r} returned {len(outputs)} rewards for {num_completions} completions")
+    return [output_kind(value, name, index) for index, value in enumerate(outputs)]
+
+
 class _CheckedReward:
     """A reward function whose failures and malformed outputs raise errors naming it; see ``wrap_reward_checked``."""
 
@@ -332,31 +314,15 @@ class _CheckedReward:
             rewards = self.func(completions=completions, **kwargs)
         except Exception as error:
             raise RuntimeError(f"reward function {self.__name__!r} raised {type(error).__name__}: {error}") from error
-        if rewards is None or isinstance(rewards, (str, bytes, dict)) or not hasattr(rewards, "__len__"):
-            raise TypeError(
-                f"reward function {self.__name__!r} returned {type(rewards).__name__} {reprlib.repr(rewards)}; "
-                f"it must return a list of one reward per completion ({len(completions)} completions here)"
-            )
-        if len(rewards) != len(completions):
-            raise ValueError(
-                f"reward function {self.__name__!r} returned {len(rewards)} rewards for {len(completions)} completions"
-            )
-        for index, reward in enumerate(rewards):
-            if isinstance(reward, (list, tuple)):
-                continue  # a span list or per-token list: GSPOTrainer checks it (trl_gspo.token_rewards)
-            if reward is not None and not isinstance(reward, numbers.Real):
-                raise ValueError(
-                    f"reward function {self.__name__!r} returned {reward!r} at index {index}; "
-                    "rewards must be numbers or None"
-                )
+        reward_output_kinds(rewards, self.__name__, len(completions))
         return rewards
 
 
 def wrap_reward_checked(func: RewardFunc) -> RewardFunc:
     """Wrap a reward function so that exceptions become RuntimeErrors and bad outputs ValueErrors naming it.
 
-    Returned rewards must be a list of one per completion, each a number or None, or a span / per-token list
-    (token-level rewards, checked by GSPOTrainer). NaN and infinities pass through to GSPOTrainer, which warns, treats
+    Returned rewards must pass ``reward_output_kinds`` (the span and per-token lists' contents are checked by
+    GSPOTrainer, which knows the tokens). NaN and infinities pass through to GSPOTrainer, which warns, treats
     them as None and stops the run only when they persist (GSPOConfig.max_consecutive_nonfinite_reward_rollouts): one
     bad rollout must not end a long run.
     The wrapper keeps the function's ``__name__``, which TRL uses to label the reward in its logs.

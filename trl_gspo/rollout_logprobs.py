@@ -26,7 +26,6 @@ from contextlib import contextmanager
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .config import ROLLOUT_LOGPROBS_CHECK_INTERVAL
 from .objective import masked_token_diff, outside_clip_band, sequence_log_ratio
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
@@ -133,7 +132,7 @@ def rollout_mismatch(ratios: torch.Tensor, epsilon_low: float, epsilon_high: flo
 class RolloutLogprobsMixin:
     """Trainer mixin: the log-probs computed while sampling answer the rollout's pi_old pass (no forward).
 
-    Reads `args.use_rollout_logprobs` (off without a GSPOConfig: its construction checks live there) and
+    Reads `args.use_rollout_logprobs` (GSPOConfig checks it at construction) and
     `args.rollout_logprobs_check_interval`. Overrides:
       _generate_single_turn              transformers generation also records the sampled tokens' log-probs
       _generate                          keeps them (vLLM and rollout_func return their own) for the pi_old pass
@@ -151,7 +150,7 @@ class RolloutLogprobsMixin:
 
     @property
     def _use_rollout_logprobs(self) -> bool:
-        return getattr(self.args, "use_rollout_logprobs", False)
+        return self.args.use_rollout_logprobs
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """The trainer's generation; with transformers generation it also returns the sampled tokens' log-probs
@@ -213,7 +212,7 @@ class RolloutLogprobsMixin:
         mask = attention_mask[:, -logits_to_keep:].bool()
         if self.model.training:  # the check schedule counts train rollouts only
             self._rollouts_seen += 1
-        interval = getattr(self.args, "rollout_logprobs_check_interval", ROLLOUT_LOGPROBS_CHECK_INTERVAL)
+        interval = self.args.rollout_logprobs_check_interval
         # every process takes the same branch: the forward below is collective under ZeRO-3 / FSDP
         local_missing = torch.isnan(rollout[mask]).any().float()
         missing = bool(self.accelerator.reduce(local_missing, reduction="max") > 0)

@@ -42,21 +42,10 @@ exactly 0, so a run whose reward functions all return numbers trains exactly as 
 credit inside the group towards the tokens that earned it: a wrong character in an otherwise right answer gets a
 lower advantage than the characters around it.
 
-That component is ``GSPOConfig.token_advantage="group_centred"``. It has a side effect: a token no reward marked
-(``r_it = 0``, the eos included) gets ``-mu_g / (sigma_g + 1e-4)``, positive whenever the group's marks are
-negative on average, so with penalty-only spans stopping early earns credit. The other formulations (one pure
-function each, `TOKEN_ADVANTAGE_FUNCTIONS`; same groups, masks and unscorable rows):
-
-- ``"scaled"``: ``r_it / (sigma_g + 1e-4)``, no centring: unmarked tokens get 0.
-- ``"marked_only"``: the group_centred value on tokens with ``r_it != 0``, 0 on the others.
-- ``"position_baseline"``: ``(r_it - b_gt) / (s_g + 1e-4)``, ``b_gt`` the mean of ``r_it`` over the group's
-  completions at position ``t``, ``s_g`` the std of those deviations over the group: each token is compared with
-  the other completions' tokens at its position.
-- ``"return_to_go"``: ``R_it / (sigma_g(R) + 1e-4)``, ``R_it`` the sum of the token values from ``t`` to the end of
-  the completion (the tokens that can have caused them), no centring.
-
-Each gives exactly 0 to a group whose token values are all 0, so a run without token-level rewards trains exactly as
-GSPO under every formulation.
+That component (`group_centred_component`) has a side effect: a token no reward marked (``r_it = 0``, the eos
+included) gets ``-mu_g / (sigma_g + 1e-4)``, positive whenever the group's marks are negative on average, so with
+penalty-only spans stopping early earns credit. A subclass of GSPOTrainer may form the component otherwise by
+overriding `TokenRewardsMixin.token_advantage_component` (gspo_examples.token_advantages compares some).
 """
 
 from __future__ import annotations
@@ -71,8 +60,8 @@ from torch import nn
 from transformers.utils import logging
 from trl.trainer.utils import is_async_callable
 
-from .config import GSPO_TOKEN_LEVEL, MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS, TOKEN_ADVANTAGES
-from .rewards import check_reward_dependencies, completion_text
+from .config import GSPO_TOKEN_LEVEL
+from .rewards import TokenRewardError, check_reward_dependencies, completion_text, output_kind, reward_output_kinds
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
@@ -84,10 +73,6 @@ TOKEN_STD_EPS = 1e-4
 TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
 # What decoders emit for the bytes of a character cut short at the end of a token prefix.
 REPLACEMENT_CHARACTER = "\ufffd"
-
-
-class TokenRewardError(ValueError):
-    """A reward function returned a token-level reward that cannot be used; the message names it and the index."""
 
 
 def token_level_reward(func: Callable) -> Callable:
@@ -121,33 +106,6 @@ def token_level_mismatch_message(name: str, importance_sampling_level: str) -> s
 
 def reward_name(func: Any) -> str:
     return getattr(func, "__name__", type(func).__name__)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real)
-
-
-def output_kind(value: Any, name: str, index: int) -> str:
-    """'scalar' (a number or None), 'spans' or 'tokens'; TokenRewardError for anything else.
-
-    A list (or tuple) of numbers is a per-token list, a list of 3-item sequences a span list; an empty list is an
-    empty span list.
-    """
-    if value is None or _is_number(value):
-        return "scalar"
-    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":  # tensors and arrays as lists
-        value = value.tolist()
-        if _is_number(value):
-            return "scalar"
-    if isinstance(value, (list, tuple)):
-        if all(_is_number(v) for v in value):
-            return "tokens" if value else "spans"
-        if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in value):
-            return "spans"
-    raise TokenRewardError(
-        f"reward function {name!r} returned {value!r} for completion {index}: expected a number, None, a list of "
-        "(start_char, end_char, value) spans, or a list of per-token values."
-    )
 
 
 def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -242,7 +200,7 @@ def spans_to_token_values(
                 f"reward function {name!r}, completion {index}: span {tuple(span)!r} lies outside the text of "
                 f"{text_length} characters (need 0 <= start_char < end_char <= {text_length})."
             )
-        if not (_is_number(value) and math.isfinite(value)):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
             raise TokenRewardError(
                 f"reward function {name!r}, completion {index}: span {tuple(span)!r} has a non-finite value."
             )
@@ -278,19 +236,19 @@ def check_token_values(values: Sequence[Any], num_tokens: int, name: str, index:
     return floats
 
 
-def _check_groups(rows: int, num_generations: int) -> None:
+def check_groups(rows: int, num_generations: int) -> None:
     if rows % num_generations:
         raise ValueError(f"token advantage: {rows} rows are not a whole number of groups of {num_generations}")
 
 
-def _masked_spread_positive(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+def masked_spread_positive(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Whether the masked values along `dim` differ (max > min; False with no masked value), keepdim."""
     masked_max = torch.where(mask.bool(), values, torch.full_like(values, -math.inf)).amax(dim, keepdim=True)
     masked_min = torch.where(mask.bool(), values, torch.full_like(values, math.inf)).amin(dim, keepdim=True)
     return masked_max - masked_min > 0
 
 
-def _group_stats(
+def group_stats(
     values: torch.Tensor, mask: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, 1) mu_g, 1 / (sigma_g + eps), and whether the group's masked values are constant (or fewer than two).
@@ -300,7 +258,7 @@ def _group_stats(
     count = mask.sum(-1, keepdim=True)
     mean = (values * mask).sum(-1, keepdim=True) / count.clamp(min=1.0)
     std = ((((values - mean) * mask) ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()
-    constant = (count < 2) | ~_masked_spread_positive(values, mask, -1)
+    constant = (count < 2) | ~masked_spread_positive(values, mask, -1)
     return mean, 1.0 / (std + eps), constant
 
 
@@ -319,96 +277,12 @@ def group_centred_component(
     included) gets -mu_g / (sigma_g + eps): positive whenever the group's marks are negative on average.
     """
     rows, width = token_rewards.shape
-    _check_groups(rows, num_generations)
+    check_groups(rows, num_generations)
     r = token_rewards.double().reshape(-1, num_generations * width)
     m = mask.double().reshape(-1, num_generations * width)
-    mean, inverse_scale, constant = _group_stats(r, m, eps)
+    mean, inverse_scale, constant = group_stats(r, m, eps)
     component = torch.where(constant, torch.zeros_like(r), (r - mean) * m * inverse_scale)
     return component.reshape(rows, width).to(token_rewards.dtype)
-
-
-def scaled_component(
-    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
-) -> torch.Tensor:
-    """(N, T) "scaled" component r_it / (sigma_g + eps), 0 off the mask: group_centred without the centring.
-
-    Shapes as `group_centred_component`; sigma_g the same (unbiased std of the group's masked r_it), a constant
-    group (or one with fewer than two masked tokens) gets 0. Unmarked tokens get exactly 0 whatever the marks of
-    the other completions, so a negative span only pushes down the tokens it covers.
-    """
-    rows, width = token_rewards.shape
-    _check_groups(rows, num_generations)
-    r = token_rewards.double().reshape(-1, num_generations * width)
-    m = mask.double().reshape(-1, num_generations * width)
-    _, inverse_scale, constant = _group_stats(r, m, eps)
-    component = torch.where(constant, torch.zeros_like(r), r * m * inverse_scale)
-    return component.reshape(rows, width).to(token_rewards.dtype)
-
-
-def marked_only_component(
-    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
-) -> torch.Tensor:
-    """(N, T) "marked_only" component: group_centred's value on tokens with r_it != 0, 0 on every other token.
-
-    Shapes as `group_centred_component` (mu_g, sigma_g over all the group's masked tokens). Only the tokens a
-    reward marked get credit; the unmarked ones (the eos included) keep the sequence advantage alone.
-    """
-    centred = group_centred_component(token_rewards, mask, num_generations, eps)
-    return torch.where(token_rewards != 0, centred, torch.zeros_like(centred))
-
-
-def position_baseline_component(
-    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
-) -> torch.Tensor:
-    """(N, T) "position_baseline" component (r_it - b_gt) / (s_g + eps), 0 off the mask.
-
-    Shapes as `group_centred_component`. b_gt is the mean of r_it over the completions i of group g that have a
-    loss token at position t; d_it = r_it - b_gt (exactly 0 at a position whose masked values are all equal,
-    e.g. held by one completion only); s_g the unbiased std of d_it over the group's masked tokens, taken around
-    0 (the d_it of a position sum to 0). A group where every d_it is 0 gets exactly 0. Each token is compared with
-    the other completions' tokens at the same position, so a mark common to the whole group cancels out.
-    """
-    rows, width = token_rewards.shape
-    _check_groups(rows, num_generations)
-    r = token_rewards.double().reshape(-1, num_generations, width)
-    m = mask.double().reshape(-1, num_generations, width)
-    count = m.sum(1, keepdim=True)
-    baseline = (r * m).sum(1, keepdim=True) / count.clamp(min=1.0)
-    varies = _masked_spread_positive(r, m, 1)  # (groups, 1, T)
-    deviation = torch.where(varies, (r - baseline) * m, torch.zeros_like(r)).reshape(-1, num_generations * width)
-    flat_mask = m.reshape(-1, num_generations * width)
-    tokens = flat_mask.sum(-1, keepdim=True)
-    std = ((deviation**2).sum(-1, keepdim=True) / (tokens - 1).clamp(min=1.0)).sqrt()
-    constant = (tokens < 2) | ~varies.flatten(1).any(-1, keepdim=True)
-    component = torch.where(constant, torch.zeros_like(deviation), deviation / (std + eps))
-    return component.reshape(rows, width).to(token_rewards.dtype)
-
-
-def return_to_go_component(
-    token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int, eps: float = TOKEN_STD_EPS
-) -> torch.Tensor:
-    """(N, T) "return_to_go" component R_it / (sigma_g(R) + eps), 0 off the mask, R_it = sum_{s >= t} m_is r_is.
-
-    Shapes as `group_centred_component`. Each token is credited with the token rewards from it to the end of its
-    completion (the tokens that can have caused them), scaled without centring by the unbiased std of R over the
-    group's masked tokens; a group whose masked R are all equal gets exactly 0. A mark at position k lowers
-    every token up to k, none after it.
-    """
-    rows, width = token_rewards.shape
-    _check_groups(rows, num_generations)
-    masked = token_rewards.double() * mask.double()
-    to_go = masked.flip(-1).cumsum(-1).flip(-1) * mask.double()
-    return scaled_component(to_go, mask, num_generations, eps).to(token_rewards.dtype)
-
-
-# GSPOConfig.token_advantage -> its component function (the names are config.TOKEN_ADVANTAGES)
-TOKEN_ADVANTAGE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "group_centred": group_centred_component,
-    "scaled": scaled_component,
-    "marked_only": marked_only_component,
-    "position_baseline": position_baseline_component,
-    "return_to_go": return_to_go_component,
-}
 
 
 class TokenRewardCollector:
@@ -440,17 +314,10 @@ class TokenRewardCollector:
 
     def convert(self, func_index: int, name: str, outputs: Sequence[Any]) -> list[Any]:
         """Validate one function's outputs; return what TRL expects (numbers or None), keep the token values."""
-        if outputs is None or isinstance(outputs, (str, bytes, numbers.Number)) or not hasattr(outputs, "__len__"):
-            raise TypeError(
-                f"reward function {name!r} returned {type(outputs).__name__} {str(outputs)[:60]!r}: expected a list "
-                f"with one entry per completion ({len(self.texts)})."
-            )
-        if len(outputs) != len(self.texts):
-            return list(outputs)  # TRL raises its own error naming the function
+        kinds = reward_output_kinds(outputs, name, len(self.texts))
         scalars, token_values = [], []
         nan_count = inf_count = 0
-        for index, value in enumerate(outputs):
-            kind = output_kind(value, name, index)
+        for index, (value, kind) in enumerate(zip(outputs, kinds)):
             if kind == "scalar":
                 value = None if value is None else float(value)  # also unwraps 0-d tensors and numpy scalars
                 if value is not None and math.isnan(value):
@@ -465,7 +332,7 @@ class TokenRewardCollector:
                 raise TokenRewardError(
                     token_level_mismatch_message(name, self.level) + f" (first seen at completion {index})"
                 )
-            if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+            if hasattr(value, "tolist"):  # torch tensors, numpy arrays
                 value = value.tolist()
             num_tokens = len(self.completion_ids[index])
             if kind == "tokens":
@@ -570,7 +437,7 @@ def token_advantages(
     num_generations: int,
     first_row: int,
     weight: float,
-    formulation: str = "group_centred",
+    component_function: Callable[..., torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO-token advantages of this process's rows, A_it = A_i + weight * component_it, and mean |component|.
 
@@ -580,11 +447,11 @@ def token_advantages(
             TRL's order; unscorable completions' rows of all_mask are 0 (no component, left out of the statistics).
         num_generations: G; groups may straddle processes, hence the statistics over all rows.
         first_row: index of this process's first row in the N rows.
-        formulation: a key of TOKEN_ADVANTAGE_FUNCTIONS (GSPOConfig.token_advantage), the component's formula.
+        component_function: (all_token_rewards, all_mask, num_generations) -> (N, W) token component.
     Returns ((B, T) advantages, () mean |component| over the masked tokens of all rows, 0 when there are none).
     """
     rows, width = mask.shape
-    component = TOKEN_ADVANTAGE_FUNCTIONS[formulation](all_token_rewards, all_mask, num_generations)
+    component = component_function(all_token_rewards, all_mask, num_generations)
     abs_mean = (component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)
     local = component[first_row : first_row + rows, :width].to(advantages.dtype)
     return advantages.unsqueeze(1) + weight * local * mask, abs_mean
@@ -594,9 +461,9 @@ class TokenRewardsMixin:
     """Trainer mixin: span and per-token rewards for GSPO-token, and the checks on every reward.
 
     Reward functions may return span lists or per-token lists (module docstring) next to plain numbers; under
-    importance_sampling_level="sequence_token" they become (B, T) advantages. On any trainer every reward is
-    checked: NaN and +-inf warned once per function, a run that keeps producing no finite reward stopped
-    (`max_consecutive_nonfinite_reward_rollouts`, default 5 without a GSPOConfig). Overrides:
+    importance_sampling_level="sequence_token" they become (B, T) advantages (token component:
+    `token_advantage_component`). At every level every reward is checked: NaN and +-inf warned once per function, a
+    run that keeps producing no finite reward stopped (`max_consecutive_nonfinite_reward_rollouts`). Overrides:
       __init__                         refuses a marked token-level reward under another level
       _calculate_rewards               token-level outputs taken out (TRL sees their sums), then the checks
       _generate_and_score_completions  (B, T) advantages for GSPO-token
@@ -606,8 +473,7 @@ class TokenRewardsMixin:
     def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
         check_trl_private_api()
         check_reward_dependencies(reward_funcs)
-        if args is not None:
-            check_token_reward_level(reward_funcs, args.importance_sampling_level)
+        check_token_reward_level(reward_funcs, args.importance_sampling_level)
         self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
         self._nonfinite_reward_streak = 0  # consecutive rollouts without a finite reward, NaN or inf among them
         self._nonfinite_reward_names = set()  # the reward functions that returned NaN or inf during that streak
@@ -665,15 +531,24 @@ class TokenRewardsMixin:
                 self._nonfinite_reward_names.update(collector.non_finite)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["gspo/consecutive_nonfinite_reward_rollouts"].append(float(self._nonfinite_reward_streak))
-        limit = getattr(
-            self.args, "max_consecutive_nonfinite_reward_rollouts", MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS
-        )
+        limit = self.args.max_consecutive_nonfinite_reward_rollouts
         if self._nonfinite_reward_streak >= limit:
             raise ValueError(
                 no_finite_reward_message(
                     self.reward_func_names, sorted(self._nonfinite_reward_names), self._nonfinite_reward_streak, limit
                 )
             )
+
+    def token_advantage_component(
+        self, token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int
+    ) -> torch.Tensor:
+        """The (N, T) token component of GSPO-token's advantages: `group_centred_component` (module docstring).
+
+        The place to try another formula: override it in a subclass, with the same arguments (every process's rows
+        in TRL's order, groups of `num_generations` consecutive rows; `mask` 0 off the loss tokens and on the rows
+        of unscorable completions) and a result that is 0 off the mask.
+        """
+        return group_centred_component(token_rewards, mask, num_generations)
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -706,7 +581,7 @@ class TokenRewardsMixin:
             gathered[:, 1] * scorable.unsqueeze(1),
             group_size,
             self.accelerator.process_index * advantages.size(0),
-            getattr(self.args, "token_advantage_weight", 1.0),
-            getattr(self.args, "token_advantage", TOKEN_ADVANTAGES[0]),
+            self.args.token_advantage_weight,
+            self.token_advantage_component,
         )
         self._metrics[mode]["token_rewards/component_abs_mean"].append(abs_mean.item())

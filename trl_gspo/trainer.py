@@ -10,8 +10,8 @@ masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM impor
 normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
 router aux loss, and gradient-accumulation scaling. What it refuses is refused by GSPOConfig at construction.
 
-Every other capability is a cooperative mixin in its own module, each calling `super()`, each usable on TRL's plain
-GRPOTrainer too; the class statement below is the order in which they wrap GRPOTrainer (outermost first):
+Every other capability is a cooperative mixin in its own module, each calling `super()` and reading its GSPOConfig
+fields; the class statement below is the order in which they wrap GRPOTrainer (outermost first):
 
     MoERoutingMixin          trl_gspo/moe.py              no router logits in generate(), drift metric, replay
     AlignedPiOldMixin        trl_gspo/aligned_pi_old.py   pi_old per micro-batch, as the policy pass sees it
@@ -164,7 +164,7 @@ class GSPOTrainer(
             and self.use_vllm
             and self.vllm_importance_sampling_correction
             and self.vllm_importance_sampling_mode.startswith("sequence")
-            and getattr(self.args, "vllm_importance_sampling_length_normalized", False)
+            and self.args.vllm_importance_sampling_length_normalized
         ):
             self._length_normalize_engine_weights(output)
         return output

@@ -1,7 +1,7 @@
 """The private GRPOTrainer API trl_gspo relies on, in one place, and the checks that fail loudly when trl moves it.
 
 trl is pinned to the minor version these were read from (pyproject.toml). GSPOTrainer and every feature mixin call
-the checks at construction, so a mixin on a plain GRPOTrainer is checked too.
+the checks at construction, so a moved attribute is named before a mixin's own set-up reads it.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ TRL_PRIVATE_ATTRIBUTES = {
 @functools.cache
 def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
     """Raise RuntimeError naming every private GRPOTrainer method the core or a mixin needs that is missing or
-    changed. Called by GSPOTrainer and by each mixin's constructor (so also on a plain GRPOTrainer); cached."""
+    changed. Called by GSPOTrainer and by each mixin's constructor; cached."""
     problems = []
     for name, params in TRL_PRIVATE_API.items():
         owner, _, method_name = name.rpartition(".")

@@ -149,7 +149,7 @@ class VLLMChecksMixin:
 
     def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
         check_trl_private_api()
-        use_vllm = args is not None and getattr(args, "use_vllm", False)
+        use_vllm = args.use_vllm
         if use_vllm and args.vllm_mode == "server":
             check_server_mode(args)
         colocate = use_vllm and args.vllm_mode == "colocate"

@@ -84,7 +84,7 @@ def engine_dtype(dtype: str):
 class VLLMColocateCPUMixin:
     """Trainer mixin: vLLM colocate mode with an explicit engine dtype, and a weight sync that works on CPU.
 
-    Reads `args.use_vllm`, `args.vllm_mode` and `args.vllm_dtype` (GSPOConfig; "auto" without it). Refuses
+    Reads `args.use_vllm`, `args.vllm_mode` and `args.vllm_dtype`. Refuses
     use_vllm=True without vLLM installed before the model loads. After GRPOTrainer has built its engine, a CPU engine
     gets `reload_engine_weights` as its `sync_weights`; GRPOTrainer's call sites (`_generate_single_turn`, and
     `_generate` with a rollout_func) stay as they are.
@@ -92,11 +92,10 @@ class VLLMColocateCPUMixin:
 
     def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
         check_trl_private_api()
-        if args is not None and getattr(args, "use_vllm", False):
+        if args.use_vllm:
             if not is_vllm_available():
                 raise ImportError(f"use_vllm=True, but vLLM is not installed: {VLLM_INSTALL_HINT}.")
-        dtype = getattr(args, "vllm_dtype", "auto") if args is not None else "auto"
-        with engine_dtype(dtype):
+        with engine_dtype(args.vllm_dtype):
             super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         # vLLM refuses sleep mode on a CPU ("Sleep mode is not supported on current platform"), so the CPU sync
         # never has sleeping weights to wake

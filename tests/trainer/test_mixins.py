@@ -1,10 +1,10 @@
-"""The trainer's shape: the mixin order GSPOTrainer pins, why it matters, and the mixins on TRL's plain GRPOTrainer."""
+"""The trainer's shape: the mixin order GSPOTrainer pins, why it matters, and the mixins with TRL's own loss."""
 
 import math
 
 import pytest
 from conftest import SMALL_RUN, completion_length_reward, prompt_dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 import trl_gspo.packing as packing
 from trl_gspo import GSPOConfig, GSPOTrainer
@@ -64,57 +64,64 @@ def packed_forwards_in_a_rollout(trainer_cls, make_model, tokenizer, tmp_path, m
 
 
 def test_rollout_logprobs_must_wrap_padding_free(make_model, tokenizer, tmp_path, monkeypatch):
-    """The rollout log-probs answer the pi_old pass only if they see it before the padding-free mixin runs it."""
+    """The rollout log-probs answer the pi_old pass only if they see it before the padding-free mixin runs it: the
+    two mixins composed in the other order (over GRPOTrainer, with the same GSPOConfig) run a packed pi_old forward."""
 
     class Swapped(PaddingFreeMixin, RolloutLogprobsMixin, GRPOTrainer):
         pass
 
-    class Ordered(RolloutLogprobsMixin, PaddingFreeMixin, GRPOTrainer):
-        pass
-
     assert packed_forwards_in_a_rollout(GSPOTrainer, make_model, tokenizer, tmp_path / "gspo", monkeypatch) == 0
-    assert packed_forwards_in_a_rollout(Ordered, make_model, tokenizer, tmp_path / "ordered", monkeypatch) == 0
     assert packed_forwards_in_a_rollout(Swapped, make_model, tokenizer, tmp_path / "swapped", monkeypatch) == 1
 
 
-class PaddingFreeGRPOTrainer(PaddingFreeMixin, GRPOTrainer):
-    """What a GRPO user writes to take the padding-free passes."""
+def test_padding_free_with_trls_own_loss_gives_its_padded_losses(make_model, tokenizer, tmp_path, monkeypatch):
+    """importance_sampling_level='token' hands the loss to GRPOTrainer (dapo, clip 0.2), off-policy: the packed
+    passes give the padded run's losses, entropies and clip ratios."""
+    packed_calls = []
+    original = packing.packed_logps_and_entropies
 
+    def counting(*args, **kwargs):
+        packed_calls.append(1)
+        return original(*args, **kwargs)
 
-def test_padding_free_on_plain_grpo_trainer_gives_trls_losses(make_model, tokenizer, tmp_path):
-    """TRL's own token-level loss (GRPOConfig defaults: dapo, clip 0.2), off-policy: padded vs packed passes."""
+    monkeypatch.setattr(packing, "packed_logps_and_entropies", counting)
     logs = {}
-    for cls in (GRPOTrainer, PaddingFreeGRPOTrainer):
-        trainer = cls(
+    for padding_free in (False, True):
+        args = GSPOConfig(
+            output_dir=str(tmp_path / str(padding_free)),
+            importance_sampling_level="token",
+            loss_type="dapo",
+            steps_per_generation=2,
+            padding_free=padding_free,
+            **BATCH,
+        )
+        trainer = GSPOTrainer(
             model=make_model(),
             reward_funcs=completion_length_reward,
-            args=GRPOConfig(output_dir=str(tmp_path / cls.__name__), steps_per_generation=2, **BATCH),
+            args=args,
             train_dataset=prompt_dataset(),
             processing_class=tokenizer,
         )
         trainer.train()
-        logs[cls] = [
+        logs[padding_free] = [
             (h["loss"], h["entropy"], h["clip_ratio/region_mean"]) for h in trainer.state.log_history if "loss" in h
         ]
-    assert len(logs[GRPOTrainer]) == 3
-    for padded, packed in zip(logs[GRPOTrainer], logs[PaddingFreeGRPOTrainer], strict=True):
+        assert bool(packed_calls) == padding_free  # only the packed run packed
+    assert len(logs[False]) == 3
+    for padded, packed in zip(logs[False], logs[True], strict=True):
         for a, b in zip(padded, packed, strict=True):
             assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7)
-    # the packed trainer really packed (its layout is kept after each packed forward)
-    assert trainer.packed_layout is not None
-
-
-class MoEGRPOTrainer(MoERoutingMixin, GRPOTrainer):
-    """What a GRPO user writes to take the routing drift metric and the generation fix."""
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe"])
-def test_moe_drift_on_plain_grpo_trainer(make_model, tokenizer, tmp_path, model_type):
+def test_moe_drift_with_trls_own_loss(make_model, tokenizer, tmp_path, model_type):
+    """The MoE mixin under importance_sampling_level='token' (GRPOTrainer's loss): generation works with router
+    logits on, the drift metric is logged, and TRL's loss keeps its load-balancing term."""
     model = make_model(model_type, output_router_logits=True)  # the config setting that crashes generate()
-    trainer = MoEGRPOTrainer(
+    trainer = GSPOTrainer(
         model=model,
         reward_funcs=completion_length_reward,
-        args=GRPOConfig(output_dir=str(tmp_path), steps_per_generation=4, **BATCH),
+        args=GSPOConfig(output_dir=str(tmp_path), importance_sampling_level="token", steps_per_generation=4, **BATCH),
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
     )
@@ -125,16 +132,12 @@ def test_moe_drift_on_plain_grpo_trainer(make_model, tokenizer, tmp_path, model_
     assert "aux_loss" in logs[0]  # TRL's own loss kept its load-balancing term
 
 
-def test_moe_and_padding_free_on_plain_grpo_trainer_turn_the_drift_metric_off(make_model, tokenizer, tmp_path, caplog):
-    """A GRPOConfig has no padding_free field: the composed mixin is on, so the routing record (unpacked) is off."""
-
-    class Both(MoERoutingMixin, PaddingFreeMixin, GRPOTrainer):
-        pass
-
-    trainer = Both(
+def test_moe_with_padding_free_turns_the_drift_metric_off(make_model, tokenizer, tmp_path):
+    """padding_free=True on a MoE model: the routing record (unpacked) is off, and so is the drift metric."""
+    trainer = GSPOTrainer(
         model=make_model("qwen3_moe"),
         reward_funcs=completion_length_reward,
-        args=GRPOConfig(output_dir=str(tmp_path), steps_per_generation=2, **BATCH),
+        args=GSPOConfig(output_dir=str(tmp_path), padding_free=True, steps_per_generation=2, **BATCH),
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
     )

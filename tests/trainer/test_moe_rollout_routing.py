@@ -3,8 +3,7 @@
 The record's layout functions against naive loops (also in vLLM's form, prompt_start > 0); the record of a real
 generate() call against a full forward of each sequence alone (float32, prefill and decoding positions, three
 router families); the trainer's pi_old and policy forwards, seen through hooks of the test's own, using exactly the
-rollout's experts through TRL's shuffle and split (GSPOTrainer's per-micro-batch pi_old, and TRL's own chunked
-pi_old pass on a plain GRPOTrainer); and the refusals.
+rollout's experts through TRL's shuffle and split (GSPOTrainer's per-micro-batch pi_old); and the refusals.
 """
 
 import contextlib
@@ -13,10 +12,9 @@ import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
 from test_moe import tiny_moe
-from trl import GRPOTrainer
 
 from trl_gspo import GSPOConfig, GSPOTrainer
-from trl_gspo.moe import ROUTING_KEY, MoERoutingMixin, find_routers
+from trl_gspo.moe import ROUTING_KEY, find_routers
 from trl_gspo.rollout_routing import (
     ROLLOUT_ROUTING_KEY,
     ROLLOUT_ROUTING_KNOWN_KEY,
@@ -211,17 +209,16 @@ def training_forwards(trainer):
     return forwards
 
 
-@pytest.mark.parametrize("trainer_class", [GSPOTrainer, type("MoEGRPOTrainer", (MoERoutingMixin, GRPOTrainer), {})])
-def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp_path, tokenizer, trainer_class):
+def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp_path, tokenizer):
     """steps_per_generation 4 > gradient accumulation 2, lr > 0: every pi_old and policy forward of the rollout
     hands each router's experts the ones generation chose, row by row (matched by token content, so a wrong row
     after the shuffle would show), at every position generation routed. GSPOTrainer computes pi_old per
-    micro-batch; the plain GRPOTrainer runs TRL's pass over the 16 rows in chunks of 4."""
+    micro-batch."""
     trainer = r3_trainer(
         tmp_path,
         tiny_moe(tokenizer, "qwen3_moe"),
         tokenizer,
-        trainer_class=spied(trainer_class),
+        trainer_class=spied(GSPOTrainer),
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         max_steps=2,
@@ -243,7 +240,7 @@ def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp
                 for record in candidates
             )
             checked += 1
-    # one rollout of 16 rows: 16 pi_old rows (4 micro-batches, or TRL's 4 chunks) and 4 policy passes of 4 rows
+    # one rollout of 16 rows: 16 pi_old rows (4 micro-batches) and 4 policy passes of 4 rows
     assert checked == 32 and [f["policy"] for f in forwards] == [False] * 4 + [True] * 4
     # the perturbation made the trainer's own routing differ from the rollout's: replay had something to undo
     assert logs[0]["moe/rollout_routing_mismatch/token_layer"] > 0.05

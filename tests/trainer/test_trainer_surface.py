@@ -71,8 +71,27 @@ def test_banner_names_world_backend_precision_and_gspo_settings(tmp_path):
     assert line.endswith("(on-policy: the ratio is 1)")  # no switch on, none named
     switched = small_config(tmp_path, padding_free=True, importance_sampling_level="sequence_token")
     assert start_banner(1, "single process", "no", switched, "cpu").endswith(
-        "| padding_free, token_advantage_weight=1, token_advantage=group_centred"
+        "| padding_free, token_advantage_weight=1"
     )
+
+
+def test_banner_names_every_gspo_switch_that_is_on(tmp_path):
+    """Every boolean GSPOConfig adds to GRPOConfig with default False is named when on, so a new one is too."""
+    import copy
+    from dataclasses import fields
+
+    from trl_gspo import GSPOConfig
+
+    grpo_fields = {f.name for f in fields(GRPOConfig)}
+    switches = [f.name for f in fields(GSPOConfig) if f.name not in grpo_fields and f.type == "bool" and not f.default]
+    assert {"padding_free", "use_rollout_logprobs", "routing_replay", "rollout_routing_replay"} <= set(switches)
+    args = small_config(tmp_path)
+    assert not start_banner(1, "single process", "no", args, "cpu").endswith(tuple(switches))
+    for name in switches:
+        switched = copy.copy(args)
+        setattr(switched, name, True)  # one at a time: some switches refuse each other at construction
+        line = start_banner(1, "single process", "no", switched, "cpu")
+        assert line.endswith(f"| {name}"), line
 
 
 def test_distributed_backend_names():

@@ -5,7 +5,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import completion_length_reward, small_trainer
+from conftest import completion_length_reward, prompt_dataset, small_config, small_trainer
 from helpers import reference_token_component
 
 import trl_gspo.token_rewards as token_rewards_module
@@ -104,14 +104,16 @@ def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_mode
 
 
 @pytest.mark.parametrize("formulation", ["scaled", "marked_only", "position_baseline", "return_to_go"])
-def test_token_advantage_formulation_reaches_the_advantages(make_model, tokenizer, tmp_path, formulation):
-    trainer = make_trainer(
-        make_model,
-        tokenizer,
-        tmp_path,
-        [completion_length_reward, first_char_span],
-        token_advantage_weight=0.5,
-        token_advantage=formulation,
+def test_token_advantage_component_override_reaches_the_advantages(make_model, tokenizer, tmp_path, formulation):
+    """A subclass's token_advantage_component (the comparison's formulations) forms the advantages."""
+    from gspo_examples.token_advantages import token_advantage_trainer
+
+    trainer = token_advantage_trainer(formulation)(
+        model=make_model("qwen2"),
+        reward_funcs=[completion_length_reward, first_char_span],
+        args=small_config(tmp_path, importance_sampling_level="sequence_token", token_advantage_weight=0.5),
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
     )
     trainer.model.train()
     torch.manual_seed(0)

@@ -155,19 +155,26 @@ def test_sequence_sized_clip_range_at_token_level_warns(tmp_path, clip):
         make(tmp_path, importance_sampling_level="token", **clip)
 
 
-def test_docstring_lists_every_changed_default(tmp_path):
-    gspo, grpo = make(tmp_path), GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    changed = [
-        name
-        for name in ("importance_sampling_level", "epsilon", "epsilon_high", "loss_type", "steps_per_generation")
-        if getattr(gspo, name) != getattr(grpo, name)
-    ]
-    assert len(changed) == 5
-    for name in changed + ["beta"]:
-        assert f"`{name}" in GSPOConfig.__doc__
+def test_every_changed_default_is_documented_once(tmp_path):
+    """A default GSPO changes is explained once: in its field's help= (naming GRPOConfig's value) when GSPOConfig
+    redefines the field, else in the class docstring; the docstring restates no field's help."""
+    from dataclasses import fields
+
+    from trl_gspo.config import gspo_defaults_taken
+
+    grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", num_generations=4)
+    changed = set(gspo_defaults_taken(grpo, make(tmp_path), {})) | {"beta"}
+    assert {"importance_sampling_level", "epsilon", "loss_type", "steps_per_generation"} <= changed
+    own = {f.name: f.metadata["help"] for f in fields(GSPOConfig) if f.name in GSPOConfig.__annotations__}
+    for name in changed:
+        assert "GRPOConfig" in own[name] if name in own else f"`{name}" in GSPOConfig.__doc__, name
+    for name in own:
+        assert f"{name} (`" not in GSPOConfig.__doc__, f"{name} is documented in the docstring and in its help="
 
 
-def test_from_grpo_config_keeps_user_fields(tmp_path):
+def test_grpo_upgrade_keeps_user_fields(tmp_path):
+    from trl_gspo.config import upgrade_grpo_config
+
     grpo = GRPOConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -177,14 +184,14 @@ def test_from_grpo_config_keeps_user_fields(tmp_path):
         learning_rate=3e-6,
         max_completion_length=64,
     )
-    gspo = GSPOConfig.from_grpo_config(grpo)
+    gspo, _ = upgrade_grpo_config(grpo)
     assert isinstance(gspo, GSPOConfig)
     assert (gspo.learning_rate, gspo.max_completion_length, gspo.num_generations) == (3e-6, 64, 4)
     assert gspo.importance_sampling_level == "sequence" and gspo.epsilon == 3e-4 and gspo.loss_type == "grpo"
     assert gspo.steps_per_generation == 4
     # a choice the user made explicitly that GSPO cannot honour is refused, not silently replaced
     with pytest.raises(ValueError, match="loss_type='bnpo'"):
-        GSPOConfig.from_grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bnpo"))
+        upgrade_grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bnpo"))
 
 
 def test_half_precision_off_policy_warns(tmp_path):
@@ -284,6 +291,26 @@ def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
     assert "importance_sampling_level='sequence'" in defaults and "steps_per_generation=4" in defaults
 
 
+def test_grpo_upgrade_notice_names_every_gspo_default_that_differs(tmp_path, monkeypatch):
+    """The defaults named are derived from the configs: a GSPO default that starts to differ from GRPOConfig's (here
+    temperature, set in __post_init__) is named without any list to update; generation_batch_size follows from
+    steps_per_generation and is not."""
+    from trl_gspo.config import upgrade_grpo_config
+
+    post_init = GSPOConfig.__post_init__
+
+    def cooler(self):
+        if self.temperature == 1.0:
+            self.temperature = 0.7
+        post_init(self)
+
+    monkeypatch.setattr(GSPOConfig, "__post_init__", cooler)
+    config, notice = upgrade_grpo_config(grpo(tmp_path, num_generations=4, bf16=False))
+    defaults = notice.split(". Took GSPO's defaults: ")[1].split(". A field equal")[0]
+    assert config.temperature == 0.7 and "temperature=0.7" in defaults
+    assert "generation_batch_size" not in defaults and "steps_per_generation=4" in defaults
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -292,7 +319,6 @@ def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
             dict(token_advantage_weight=0.5, importance_sampling_level="token", epsilon=0.2),
             r"token_advantage_weight=0.5 .* not 'token'",
         ),
-        (dict(token_advantage="scaled"), r"token_advantage='scaled' is only used with .*'sequence_token'"),
         (dict(padding_free_row_tokens=64), r"padding_free_row_tokens=64 needs padding_free=True"),
         (
             dict(rollout_logprobs_check_interval=1),
@@ -310,7 +336,6 @@ def test_settings_with_effect_do_not_warn(tmp_path):
         warnings.simplefilter("error", GSPOUnusedSettingWarning)
         make(tmp_path)
         make(tmp_path, token_advantage_weight=0.5, importance_sampling_level="sequence_token")
-        make(tmp_path, token_advantage="return_to_go", importance_sampling_level="sequence_token")
         make(tmp_path, padding_free=True, padding_free_row_tokens=64)
         make(tmp_path, use_rollout_logprobs=True, rollout_logprobs_check_interval=1)
 

@@ -35,31 +35,27 @@ def test_pack_layout_matches_a_per_sequence_loop(budget):
     input_ids, attention_mask, completion_width = ragged_batch(PROMPTS, COMPLETIONS)
     width = input_ids.size(1)
     packed = pack_sequences(input_ids, attention_mask, completion_width, max_row_tokens=budget, pad_token_id=0)
-    assert packed.real_tokens == int(attention_mask.sum())
-    seen = set()
-    for r in range(packed.input_ids.size(0)):
-        for w in range(packed.input_ids.size(1)):
-            flat = int(packed.token_index[r, w])
-            if flat < 0:
-                assert packed.shift_labels[r, w] == IGNORE_INDEX
-                continue
-            b, column = divmod(flat, width)
-            seen.add(flat)
-            start = int(attention_mask[b].nonzero().min())
-            assert packed.input_ids[r, w] == input_ids[b, column]
-            assert packed.position_ids[r, w] == column - start
-            assert packed.packed_index[b, column] == r * packed.input_ids.size(1) + w
-            next_scored = (
-                column + 1 < width and attention_mask[b, column + 1] and column + 1 >= width - completion_width
-            )
-            expected = input_ids[b, column + 1] if next_scored else IGNORE_INDEX
-            assert packed.shift_labels[r, w] == expected
-    assert seen == set(attention_mask.reshape(-1).nonzero().flatten().tolist())
+    rows, row_width = packed.input_ids.shape
+    index = packed.packed_index
+    assert torch.equal(index >= 0, attention_mask.bool())  # every real token packed, no padding
+    placed = index[index >= 0].tolist()
+    assert len(set(placed)) == len(placed)  # each in a packed position of its own
+    for b, column in attention_mask.nonzero().tolist():
+        r, w = divmod(int(index[b, column]), row_width)
+        start = int(attention_mask[b].nonzero().min())
+        assert packed.input_ids[r, w] == input_ids[b, column]
+        assert packed.position_ids[r, w] == column - start
+        next_scored = column + 1 < width and attention_mask[b, column + 1] and column + 1 >= width - completion_width
+        expected = input_ids[b, column + 1] if next_scored else IGNORE_INDEX
+        assert packed.shift_labels[r, w] == expected
+    real = torch.zeros(rows * row_width, dtype=torch.bool)
+    real[placed] = True
+    real = real.view(rows, row_width)
+    assert torch.all(packed.shift_labels[~real] == IGNORE_INDEX)  # filler scores nothing
     limit = width if budget is None else budget
-    for r in range(packed.input_ids.size(0)):
-        real = packed.token_index[r] >= 0
-        sequences = int((packed.position_ids[r][real] == 0).sum())
-        assert int(real.sum()) <= limit or sequences == 1
+    for r in range(rows):
+        sequences = int((packed.position_ids[r][real[r]] == 0).sum())
+        assert int(real[r].sum()) <= limit or sequences == 1
 
 
 def test_unpack_puts_each_value_at_its_completion_token():

@@ -1,4 +1,5 @@
-"""trl_gspo.token_rewards: spans -> tokens, validation, the per-token advantage, against naive float64 loops."""
+"""trl_gspo.token_rewards: spans -> tokens, validation, the per-token advantage, against naive float64 loops; the
+comparison's other token components and span rewards (gspo_examples) too."""
 
 import math
 import random
@@ -7,9 +8,10 @@ import pytest
 import torch
 from helpers import reference_token_component
 
-from trl_gspo.config import TOKEN_ADVANTAGES
+from gspo_examples.tasks import first_mismatch_span, get_task, mismatch_spans
+from gspo_examples.token_advantages import TOKEN_ADVANTAGES, token_advantage_trainer
+from trl_gspo.rewards import exact_match
 from trl_gspo.token_rewards import (
-    TOKEN_ADVANTAGE_FUNCTIONS,
     TokenRewardCollector,
     TokenRewardError,
     check_token_reward_level,
@@ -138,8 +140,7 @@ def span_like_batch(seed=0, group_size=4, groups=4, width=7):
 
 @pytest.mark.parametrize("formulation", TOKEN_ADVANTAGES)
 def test_token_advantage_formulations_match_naive_references(formulation):
-    assert set(TOKEN_ADVANTAGE_FUNCTIONS) == set(TOKEN_ADVANTAGES)
-    component = TOKEN_ADVANTAGE_FUNCTIONS[formulation]
+    component = TOKEN_ADVANTAGES[formulation]
     for seed in range(3):
         rewards, mask, group_size = span_like_batch(seed)
         got = component(rewards, mask, group_size)
@@ -160,14 +161,14 @@ def test_formulations_differ_on_unmarked_tokens_and_common_marks():
     # first character marked wrong, the second completion its second character too
     rewards = torch.tensor([[-1.0, 0.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
     mask = torch.ones(3, 3)
-    centred = TOKEN_ADVANTAGE_FUNCTIONS["group_centred"](rewards, mask, 3)
+    centred = group_centred_component(rewards, mask, 3)
     assert torch.all(centred[:, 2] > 0)  # the eos gains credit from the others' marks: ending early pays
     for name in ("scaled", "marked_only", "position_baseline", "return_to_go"):
-        assert torch.all(TOKEN_ADVANTAGE_FUNCTIONS[name](rewards, mask, 3)[:, 2] == 0), name
-    baseline = TOKEN_ADVANTAGE_FUNCTIONS["position_baseline"](rewards, mask, 3)
+        assert torch.all(TOKEN_ADVANTAGES[name](rewards, mask, 3)[:, 2] == 0), name
+    baseline = TOKEN_ADVANTAGES["position_baseline"](rewards, mask, 3)
     assert torch.all(baseline[:, 0] == 0)  # a mark every completion shares at that position cancels out
     assert baseline[1, 1] < 0 < baseline[0, 1]
-    to_go = TOKEN_ADVANTAGE_FUNCTIONS["return_to_go"](rewards, mask, 3)
+    to_go = TOKEN_ADVANTAGES["return_to_go"](rewards, mask, 3)
     assert to_go[1, 0] < to_go[0, 0] < 0  # the later mistake also lowers the tokens before it
 
 
@@ -236,6 +237,33 @@ def test_collector_errors_name_function_and_completion(tokenizer):
         sequence.wrap(0, lambda completions, **k: [1.0, [(0, 1, 1.0)]], "spans")(completions=["ab", "ab"])
 
 
+@pytest.mark.parametrize(
+    "outputs, error, pattern",
+    [
+        (
+            None,
+            TypeError,
+            r"'f' returned NoneType None: expected a list with one entry per completion \(2 completions",
+        ),
+        ({"a": 1.0, "b": 0.0}, TypeError, r"'f' returned dict .*expected a list with one entry"),
+        ([1.0], ValueError, r"'f' returned 1 rewards for 2 completions"),
+        ([0.0, "1.0"], TokenRewardError, r"'f' returned '1.0' for completion 1: expected a number, None"),
+    ],
+)
+def test_trainer_and_checked_wrapper_refuse_bad_outputs_alike(tokenizer, outputs, error, pattern):
+    """GSPOTrainer's reward adapter and wrap_reward_checked share one check: same error, same message."""
+    from trl_gspo.rewards import wrap_reward_checked
+
+    def f(completions, **kwargs):
+        return outputs
+
+    ids = [tokenizer("ab", add_special_tokens=False)["input_ids"]] * 2
+    collector = TokenRewardCollector(tokenizer, ids, ["ab", "ab"], "sequence_token")
+    for call in (collector.wrap(0, f, "f"), wrap_reward_checked(f)):
+        with pytest.raises(error, match=pattern):
+            call(completions=["ab", "ab"])
+
+
 def test_checked_wrapper_passes_token_level_outputs_and_keeps_the_marker():
     from trl_gspo.rewards import wrap_reward_checked
 
@@ -254,21 +282,19 @@ def test_token_advantage_weight_is_validated(weight, tmp_path):
         GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage_weight=weight)
 
 
-def test_token_advantage_is_validated(tmp_path):
-    from trl_gspo import GSPOConfig
+def test_token_advantage_trainer_names_the_formulations():
+    from trl_gspo import GSPOTrainer
 
-    for name in TOKEN_ADVANTAGES:
-        assert (
-            GSPOConfig(
-                output_dir=str(tmp_path),
-                use_cpu=True,
-                importance_sampling_level="sequence_token",
-                token_advantage=name,
-            ).token_advantage
-            == name
-        )
-    with pytest.raises(ValueError, match=r"token_advantage='centered' must be one of group_centred, scaled, "):
-        GSPOConfig(output_dir=str(tmp_path), use_cpu=True, token_advantage="centered")
+    assert token_advantage_trainer("group_centred") is GSPOTrainer
+    scaled = token_advantage_trainer("scaled")
+    assert issubclass(scaled, GSPOTrainer)
+    rewards, mask, group_size = span_like_batch()
+    torch.testing.assert_close(
+        scaled.token_advantage_component(None, rewards, mask, group_size),
+        TOKEN_ADVANTAGES["scaled"](rewards, mask, group_size),
+    )
+    with pytest.raises(ValueError, match=r"unknown token advantage 'centered'; expected one of group_centred, "):
+        token_advantage_trainer("centered")
 
 
 def naive_mismatch_total(text, gold):
@@ -280,9 +306,6 @@ def naive_mismatch_total(text, gold):
 
 
 def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
-    from gspo_examples.tasks import get_task
-    from trl_gspo.rewards import mismatch_spans
-
     assert get_task("place").span_reward == "mismatch_spans"
     assert mismatch_spans(["abxde", "abcde", "abxdeff", "ab", ""], ["abxde"] * 5) == [
         [],
@@ -303,9 +326,6 @@ def test_mismatch_spans_marks_the_wrong_characters(tokenizer):
 
 
 def test_first_mismatch_span_marks_the_first_wrong_character_only():
-    from gspo_examples.tasks import get_task
-    from trl_gspo.rewards import exact_match, first_mismatch_span
-
     assert get_task("swap").span_reward == "first_mismatch_span"
     assert first_mismatch_span(["acbde", "abcde", "acbdex", "acb", "xxxxx", ""], ["acbde"] * 6) == [
         [],
