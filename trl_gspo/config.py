@@ -127,6 +127,8 @@ class GSPOConfig(GRPOConfig):
     - `loss_type="grpo"` (GRPOConfig: `"dapo"`): the only aggregation that is GSPO's: one weight per sequence,
       mean over sequences. Token-sum losses ("dapo", "bnpo", "dr_grpo") weight sequences by their length and
       are refused under a sequence-level ratio.
+    - `disable_dropout=True` (GRPOConfig: False): the pi_old and policy passes both run in train mode, so any
+      dropout draws two masks and moves the sequence ratio by more than the clip band with nothing learned.
     - `bf16` left unset: True only where the accelerator supports bf16 (GRPOConfig: True unless fp16, which fails
       on a CPU-only machine without `use_cpu`); float32 on a CPU. See "Precision" in the README for why GSPO
       prefers float32 where it can.
@@ -211,6 +213,16 @@ class GSPOConfig(GRPOConfig):
     loss_type: str = field(
         default="grpo",
         metadata={"help": "Aggregation. Under a sequence-level ratio only 'grpo' (mean over sequences) is GSPO."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Switch off the model's train-mode randomness. With a sequence-level ratio GSPOTrainer zeroes "
+            "every kind trl_gspo.noise finds (dropout modules and probabilities, layer drop, MoE router jitter, "
+            "PEFT adapter dropout), not only TRL's nn.Dropout modules: the pi_old and policy passes would draw "
+            "different masks and move s_i past the clip band with nothing learned (docs/NOISE.md). False with such "
+            "randomness and a pi_old pass is refused by the trainer; with 'token' TRL's behaviour applies."
+        },
     )
     log_ratio_bound: float = field(
         default=DEFAULT_LOG_RATIO_BOUND,
@@ -664,6 +676,7 @@ GSPO_DEFAULT_FIELDS = (
     "loss_type",
     "steps_per_generation",
     "bf16",
+    "disable_dropout",
 )
 
 

@@ -138,10 +138,17 @@ def test_docstring_lists_every_changed_default(tmp_path):
     gspo, grpo = make(tmp_path), GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     changed = [
         name
-        for name in ("importance_sampling_level", "epsilon", "epsilon_high", "loss_type", "steps_per_generation")
+        for name in (
+            "importance_sampling_level",
+            "epsilon",
+            "epsilon_high",
+            "loss_type",
+            "steps_per_generation",
+            "disable_dropout",
+        )
         if getattr(gspo, name) != getattr(grpo, name)
     ]
-    assert len(changed) == 5
+    assert len(changed) == 6
     for name in changed + ["beta"]:
         assert f"`{name}" in GSPOConfig.__doc__
 
@@ -255,11 +262,13 @@ def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
         "num_generations",
     }
     assert {item.split("=")[0] for item in defaults.split(", ")} == {
+        "disable_dropout",
         "epsilon",
         "epsilon_high",
         "importance_sampling_level",
         "steps_per_generation",
     }
+    assert config.disable_dropout is True  # GRPOConfig's False counts as not set
     assert "importance_sampling_level='sequence'" in defaults and "steps_per_generation=4" in defaults
 
 
