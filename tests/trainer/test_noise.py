@@ -2,7 +2,7 @@
 
 At learning rate 0 the policy never changes, so every sequence ratio s_i must be exactly 1. The pi_old pass and the
 policy pass both run in train mode: with any dropout, layer drop or router jitter active they draw different random
-numbers and s_i moves (by 5e-3 to 2e-2 on these tiny models, docs/NOISE.md), which these tests would see.
+numbers and s_i moves (by 1e-3 to 4e-2 on tiny models, docs/NOISE.md), which these tests would see.
 """
 
 import pytest

@@ -4,12 +4,19 @@ The independent reference is the model itself: two train-mode forwards of the sa
 differ while a source is on, and are bit-identical once `switch_off_train_mode_noise` found nothing left.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import BOFTConfig, LoHaConfig, LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from trl_gspo.noise import describe_sources, find_train_mode_noise, switch_off_train_mode_noise
+from trl_gspo.noise import (
+    describe_sources,
+    find_train_mode_noise,
+    make_ratio_passes_deterministic,
+    switch_off_train_mode_noise,
+)
 
 SHAPE = dict(
     vocab_size=64,
@@ -128,3 +135,43 @@ def test_sources_are_folded_over_layers_and_counted():
     assert describe_sources(find_train_mode_noise(model)) == (
         "model.layers.*.self_attn.attention_dropout=0.1 (x2); Qwen2Config.attention_dropout=0.1"
     )
+
+
+def schedule(**fields):
+    """The GSPOConfig fields make_ratio_passes_deterministic reads, off-policy by default."""
+    defaults = dict(
+        importance_sampling_level="sequence",
+        disable_dropout=False,
+        gradient_accumulation_steps=1,
+        steps_per_generation=4,
+        num_iterations=1,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+    )
+    return SimpleNamespace(**{**defaults, **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "refused"),
+    [
+        ({}, True),
+        (dict(steps_per_generation=1), False),  # on-policy: no pi_old pass
+        (dict(steps_per_generation=1, use_vllm=True, vllm_importance_sampling_correction=True), True),  # one runs
+        (dict(importance_sampling_level="sequence_token"), True),
+        (dict(importance_sampling_level="token"), False),  # TRL's GRPO
+    ],
+)
+def test_dropout_left_on_is_refused_exactly_when_a_pi_old_pass_runs(fields, refused):
+    model = tiny("qwen2", attention_dropout=P)
+    if refused:
+        with pytest.raises(ValueError, match=r"^GSPOConfig\.disable_dropout=False leaves"):
+            make_ratio_passes_deterministic(schedule(**fields), model)
+    else:
+        make_ratio_passes_deterministic(schedule(**fields), model)
+    assert model.model.layers[0].self_attn.attention_dropout == P  # never switched off when the user said no
+
+
+def test_switch_off_reaches_the_reference_model_too():
+    model, reference = tiny("qwen2", attention_dropout=P), tiny("qwen2", attention_dropout=P)
+    make_ratio_passes_deterministic(schedule(disable_dropout=True), model, reference)
+    assert find_train_mode_noise(model) == [] and find_train_mode_noise(reference) == []
