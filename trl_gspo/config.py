@@ -167,6 +167,16 @@ class GSPOConfig(GRPOConfig):
             "by their length and are refused there."
         },
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Switch off the model's train-mode randomness (GRPOConfig: False). With a sequence-level ratio GSPOTrainer zeroes "
+            "every kind trl_gspo.noise finds (dropout modules and probabilities, layer drop, MoE router jitter, "
+            "PEFT adapter dropout), not only TRL's nn.Dropout modules: the pi_old and policy passes would draw "
+            "different masks and move s_i past the clip band with nothing learned (docs/NOISE.md). False with such "
+            "randomness and a pi_old pass is refused by the trainer; with 'token' TRL's behaviour applies."
+        },
+    )
     log_ratio_bound: float = field(
         default=DEFAULT_LOG_RATIO_BOUND,
         metadata={"help": "Clamp of the (length-normalised) log importance ratio before exp, so it cannot overflow."},

@@ -49,6 +49,7 @@ from .banner import distributed_backend, start_banner
 from .config import GSPOConfig, upgrade_grpo_config
 from .diagnostics import RolloutDiagnosticsMixin
 from .moe import MoERoutingMixin
+from .noise import make_ratio_passes_deterministic
 from .objective import (
     compute_policy_objective,
     length_normalized_is_weight,
@@ -117,6 +118,7 @@ class GSPOTrainer(
         self._rollout_optimizer_step = None  # state.global_step when the current training rollout was generated
         super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         check_trl_private_attributes(self)
+        make_ratio_passes_deterministic(self.args, self.model, self.ref_model)  # GSPOConfig.disable_dropout
         self._print_start_banner()
 
     def _print_start_banner(self):

@@ -135,6 +135,7 @@ def test_recipe_values(tmp_path):
     _, lora_args, lora_model = parse_recipe(lora, tmp_path)
     assert lora_model.use_peft and lora_model.lora_r > 0 and "lm_head" not in lora_model.lora_target_modules
     assert lora_args.learning_rate > args.learning_rate
+    assert lora_model.lora_dropout == 0.0 and lora_args.disable_dropout  # no noise in the sequence ratio
 
     moe = RECIPES / "qwen3-30b-a3b" / "dapo_math" / "gspo_zero3.yaml"
     _, moe_args, moe_model = parse_recipe(moe, tmp_path)

@@ -283,11 +283,13 @@ def test_grpo_upgrade_notice_names_exactly_what_was_kept(tmp_path):
         "num_generations",
     }
     assert {item.split("=")[0] for item in defaults.split(", ")} == {
+        "disable_dropout",
         "epsilon",
         "epsilon_high",
         "importance_sampling_level",
         "steps_per_generation",
     }
+    assert config.disable_dropout is True  # GRPOConfig's False counts as not set
     assert "importance_sampling_level='sequence'" in defaults and "steps_per_generation=4" in defaults
 
 
