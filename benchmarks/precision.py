@@ -283,7 +283,7 @@ def build_master(settings: Settings, max_positions: int):
     )
     with torch.no_grad():
         model.model.norm.weight.mul_(settings.logit_scale)
-    model.eval()  # no dropout (TRL's disable_dropout default); qwen2 has none anyway
+    model.eval()  # no dropout in the measured passes (GSPOConfig switches it off in training); qwen2 has none anyway
     return tokenizer, model
 
 
