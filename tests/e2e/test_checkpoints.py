@@ -222,6 +222,18 @@ def test_checkpoint_without_mark_is_resumed_only_when_named(assets, finished, tm
     assert f"resuming from {out / 'checkpoint-4'} (step 4 of 6)" in capsys.readouterr().out
 
 
+def test_trainer_refuses_a_damaged_checkpoint_by_name(assets, finished, tmp_path):
+    """Past the command line's checks (trainer.train(resume_from_checkpoint=...) from Python): one error naming the
+    checkpoint and the file, not torch's zip-archive traceback."""
+    out = copy_run(finished, tmp_path)
+    os.truncate(out / "checkpoint-4" / "optimizer.pt", 1000)
+    script_args, training_args, model_args = cli.parse_args(["--config", str(write_recipe(assets, tmp_path / "new"))])
+    inputs = cli.check_inputs(script_args, training_args, model_args)
+    inputs.checkpoint = str(out / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"checkpoint-4 cannot be resumed from: optimizer\.pt has 1000 bytes"):
+        cli.train(script_args, training_args, model_args, inputs=inputs)
+
+
 # --- checkpoint rotation -----------------------------------------------------------------------------------------
 
 
