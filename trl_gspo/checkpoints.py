@@ -54,7 +54,7 @@ def write_complete_mark(folder: str | os.PathLike, global_step: int) -> None:
     """Mark `folder` complete: write COMPLETE_MARK (its files and sizes) under a temporary name, then rename it, so
     that the mark itself is never half written. Call it once every file of the checkpoint is written."""
     folder = Path(folder)
-    staging = folder / f".{COMPLETE_MARK}.tmp"
+    staging = folder / f".{COMPLETE_MARK}.{os.getpid()}.tmp"  # per process: with save_on_each_node, one per node
     staging.write_text(json.dumps({"global_step": global_step, "files": file_sizes(folder)}, indent=1))
     os.replace(staging, folder / COMPLETE_MARK)
 

@@ -129,6 +129,10 @@ def test_a_new_run_into_a_used_output_dir_is_refused_before_the_model_loads(
     for fragment in (f"output_dir={str(out)!r} already holds a run", "checkpoint-4", "--resume true"):
         assert fragment in line, line
     assert "--overwrite_output_dir true" in line and "another output_dir" in line
+    # continuing another run's checkpoint into this folder would overwrite it just the same
+    other_run = str(finished / "checkpoint-2")
+    line = error_line(capsys, ["--config", str(write_recipe(assets, tmp_path)), "--resume_from_checkpoint", other_run])
+    assert f"output_dir={str(out)!r} already holds a run" in line
     assert checksums(out) == before
 
 
