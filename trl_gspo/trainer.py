@@ -2,8 +2,8 @@
 
 The core (this module) is what is GSPO: construction (a GRPOConfig is upgraded to a GSPOConfig), `_compute_loss`
 (the algorithm, top to bottom), the length-normalised vLLM importance weights of a rollout, the checkpoint hooks that
-make a resume inside a rollout exact, and the metric reduction. With `importance_sampling_level="token"`
-`_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
+make a resume inside a rollout exact (and mark a checkpoint complete, trl_gspo/checkpoints.py), and the metric
+reduction. With `importance_sampling_level="token"` `_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
 
 What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
