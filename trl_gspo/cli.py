@@ -27,9 +27,15 @@ from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging as datasets_logging
 from transformers import AutoConfig, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
+from .checkpoints import (
+    TRAINER_STATE,
+    checkpoint_folders,
+    checkpoint_problem,
+    latest_complete_checkpoint,
+    run_outputs,
+)
 from .config import GSPOConfig
 from .rewards import load_reward_funcs, split_import_path, wrap_reward_checked
 from .trainer import GSPOTrainer
@@ -73,6 +79,14 @@ class GSPOScriptArguments(ScriptArguments):
     )
     prepare_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Keyword arguments of the `prepare` function, e.g. {'task': 'sort_digits'}."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that already holds one (checkpoints, a model, trainer_state.json): "
+            "its checkpoint-* folders are deleted before training, its other files replaced as the new run writes "
+            "them. Without it such a folder is refused unless the run resumes (resume, resume_from_checkpoint)."
+        },
     )
 
 
@@ -250,22 +264,75 @@ def check_output_dir(output_dir: str) -> None:
             return
 
 
-def resume_checkpoint(training_args: GSPOConfig, resume: bool) -> str | None:
-    """The checkpoint to resume from: an explicit resume_from_checkpoint, the last one in output_dir, or None."""
-    if training_args.resume_from_checkpoint:
-        if not Path(training_args.resume_from_checkpoint).is_dir():
-            raise FileNotFoundError(
-                f"resume_from_checkpoint={training_args.resume_from_checkpoint!r}: no such folder."
-            )
-        return training_args.resume_from_checkpoint
-    if not resume:
-        return None
-    last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-    if last is None:
-        raise FileNotFoundError(
-            f"resume=True but output_dir={training_args.output_dir!r} holds no checkpoint-* folder."
+def resume_checkpoint(training_args: GSPOConfig, resume: bool, overwrite_output_dir: bool = False) -> str | None:
+    """The checkpoint to resume from: an explicit resume_from_checkpoint, the newest complete one in output_dir
+    (`resume`, trl_gspo/checkpoints.py says what counts), or None for a new run. The main process prints which
+    checkpoint it resumes from, and each newer one it passes over.
+
+    A new run into an output_dir that already holds one is refused, unless `overwrite_output_dir`: then the earlier
+    run's checkpoints are deleted here, once every other input has been checked, so that `--resume` can never take
+    them for this run's.
+    """
+    output_dir, explicit = training_args.output_dir, training_args.resume_from_checkpoint
+    main_process = training_args.process_index == 0
+    if resume and overwrite_output_dir:
+        raise ValueError(
+            "resume=True continues the run in output_dir, overwrite_output_dir=True replaces it: choose one."
         )
-    return last
+    skipped = []
+    if explicit:
+        if not Path(explicit).is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint={explicit!r}: no such folder.")
+        if problem := checkpoint_problem(explicit, require_mark=False):
+            raise ValueError(f"resume_from_checkpoint={explicit!r} cannot be resumed from: {problem}.")
+        if Path(explicit).resolve().parent != Path(output_dir).resolve():  # continued in another run's folder
+            _start_in(output_dir, overwrite_output_dir, main_process)
+        checkpoint = explicit
+    elif resume:
+        latest, skipped = latest_complete_checkpoint(output_dir)
+        if latest is None and not skipped:
+            raise FileNotFoundError(f"resume=True but output_dir={output_dir!r} holds no checkpoint-* folder.")
+        if latest is None:
+            by_problem = {}  # checkpoints with the same problem, named together
+            for folder, problem in skipped:
+                by_problem.setdefault(problem, []).append(folder.name)
+            reasons = "; ".join(f"{', '.join(names)}: {problem}" for problem, names in by_problem.items())
+            raise ValueError(
+                f"resume=True but no checkpoint in output_dir={output_dir!r} is complete ({reasons}). A checkpoint "
+                "written before checkpoints were marked can be named with --resume_from_checkpoint (its files are "
+                "checked); or start over with --overwrite_output_dir true, or in another output_dir."
+            )
+        checkpoint = str(latest)
+    else:
+        _start_in(output_dir, overwrite_output_dir, main_process)
+        return None
+    if main_process:
+        for folder, problem in skipped:
+            print(f"skipping {folder}: {problem}", flush=True)
+        if finished_run_message(checkpoint, training_args.max_steps) is None:
+            state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+            last_step = training_args.max_steps if training_args.max_steps > 0 else state.get("max_steps")
+            print(f"resuming from {checkpoint} (step {state['global_step']} of {last_step})", flush=True)
+    return checkpoint
+
+
+def _start_in(output_dir: str, overwrite_output_dir: bool, main_process: bool) -> None:
+    """Refuse a new run into an output_dir holding an earlier one; with overwrite_output_dir delete its checkpoints."""
+    earlier = run_outputs(output_dir)
+    if not earlier:
+        return
+    if not overwrite_output_dir:
+        shown = ", ".join(earlier[:6]) + (f" and {len(earlier) - 6} more" if len(earlier) > 6 else "")
+        raise ValueError(
+            f"output_dir={output_dir!r} already holds a run ({shown}); a new run would overwrite it. Continue it "
+            "with --resume true, replace it with --overwrite_output_dir true, or choose another output_dir."
+        )
+    if main_process:
+        deleted = [folder.name for folder in reversed(checkpoint_folders(output_dir))]
+        for name in deleted:
+            shutil.rmtree(Path(output_dir) / name)
+        if deleted:
+            print(f"overwrite_output_dir: deleted the earlier run's {', '.join(deleted)} in {output_dir}", flush=True)
 
 
 def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
@@ -363,7 +430,7 @@ def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
     if training_args.eval_strategy != "no":
         eval_dataset = load_prompt_dataset(script_args, script_args.dataset_test_split)
     reward_funcs = build_reward_funcs(script_args)
-    checkpoint = resume_checkpoint(training_args, script_args.resume)
+    checkpoint = resume_checkpoint(training_args, script_args.resume, script_args.overwrite_output_dir)
     finished = finished_run_message(checkpoint, training_args.max_steps)
     return CheckedInputs(train_dataset, eval_dataset, reward_funcs, checkpoint, finished)
 

@@ -2,8 +2,8 @@
 
 The core (this module) is what is GSPO: construction (a GRPOConfig is upgraded to a GSPOConfig), `_compute_loss`
 (the algorithm, top to bottom), the length-normalised vLLM importance weights of a rollout, the checkpoint hooks that
-make a resume inside a rollout exact, and the metric reduction. With `importance_sampling_level="token"`
-`_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
+make a resume inside a rollout exact (and mark a checkpoint complete, trl_gspo/checkpoints.py), and the metric
+reduction. With `importance_sampling_level="token"` `_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
 
 What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
 masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import inspect
 import math
+import shutil
 import textwrap
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from .aligned_pi_old import AlignedPiOldMixin, policy_pass_arguments
 from .banner import distributed_backend, start_banner
+from .checkpoints import checkpoint_problem, write_complete_mark
 from .config import GSPOConfig, upgrade_grpo_config
 from .diagnostics import RolloutDiagnosticsMixin
 from .moe import MoERoutingMixin
@@ -130,27 +132,53 @@ class GSPOTrainer(
             print(start_banner(world, backend, precision, self.args, device_type), flush=True)
 
     def _save_checkpoint(self, model, trial):
-        """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly.
+        """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly; then mark
+        the checkpoint complete, and only then delete old ones (save_total_limit).
 
         GRPOTrainer keeps one generation batch for steps_per_generation * num_iterations micro-steps and does not
-        checkpoint it: a run resumed mid-rollout would generate a new batch from a newer policy.
+        checkpoint it: a run resumed mid-rollout would generate a new batch from a newer policy. The mark
+        (trl_gspo/checkpoints.py) is written by the main process once every rank has written its files, the rollout
+        buffer included; `--resume true` takes only marked checkpoints. Transformers rotates old checkpoints at the
+        end of its own save, before the buffer and the mark: it would delete the previous complete checkpoint while
+        this one is still incomplete, so the rotation (transformers' own, which keeps the newest) runs after the mark.
         """
-        super()._save_checkpoint(model, trial)
-        if self._buffered_inputs is None:
-            return
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self._buffered_inputs, folder / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index))
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            # left by an earlier save of this step cut short (or by a run resumed from an earlier checkpoint): its
+            # mark and files must not mix with this save's
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        save_total_limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation inside transformers' save: it runs below, after the mark
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        if self._buffered_inputs is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self._buffered_inputs, folder / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_complete_mark(folder, self.state.global_step)
+            rotate_checkpoints(
+                str(run_dir), save_total_limit, best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """Restore the buffered rollout and the micro-step counter that indexes into it (see _save_checkpoint)."""
+        """Refuse a damaged checkpoint by name (transformers would fail inside torch.load), then restore the buffered
+        rollout and the micro-step counter that indexes into it (see _save_checkpoint)."""
+        if checkpoint is not None and (problem := checkpoint_problem(checkpoint, require_mark=False)):
+            raise ValueError(f"checkpoint {checkpoint} cannot be resumed from: {problem}.")
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         path = Path(checkpoint) / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index)
         if path.is_file():
-            # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py)
-            self._buffered_inputs = load_rollout_buffer(path, self.accelerator.device)
+            # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py). A
+            # process of a CPU launch has device cpu:<rank>, which torch.load cannot map to: plain cpu is the same
+            device = self.accelerator.device
+            self._buffered_inputs = load_rollout_buffer(path, "cpu" if device.type == "cpu" else device)
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
             # a checkpoint is written after an optimizer step, so the restored rollout has seen an update
             self._rollout_optimizer_step = None
