@@ -165,6 +165,7 @@ def main(argv=None) -> dict:
         "--dataset_name", str(paths["train"]),
         "--output_dir", str(output_dir),
         "--seed", str(flags.seed),
+        "--overwrite_output_dir", "true",  # each demo run starts the run over: its warm start was just rebuilt
     ]  # fmt: skip
     steps = flags.steps or (QUICK["steps"] if flags.quick else None)
     if steps:
