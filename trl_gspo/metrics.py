@@ -110,26 +110,26 @@ METRICS: tuple[Metric, ...] = (
     ),
     # the rollout log-probs as pi_old (trl_gspo/rollout_logprobs.py)
     Metric(
-        "gspo/rollout_logprobs/{seq_abs_log_ratio_mean,seq_abs_log_ratio_max}",
+        f"{ROLLOUT_LOGPROBS_PREFIX}/{{seq_abs_log_ratio_mean,seq_abs_log_ratio_max}}",
         GSPO,
         "use_rollout_logprobs, every rollout_logprobs_check_interval-th rollout (its pi_old then recomputed)",
-        "mean / max over the sequences of |log-ratio| between the recomputed pi_old and the rollout log-probs "
+        "mean / max over the sequences of abs(log-ratio) between the recomputed pi_old and the rollout log-probs "
         "(length-normalised: the log s_i of the rollout's first step)",
     ),
     Metric(
-        "gspo/rollout_logprobs/outside_clip_band",
+        f"{ROLLOUT_LOGPROBS_PREFIX}/outside_clip_band",
         GSPO,
         "use_rollout_logprobs, at each check",
         "fraction of the sequences whose recomputed-vs-rollout log-ratio leaves [log(1 - eps_low), log(1 + eps_high)]",
     ),
     Metric(
-        "gspo/rollout_logprobs/clip_band_log_high",
+        f"{ROLLOUT_LOGPROBS_PREFIX}/clip_band_log_high",
         GSPO,
         "use_rollout_logprobs, at each check",
         "log(1 + eps_high), to read the two statistics above against",
     ),
     Metric(
-        "gspo/rollout_logprobs/fallback",
+        f"{ROLLOUT_LOGPROBS_PREFIX}/fallback",
         GSPO,
         "use_rollout_logprobs, at each check",
         "1 when a rollout lacked some log-probs and its pi_old came from the forward, else 0",
@@ -146,27 +146,27 @@ METRICS: tuple[Metric, ...] = (
         TOKEN_REWARD_COMPONENT_ABS_MEAN,
         GSPO,
         'importance_sampling_level="sequence_token", every rollout',
-        "mean |token component| of the per-token advantages over the loss tokens of all processes (0 without token "
+        "mean abs(token component) of the per-token advantages over the loss tokens of all processes (0 without token "
         "rewards)",
     ),
     # MoE routing (trl_gspo/moe.py)
     Metric(
-        "moe/routing_drift/token_layer",
+        f"{ROUTING_DRIFT_PREFIX}/token_layer",
         GSPO,
         "MoE models with log_routing_drift, every micro-batch",
         "fraction of (completion token, MoE layer) pairs whose top-k expert set in the policy pass differs from the "
         "pi_old pass (natural routing, also under replay)",
     ),
     Metric(
-        "moe/routing_drift/token_any_layer",
+        f"{ROUTING_DRIFT_PREFIX}/token_any_layer",
         GSPO,
         "MoE models with log_routing_drift, every micro-batch",
         "fraction of completion tokens whose expert set differs in at least one layer",
     ),
     Metric(
-        "moe/rollout_routing_mismatch/{token_layer,token_any_layer}",
+        f"{ROLLOUT_ROUTING_MISMATCH_PREFIX}/{{token_layer,token_any_layer}}",
         GSPO,
-        "rollout_routing_replay, every rollout",
+        "rollout_routing_replay, every pi_old pass",
         "as moe/routing_drift/*, between the trainer's own pi_old routing and generation's",
     ),
     # per-rollout diagnostics (trl_gspo/diagnostics.py)
@@ -216,7 +216,7 @@ METRICS: tuple[Metric, ...] = (
         KL,
         TRL,
         "beta != 0, every micro-batch",
-        "token mean of the k3 estimate of KL(pi_theta || pi_ref); with use_bias_correction_kl times s_i at the "
+        "token mean of the k3 estimate of KL(pi_theta, pi_ref); with use_bias_correction_kl times s_i at the "
         "sequence levels (GRPOTrainer's sequence level; GSPO's loss uses the token's own ratio), the token ratio at "
         '"token"',
     ),
@@ -254,10 +254,10 @@ METRICS: tuple[Metric, ...] = (
         "sampling/sampling_logp_difference/{mean,max}",
         TRL,
         "vLLM importance correction, every rollout",
-        "|trainer pi_old - engine log-prob| over the completion tokens",
+        "abs(trainer pi_old - engine log-prob) over the completion tokens",
     ),
     Metric(
-        "sampling/importance_sampling_ratio/{min,mean,max}",
+        f"{IMPORTANCE_SAMPLING_RATIO}/{{min,mean,max}}",
         TRL,
         "vLLM importance correction, every rollout",
         "the engine-vs-trainer importance weights the loss applies; with vllm_importance_sampling_length_normalized "
