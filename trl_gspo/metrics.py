@@ -249,7 +249,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("completions/clipped_ratio", TRL, "every rollout", "share of completions cut at max_completion_length"),
     Metric("num_tokens", TRL, "every rollout", "prompt and completion tokens seen so far"),
     Metric("step_time", TRL, "every optimizer step in training", "seconds of the optimizer step's micro-steps"),
-    Metric("tools/{call_frequency,failure_frequency}", TRL, "with tools, every rollout", "tool calls per completion"),
+    Metric(
+        "tools/{call_frequency,failure_frequency}",
+        TRL,
+        "with tools, every rollout",
+        "tool calls per completion; the share of them that failed",
+    ),
     Metric(
         "sampling/sampling_logp_difference/{mean,max}",
         TRL,
