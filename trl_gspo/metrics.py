@@ -8,7 +8,7 @@ names through TRL's `log_metric`.
 
 A registry key is either exact, or a pattern: `{a,b}` stands for each alternative (`gspo/seq_ratio/{min,max}` is two
 keys), `<name>` for any one path segment (a reward function's name). README.md's metric table is
-`markdown_table()` (`python -m trl_gspo.metrics` prints it; tests/e2e/test_docs.py checks that the README holds it).
+`markdown_table()`, and tests/unit/test_metric_registry.py checks that the README holds it.
 """
 
 from __future__ import annotations
@@ -310,7 +310,3 @@ def markdown_table(origin: str = GSPO) -> str:
         if metric.origin == origin:
             rows.append(f"| `{metric.key}` | {metric.logged} | {metric.definition} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(markdown_table())

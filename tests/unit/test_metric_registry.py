@@ -18,7 +18,8 @@ def test_readme_metric_table_is_the_registry():
     found = TABLE.findall(README.read_text())
     assert len(found) == 1, "README.md must hold one generated metric table between its two markers"
     assert found[0] == names.markdown_table(), (
-        "README.md's metric table differs from trl_gspo/metrics.py: paste the output of `python -m trl_gspo.metrics`"
+        "README.md's metric table differs from trl_gspo/metrics.py: paste the output of "
+        '`python -c "from trl_gspo.metrics import markdown_table; print(markdown_table())"`'
     )
     listed = re.findall(r"^\| `([^`]+)` \|", found[0], re.M)
     assert [key for pattern in listed for key in names.expand(pattern)] == names.keys(names.GSPO)
