@@ -8,7 +8,6 @@ import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
 from test_moe import tiny_moe
 from test_trainer import compute_loss, make_trainer, synthetic_inputs
-from test_trainer_token_rewards import first_char_span
 from trl import GRPOTrainer
 
 from trl_gspo import GSPOTrainer
@@ -104,6 +103,12 @@ def test_gspo_token_with_per_token_advantages_logs_grpo_trainers_token_means(mak
     ours = gspo_trainers_metrics(trainer, inputs)
     assert_same(ours, theirs, [*TRL_CLIP_KEYS, names.ENTROPY])
     assert 0 < theirs[names.CLIP_LOW_MIN] < 1 or 0 < theirs[names.CLIP_HIGH_MAX] < 1  # token means, not flags
+
+
+def first_char_span(completions, **kwargs):
+    """A span reward: -1 on the first character of every completion longer than one character, 0.5 on the rest."""
+    texts = [c[-1]["content"] for c in completions]
+    return [[(0, 1, -1.0), (1, len(t), 0.5)] if len(t) > 1 else 0.0 for t in texts]
 
 
 # --- every key a run logs is in the registry, every key of GSPO's own is logged by one of these runs ---------------
