@@ -268,7 +268,7 @@ def trainer_ab(device: str, plan: dict) -> dict:
 
 def moe(device: str) -> dict:
     """One rollout of 4 bf16 steps on a tiny Qwen3-MoE per setting of MOE_SETTINGS, with its moe/* metrics."""
-    keep = ("loss", "gspo/seq_ratio/min", "gspo/seq_ratio/max", FIRST_STEP, "clip_ratio/region_mean")
+    keep = ("loss", "gspo/seq_ratio/min", "gspo/seq_ratio/max", FIRST_STEP, "gspo/clip_ratio/region_mean")
     results = {}
     for label, overrides in MOE_SETTINGS.items():
         _, logs = train_tiny(device, "qwen3_moe", learning_rate=1e-3, bf16=True, **overrides)

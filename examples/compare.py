@@ -25,7 +25,7 @@ sequence-weighted clip fractions, diversity, length, held-out length gap (greedy
 characters), wall time; mean +- std over seeds; then accuracy per seed and paired by seed against the first arm) and
 `comparison.png` (reward, held-out accuracy and length gap over steps, both clip fractions, distinct fraction, mean
 length, wall time). TRL's
-GRPO loss logs only the token-weighted clip fraction (`clip_ratio/region_mean` counts tokens there); its
+GRPO loss logs only the token-weighted clip fraction (its `clip_ratio/region_mean` counts tokens); its
 sequence-weighted fraction is n/a.
 """
 
@@ -44,6 +44,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from trl_gspo import metrics as names
 from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW
 from trl_gspo.plotting import save_figure, series
 from trl_gspo.rewards import exact_match, get_reward_func
@@ -93,9 +94,9 @@ def get_arm(name: str) -> Arm:
 
 # (token-weighted, sequence-weighted) clip-fraction keys per importance-sampling level; None: not logged
 CLIP_KEYS = {
-    "sequence": ("gspo/clipped_token_fraction", "clip_ratio/region_mean"),
-    "sequence_token": ("gspo/clipped_token_fraction", "clip_ratio/region_mean"),
-    "token": ("clip_ratio/region_mean", None),
+    "sequence": (names.CLIPPED_TOKEN_FRACTION, names.GSPO_CLIP_REGION_MEAN),
+    "sequence_token": (names.CLIPPED_TOKEN_FRACTION, names.GSPO_CLIP_REGION_MEAN),
+    "token": (names.CLIP_REGION_MEAN, None),
 }
 
 

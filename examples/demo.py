@@ -126,6 +126,7 @@ def main(argv=None) -> dict:
 
     from gspo_examples.tasks import get_task, greedy_accuracy, make_splits, prepare_model, write_splits
     from gspo_examples.tiny import check_char_tokenizer_reloads
+    from trl_gspo import metrics as names
     from trl_gspo.cli import parse_args, train
     from trl_gspo.plotting import plot_run
 
@@ -209,8 +210,8 @@ def main(argv=None) -> dict:
         "accuracy_after": after,
         "gain": after - before,
         "heldout_curve": callback.history,
-        "sequence_clip_fraction_mean": run_mean("clip_ratio/region_mean"),
-        "token_clip_fraction_mean": run_mean("gspo/clipped_token_fraction"),
+        "sequence_clip_fraction_mean": run_mean(names.GSPO_CLIP_REGION_MEAN),
+        "token_clip_fraction_mean": run_mean(names.CLIPPED_TOKEN_FRACTION),
         "warm_start": {k: warm.get(k) for k in ("steps", "dev_accuracy", "seconds", "cached")},
         "model_dir": str(model_dir),
         "seconds": {

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from trl_gspo import metrics as names
 from trl_gspo.config import PAPER_EPSILON_HIGH, PAPER_EPSILON_LOW
 from trl_gspo.plotting import save_figure, series
 from trl_gspo.trainer import GSPOTrainer
@@ -188,11 +189,11 @@ def summarize(run: dict) -> dict:
         "reward_last_quarter": _mean(tail),
         "drift_token_layer": mean("moe/routing_drift/token_layer", moved),
         "drift_token_any_layer": mean("moe/routing_drift/token_any_layer", moved),
-        # TRL's GRPO loss counts clip_ratio/region_mean in tokens, GSPO's counts sequences
-        "clip_sequences": mean("clip_ratio/region_mean", moved) if sequence_level else None,
-        "clip_tokens": mean("gspo/clipped_token_fraction" if sequence_level else "clip_ratio/region_mean", moved),
+        # TRL's GRPO loss counts clip_ratio/region_mean in tokens; GSPO's own sequence count is under gspo/
+        "clip_sequences": mean(names.GSPO_CLIP_REGION_MEAN, moved) if sequence_level else None,
+        "clip_tokens": mean(names.CLIPPED_TOKEN_FRACTION if sequence_level else names.CLIP_REGION_MEAN, moved),
         "first_step_clip": mean(
-            "gspo/first_step_outside_clip_band" if sequence_level else "clip_ratio/region_mean", first
+            names.FIRST_STEP_OUTSIDE_CLIP_BAND if sequence_level else names.CLIP_REGION_MEAN, first
         ),
         "mismatch_seq_abs_log_ratio": mean("gspo/rollout_logprobs/seq_abs_log_ratio_mean"),
         "mismatch_outside_clip_band": mean("gspo/rollout_logprobs/outside_clip_band"),
@@ -250,9 +251,17 @@ PANELS = [
     ("heldout_accuracy", "held-out greedy accuracy", None),
     ("reward", "mean rollout reward", None),
     ("moe/routing_drift/token_layer", "routing drift (token, layer)", "moved"),
-    ("clip_ratio/region_mean", "clipped (GSPO: seq., GRPO: tokens)", "moved"),
+    # (key of the sequence-level variants, key of the token-level ones)
+    ((names.GSPO_CLIP_REGION_MEAN, names.CLIP_REGION_MEAN), "clipped (GSPO: seq., GRPO: tokens)", "moved"),
     ("gspo/first_step_outside_clip_band", "GSPO seq. outside clip band, step 1", None),
 ]
+
+
+def _panel_key(keys, variant):
+    """A PANELS key for one variant: the key itself, or the first of (sequence-level key, token-level key)."""
+    if isinstance(keys, str):
+        return keys
+    return keys[VARIANTS[variant]["importance_sampling_level"] != "sequence"]
 
 
 def _mean_curve(runs, key, which):
@@ -277,10 +286,10 @@ def plot(results: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(len(generations), len(PANELS), figsize=(5 * len(PANELS), 3.6 * len(generations)))
     axes = [axes] if len(generations) == 1 else axes
     for row, generation in zip(axes, generations, strict=True):
-        for ax, (key, title, which) in zip(row, PANELS, strict=True):
+        for ax, (keys, title, which) in zip(row, PANELS, strict=True):
             for variant in VARIANTS:
                 runs = [r for r in results if r["variant"] == variant and r["generation"] == generation]
-                steps, values = _mean_curve(runs, key, which)
+                steps, values = _mean_curve(runs, _panel_key(keys, variant), which)
                 if steps:
                     ax.plot(steps, values, color=COLORS[variant], lw=1.2, label=variant)
             ax.set(title=title, xlabel="optimizer step")

@@ -490,7 +490,7 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
 SUMMARY_KEYS = (
     ("reward", "reward", "{:.3f}"),
     ("reward_std", "std", "{:.3f}"),
-    ("clip_ratio/region_mean", "clipped sequences", "{:.1%}"),
+    ("gspo/clip_ratio/region_mean", "clipped sequences", "{:.1%}"),
     ("gspo/clipped_token_fraction", "clipped tokens", "{:.1%}"),
     ("completions/mean_length", "mean length", "{:.1f}"),
     ("loss", "loss", "{:.3g}"),

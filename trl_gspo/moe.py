@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 from .config import pi_old_pass_runs
+from .metrics import ROLLOUT_ROUTING_MISMATCH_PREFIX, ROUTING_DRIFT_PREFIX
 from .rollout_routing import (
     ROLLOUT_ROUTING_KEY,
     ROLLOUT_ROUTING_KNOWN_KEY,
@@ -187,7 +188,7 @@ def routing_drift_counts(recorded: torch.Tensor, current: torch.Tensor, mask: to
     return torch.stack([changed.sum(), tokens * same.size(-1), changed.any(dim=-1).sum(), tokens]).float()
 
 
-def drift_fractions(counts: torch.Tensor, prefix: str = "moe/routing_drift") -> dict[str, float]:
+def drift_fractions(counts: torch.Tensor, prefix: str = ROUTING_DRIFT_PREFIX) -> dict[str, float]:
     """`routing_drift_counts` (summed) -> the logged metrics; empty when there was no token to count."""
     changed_pairs, pairs, changed_tokens, tokens = counts.tolist()
     if tokens == 0:
@@ -570,7 +571,7 @@ class MoERoutingMixin:
         counts = routing_drift_counts(
             routing[:, prompt_length:], current[:, prompt_length:], inputs["completion_mask"]
         )
-        self._log_moe_counts(counts, "moe/routing_drift")
+        self._log_moe_counts(counts, ROUTING_DRIFT_PREFIX)
 
     def _log_rollout_routing_mismatch(self, rollout, known, natural, attention_mask, prompt_width):
         """R3: how the trainer's own routing (pi_old pass, natural) differs from the rollout's, on the completion
@@ -581,4 +582,4 @@ class MoERoutingMixin:
         """
         mask = attention_mask[:, prompt_width:].bool() & known[:, prompt_width:]
         counts = routing_drift_counts(rollout[:, prompt_width:], natural[:, prompt_width:], mask)
-        self._log_moe_counts(counts, "moe/rollout_routing_mismatch")
+        self._log_moe_counts(counts, ROLLOUT_ROUTING_MISMATCH_PREFIX)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import metrics as names
+
 # exp(10) ~ 2.2e4: far outside any clip band, small enough that exp never overflows in float32 (verl and
 # SkyRL clamp at the same value). Beyond it the ratio carries no gradient.
 DEFAULT_LOG_RATIO_BOUND = 10.0
@@ -260,23 +262,19 @@ def compute_policy_objective(
 # --- statistics of the objective, as logged (pure: the trainer only reduces them over processes) ---
 
 
-def objective_metric_sums(
-    out: ObjectiveOutput, entropies: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch's statistics in a form that sums (and gathers) exactly over micro-batches and processes.
+def objective_metric_sums(out: ObjectiveOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO's own statistics of one micro-batch, in a form that sums (and gathers) exactly over micro-batches and
+    processes.
 
     The clip statistics count only what is in the loss (`out.policy_tokens`): sequences with at least one token of
     non-zero weight, i.e. neither empty nor dropped by the off-policy mask or a masked importance weight.
 
     Returns:
-        sums: (8,) [low-clipped sequences, high-clipped sequences, sequences in the loss, clipped tokens, tokens in
-            the loss, tokens, sum of token entropies, sum of token KL]; a GSPO-token sequence counts as the fraction
-            of its loss tokens under the clip.
+        sums: (5,) [low-clipped sequences, high-clipped sequences, sequences in the loss, clipped tokens, tokens in
+            the loss]; a GSPO-token sequence counts as the fraction of its loss tokens under the clip.
         per_sequence: (B, 3) [low-clipped fraction, high-clipped fraction, s_i]: NaN in the first two for rows not
             in the loss and in the third for empty rows, so that they never win a min or a max.
     """
-    mask = mask.float()
-    lengths = out.lengths
     row_tokens = out.policy_tokens.float().sum(-1)  # each row's tokens in the loss
     counted = row_tokens > 0
     if out.low_clipped.size(1) == 1:  # GSPO: one flag per sequence
@@ -287,56 +285,33 @@ def objective_metric_sums(
         per_seq_low = out.low_clipped.float().sum(-1) / row_tokens.clamp(min=1.0)
         per_seq_high = out.high_clipped.float().sum(-1) / row_tokens.clamp(min=1.0)
         clipped_tokens = (out.low_clipped | out.high_clipped).float().sum()
-    kl_sum = torch.zeros((), device=mask.device) if out.per_token_kl is None else (out.per_token_kl * mask).sum()
     sums = torch.stack(
-        [
-            per_seq_low.sum(),
-            per_seq_high.sum(),
-            counted.float().sum(),
-            clipped_tokens,
-            row_tokens.sum(),
-            lengths.sum(),
-            (entropies * mask).sum(),
-            kl_sum,
-        ]
+        [per_seq_low.sum(), per_seq_high.sum(), counted.float().sum(), clipped_tokens, row_tokens.sum()]
     )
     nan = torch.full_like(per_seq_low, float("nan"))
     per_sequence = torch.stack(
         [
             torch.where(counted, per_seq_low, nan),
             torch.where(counted, per_seq_high, nan),
-            torch.where(lengths > 0, torch.exp(out.seq_log_ratio), nan),
+            torch.where(out.lengths > 0, torch.exp(out.seq_log_ratio), nan),
         ],
         dim=1,
     )
     return sums, per_sequence
 
 
-def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor, with_kl: bool) -> dict[str, float]:
-    """The logged metrics from `objective_metric_sums` summed (`sums`) and concatenated (`per_sequence`) over
-    micro-batches or processes (README, "Metrics"):
-
-      clip_ratio/{low,high,region}_mean   fraction of the sequences in the loss whose ratio gets no gradient (low:
-                                          below 1 - eps_low with A < 0, high: above 1 + eps_high with A > 0, or the
-                                          log-ratio at +-log_ratio_bound with A != 0); GSPO-token: the mean over
-                                          those sequences of their fraction of such tokens. TRL divides by every
-                                          row of the micro-batch instead.
-      clip_ratio/low_min, high_max        extremes over those sequences of the per-sequence clipped fraction
-      gspo/clipped_token_fraction         clipped tokens over the tokens in the loss (the paper's count)
-      gspo/seq_ratio/{mean,std,min,max}   the sequence importance ratio s_i over non-empty sequences
-      entropy, kl                         token means, as in GRPOTrainer (kl only when `with_kl`)
-    """
-    low, high, sequences, clipped, loss_tokens, tokens, entropy, kl = sums.tolist()
-    sequences, loss_tokens, tokens = max(sequences, 1.0), max(loss_tokens, 1.0), max(tokens, 1.0)
+def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor) -> dict[str, float]:
+    """GSPO's own logged metrics (`gspo/clip_ratio/*`, `gspo/clipped_token_fraction`, `gspo/seq_ratio/*`: their
+    definitions are in trl_gspo/metrics.py) from `objective_metric_sums` summed (`sums`) and concatenated
+    (`per_sequence`) over micro-batches or processes."""
+    low, high, sequences, clipped, loss_tokens = sums.tolist()
+    sequences, loss_tokens = max(sequences, 1.0), max(loss_tokens, 1.0)
     metrics = {
-        "clip_ratio/low_mean": low / sequences,
-        "clip_ratio/high_mean": high / sequences,
-        "clip_ratio/region_mean": (low + high) / sequences,
-        "gspo/clipped_token_fraction": clipped / loss_tokens,
-        "entropy": entropy / tokens,
+        names.GSPO_CLIP_LOW_MEAN: low / sequences,
+        names.GSPO_CLIP_HIGH_MEAN: high / sequences,
+        names.GSPO_CLIP_REGION_MEAN: (low + high) / sequences,
+        names.CLIPPED_TOKEN_FRACTION: clipped / loss_tokens,
     }
-    if with_kl:
-        metrics["kl"] = kl / tokens
     # masked reductions rather than nanmin/nanmax, whose emptiness check syncs with the device
     in_clip, valid = ~torch.isnan(per_sequence[:, 0]), ~torch.isnan(per_sequence[:, 2])
     count = valid.sum().clamp(min=1)
@@ -356,17 +331,97 @@ def objective_metrics(sums: torch.Tensor, per_sequence: torch.Tensor, with_kl: b
         ]
     ).tolist()  # one device-to-host transfer
     if n_clip > 0:
-        metrics["clip_ratio/low_min"] = low_min
-        metrics["clip_ratio/high_max"] = high_max
+        metrics[names.GSPO_CLIP_LOW_MIN] = low_min
+        metrics[names.GSPO_CLIP_HIGH_MAX] = high_max
     if n > 0:
         metrics.update(
             {
-                "gspo/seq_ratio/mean": mean,
-                "gspo/seq_ratio/std": std,
-                "gspo/seq_ratio/min": ratio_min,
-                "gspo/seq_ratio/max": ratio_max,
+                names.SEQ_RATIO_MEAN: mean,
+                names.SEQ_RATIO_STD: std,
+                names.SEQ_RATIO_MIN: ratio_min,
+                names.SEQ_RATIO_MAX: ratio_max,
             }
         )
+    return metrics
+
+
+def grpo_metric_sums(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    entropies: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    per_token_kl: torch.Tensor | None = None,
+    kl_importance_correction: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics behind the keys GRPOTrainer logs from its loss (`clip_ratio/*`, `entropy`, `kl`), computed as
+    TRL 1.16's `GRPOTrainer._compute_loss` computes them with importance_sampling_level="sequence" for the same
+    micro-batch, so that each key means in a GSPO run what it means in a GRPO one.
+
+    TRL's clip flags are `exp(mean_t log-ratio) < 1 - eps_low` with A < 0 and `> 1 + eps_high` with A > 0: no
+    clamp, no off-policy, entropy or importance weights; (B, 1) with (B,) advantages, averaged over every row, (B, T)
+    with per-token ones, averaged over the tokens of `mask`. Its `kl` multiplies the k3 estimate by s_i when
+    `kl_importance_correction` (GSPO's loss uses each token's own ratio).
+
+    Args:
+        per_token_logps, old_per_token_logps: (B, T) log pi_theta and log pi_old; mask: (B, T) the loss mask.
+        advantages: (B,) or (B, T); entropies: (B, T); per_token_kl: (B, T) k3 estimate, None when beta == 0.
+
+    Returns:
+        sums: (7,) [low flags, high flags, clipped flags, flag count (rows or tokens), entropy sum, KL sum, tokens].
+        per_row: (B, 2) [low, high] flag of each row (per-token advantages: the row's token mean, NaN for an empty
+            row), what TRL takes the min and max of.
+    """
+    log_ratio = per_token_logps.detach() - old_per_token_logps
+    ratio = torch.exp((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+    low_clipped = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high_clipped = (ratio > 1 + epsilon_high) & (advantages > 0)
+    low, high, region = low_clipped.float(), high_clipped.float(), (low_clipped | high_clipped).float()
+    tokens = mask.sum().float()
+    if low.size(1) == 1:  # one flag per sequence
+        flag_sums = [low.sum(), high.sum(), region.sum(), torch.tensor(float(low.size(0)), device=low.device)]
+        per_row = torch.cat([low, high], dim=1)
+    else:
+        flag_sums = [(low * mask).sum(), (high * mask).sum(), (region * mask).sum(), tokens]
+        per_row = torch.stack([(low * mask).sum(-1) / mask.sum(-1), (high * mask).sum(-1) / mask.sum(-1)], dim=1)
+    if per_token_kl is None:
+        kl_sum = torch.zeros((), device=mask.device)
+    else:
+        kl = per_token_kl * ratio if kl_importance_correction else per_token_kl
+        kl_sum = (kl * mask).sum()
+    sums = torch.stack([*flag_sums, (entropies.detach() * mask).sum(), kl_sum, tokens])
+    return sums, per_row
+
+
+def grpo_metrics(sums: torch.Tensor, per_row: torch.Tensor, with_kl: bool) -> dict[str, float]:
+    """GRPOTrainer's logged metrics (`clip_ratio/*`, `entropy`, `kl` when `with_kl`) from `grpo_metric_sums` summed
+    (`sums`) and concatenated (`per_row`) over processes; NaN extremes where TRL logs NaN (no row to take them
+    over)."""
+    low, high, region, count, entropy, kl, tokens = sums.tolist()
+    count, tokens = max(count, 1.0), max(tokens, 1.0)
+    finite = ~torch.isnan(per_row)
+    inf = torch.tensor(float("inf"), device=per_row.device)
+    n_low, n_high, low_min, high_max = torch.stack(
+        [
+            finite[:, 0].sum().float(),
+            finite[:, 1].sum().float(),
+            torch.where(finite[:, 0], per_row[:, 0], inf).min(),
+            torch.where(finite[:, 1], per_row[:, 1], -inf).max(),
+        ]
+    ).tolist()
+    metrics = {
+        names.CLIP_LOW_MEAN: low / count,
+        names.CLIP_HIGH_MEAN: high / count,
+        names.CLIP_REGION_MEAN: region / count,
+        names.CLIP_LOW_MIN: low_min if n_low else math.nan,
+        names.CLIP_HIGH_MAX: high_max if n_high else math.nan,
+        names.ENTROPY: entropy / tokens,
+    }
+    if with_kl:
+        metrics[names.KL] = kl / tokens
     return metrics
 
 

@@ -5,13 +5,14 @@
 - reward: ``reward`` (mean over completions) with a +-``reward_std`` band, kept inside [0, 1] when the logged
   values are those of a [0, 1] reward (see ``reward_bounds``);
 - held-out accuracy: ``heldout_accuracy`` (logged by the demo's callback; greedy, exact match);
-- clipping: sequence clip fractions ``clip_ratio/region_mean`` (also ``low_mean`` / ``high_mean``) drawn thin over
-  the paper's token-counted ``gspo/clipped_token_fraction``, drawn wide and pale (they often coincide);
+- clipping: GSPO's sequence clip fractions ``gspo/clip_ratio/region_mean`` (also ``low_mean`` / ``high_mean``) drawn
+  thin over the paper's token-counted ``gspo/clipped_token_fraction``, drawn wide and pale (they often coincide); a
+  run without them (GRPO) shows TRL's ``clip_ratio/region_mean`` (token fractions there);
 - sequence ratio: ``gspo/seq_ratio/min``, ``mean``, ``max`` as s_i - 1 on a symmetric log scale, with the unclipped
   band [-eps_low, +eps_high] shaded if the clip range is given.
 
 A panel whose keys a run did not log is left out, and ``absent_panels`` names it (a GRPO run has no ``gspo/`` keys:
-no ratio panel, and the clip panel shows TRL's token fractions). A history with none of the keys is an error that says
+no ratio panel). Key definitions: trl_gspo/metrics.py. A history with none of the keys is an error that says
 what it holds. Drawing needs matplotlib, the optional ``trl-gspo[plots]`` extra.
 """
 
@@ -23,23 +24,26 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import metrics as names
+
 HELDOUT_ACCURACY_KEY = "heldout_accuracy"
 REWARD_KEY, REWARD_STD_KEY = "reward", "reward_std"
 SEQUENCE_CLIP_KEYS = {
-    "clip_ratio/region_mean": "sequences clipped (all)",
-    "clip_ratio/low_mean": "sequences clipped (low)",
-    "clip_ratio/high_mean": "sequences clipped (high)",
+    names.GSPO_CLIP_REGION_MEAN: "sequences clipped (all)",
+    names.GSPO_CLIP_LOW_MEAN: "sequences clipped (low)",
+    names.GSPO_CLIP_HIGH_MEAN: "sequences clipped (high)",
 }
-TOKEN_CLIP_KEY = "gspo/clipped_token_fraction"
+TOKEN_CLIP_KEY = names.CLIPPED_TOKEN_FRACTION
+TRL_CLIP_KEY = names.CLIP_REGION_MEAN  # drawn only for a run without GSPO's own (GRPO: a token fraction)
 # The largest std TRL can log for rewards in [0, 1]: half 0s, half 1s, with the unbiased (n - 1) estimate over
 # n >= 2 completions: 0.5 * sqrt(n / (n - 1)) <= 0.5 * sqrt(2).
 MAX_UNIT_REWARD_STD = 0.5 * math.sqrt(2) + 1e-9
-SEQ_RATIO_KEYS = ("gspo/seq_ratio/min", "gspo/seq_ratio/mean", "gspo/seq_ratio/max")
+SEQ_RATIO_KEYS = (names.SEQ_RATIO_MIN, names.SEQ_RATIO_MEAN, names.SEQ_RATIO_MAX)
 # panel -> (what it shows, the keys that put it in the figure)
 PANEL_KEYS = {
     "reward": ("reward", (REWARD_KEY,)),
     "accuracy": ("held-out accuracy", (HELDOUT_ACCURACY_KEY,)),
-    "clip": ("clipped fraction", (*SEQUENCE_CLIP_KEYS, TOKEN_CLIP_KEY)),
+    "clip": ("clipped fraction", (*SEQUENCE_CLIP_KEYS, TOKEN_CLIP_KEY, TRL_CLIP_KEY)),
     "ratio": ("sequence ratio", SEQ_RATIO_KEYS),
 }
 MATPLOTLIB_MISSING = (
@@ -150,11 +154,16 @@ def plot_run(
                 ax.plot(
                     steps, values, color="tab:orange", linewidth=5, alpha=0.45, label="tokens clipped (paper's count)"
                 )
+            drawn = False
             for (key, label), color in zip(SEQUENCE_CLIP_KEYS.items(), ("tab:red", "tab:purple", "tab:green")):
                 steps, values = series(log_history, key)
                 if steps:
                     style = "-" if key.endswith("region_mean") else ":"
                     ax.plot(steps, values, style, color=color, linewidth=1.2, label=label)
+                    drawn = True
+            steps, values = series(log_history, TRL_CLIP_KEY)
+            if steps and not drawn:
+                ax.plot(steps, values, color="tab:red", linewidth=1.2, label=f"{TRL_CLIP_KEY} (TRL's)")
             ax.set_title("clipped fraction")
             ax.set_ylabel("fraction")
         elif panel == "ratio":

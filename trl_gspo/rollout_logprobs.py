@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .metrics import ROLLOUT_LOGPROBS_PREFIX
 from .objective import masked_token_diff, outside_clip_band, sequence_log_ratio
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
@@ -223,12 +224,12 @@ class RolloutLogprobsMixin:
             model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
         )
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["gspo/rollout_logprobs/fallback"].append(float(missing))
+        metrics[f"{ROLLOUT_LOGPROBS_PREFIX}/fallback"].append(float(missing))
         if missing:
             return recomputed, None, None
         # log s_i the objective sees at the rollout's first step: pi_theta = recomputed pi_old over the rollout's
         ratios = self.accelerator.gather(mismatch_log_ratios(recomputed, rollout, mask & (rollout != 0)))
         stats = rollout_mismatch(ratios, self.epsilon_low, self.epsilon_high)
         for name, value in stats.items():
-            metrics[f"gspo/rollout_logprobs/{name}"].append(value)
+            metrics[f"{ROLLOUT_LOGPROBS_PREFIX}/{name}"].append(value)
         return rollout, None, None

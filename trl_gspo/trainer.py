@@ -45,6 +45,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
+from . import metrics as names
 from .aligned_pi_old import AlignedPiOldMixin, policy_pass_arguments
 from .banner import distributed_backend, start_banner
 from .checkpoints import checkpoint_problem, write_complete_mark
@@ -54,6 +55,8 @@ from .moe import MoERoutingMixin
 from .noise import make_ratio_passes_deterministic
 from .objective import (
     compute_policy_objective,
+    grpo_metric_sums,
+    grpo_metrics,
     length_normalized_is_weight,
     objective_metric_sums,
     objective_metrics,
@@ -308,7 +311,7 @@ class GSPOTrainer(
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_objective_metrics(mode, out, entropies, mask)
+        self._log_objective_metrics(mode, out, entropies, mask, per_token_logps, old_per_token_logps, advantages)
         return loss
 
     def _log_entropy_bonus_metrics(self, mode, policy_loss):
@@ -316,19 +319,35 @@ class GSPOTrainer(
         policy_loss    the objective's loss before the bonus, not scaled for accumulation (mean over ranks)
         entropy_coef   the bonus coefficient, once per optimizer step in training
         """
-        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
+        self._metrics[mode][names.POLICY_LOSS].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
         if mode == "train" and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+            self._metrics[mode][names.ENTROPY_COEF].append(self.entropy_coef)
 
-    def _log_objective_metrics(self, mode, out, entropies, mask):
-        """This micro-batch's statistics (`trl_gspo.objective.objective_metrics` names and explains them), summed
-        and gathered over processes; TRL averages them over the logging interval."""
-        sums, per_sequence = objective_metric_sums(out, entropies, mask)
-        reduced = objective_metrics(
-            self.accelerator.reduce(sums, reduction="sum"),
-            self.accelerator.gather(per_sequence),
-            with_kl=out.per_token_kl is not None,
+    def _log_objective_metrics(self, mode, out, entropies, mask, per_token_logps, old_per_token_logps, advantages):
+        """This micro-batch's statistics, summed and gathered over processes (one reduction and one gather); TRL
+        averages them over the logging interval. GSPO's own under `gspo/` (`objective_metrics`), and the keys
+        GRPOTrainer logs from its loss with GRPOTrainer's definitions (`grpo_metrics`); trl_gspo/metrics.py defines
+        every key."""
+        sums, per_sequence = objective_metric_sums(out)
+        grpo_sums, grpo_per_row = grpo_metric_sums(
+            per_token_logps,
+            old_per_token_logps,
+            advantages,
+            mask,
+            entropies,
+            self.epsilon_low,
+            self.epsilon_high,
+            out.per_token_kl,
+            self.args.use_bias_correction_kl,
         )
+        all_sums = self.accelerator.reduce(torch.cat([sums, grpo_sums]), reduction="sum")
+        all_rows = self.accelerator.gather(torch.cat([per_sequence, grpo_per_row], dim=1))
+        sums, grpo_sums = all_sums.split([sums.numel(), grpo_sums.numel()])
+        per_sequence, grpo_per_row = all_rows.split([per_sequence.size(1), grpo_per_row.size(1)], dim=1)
+        reduced = {
+            **objective_metrics(sums, per_sequence),
+            **grpo_metrics(grpo_sums, grpo_per_row, with_kl=out.per_token_kl is not None),
+        }
         for name, value in reduced.items():
             self._metrics[mode][name].append(value)
         if mode == "train" and self._before_first_update_of_rollout():
@@ -336,7 +355,7 @@ class GSPOTrainer(
                 outside_clip_band_counts(out, self.epsilon_low, self.epsilon_high), reduction="sum"
             ).tolist()
             if sequences:
-                self._metrics[mode]["gspo/first_step_outside_clip_band"].append(outside / sequences)
+                self._metrics[mode][names.FIRST_STEP_OUTSIDE_CLIP_BAND].append(outside / sequences)
 
     def _before_first_update_of_rollout(self) -> bool:
         """Whether no optimizer step has happened since this micro-step's rollout was generated: the policy is still

@@ -129,6 +129,8 @@ def fake_run(arm, seed, after, rewards, seconds):
     history = [{"heldout_accuracy": 0.3, "step": 0}]
     history += [
         {"rewards/exact_match/mean": r, "clip_ratio/region_mean": 0.1, "step": 4 * (i + 1)}
+        # GSPO's own sequence count next to TRL's key, as a sequence-level run logs them
+        | ({"gspo/clip_ratio/region_mean": 0.3} if arm != "grpo" else {})
         for i, r in enumerate(rewards)
     ]
     return {
@@ -153,6 +155,7 @@ def test_summary_and_table_against_direct_computation():
     row = summarize_run(runs[2])
     assert math.isnan(row["sequence_clip_fraction"])  # GRPO: TRL logs token fractions only
     assert row["token_clip_fraction"] == pytest.approx(0.1)
+    assert summarize_run(runs[0])["sequence_clip_fraction"] == pytest.approx(0.3)  # GSPO's own, not TRL's key
     table = markdown_table(runs).splitlines()
     assert len(table) == 4
     after = f"{statistics.fmean([0.5, 0.7]):.3f} ± {statistics.stdev([0.5, 0.7]):.3f}"

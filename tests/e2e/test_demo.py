@@ -67,7 +67,7 @@ def test_quick_demo_gspo_raises_heldout_accuracy(tmp_path):
     curve = [(e["step"], e["heldout_accuracy"]) for e in state["log_history"] if "heldout_accuracy" in e]
     assert [step for step, _ in curve] == [0, 60, 120, 180, 240]
     assert any("gspo/seq_ratio/max" in e for e in state["log_history"])
-    assert any("loss" in e and "clip_ratio/region_mean" in e and "reward" in e for e in state["log_history"])
+    assert any("loss" in e and "gspo/clip_ratio/region_mean" in e and "reward" in e for e in state["log_history"])
     assert (out / "model.safetensors").is_file()
     # the warm-started model was cached and is reused by the next run
     assert len(list((tmp_path / "cache").glob("sort_digits-*/warm_start.json"))) == 1

@@ -13,9 +13,11 @@ import pytest
 from gspo_examples.moe_experiment import (
     DENSE_MODEL,
     MOE_MODEL,
+    PANELS,
     ROLLOUT_PI_OLD,
     STEPS_PER_GENERATION,
     VARIANTS,
+    _panel_key,
     summarize,
 )
 from trl_gspo import GSPOConfig
@@ -62,7 +64,8 @@ def test_summary_splits_each_rollout_into_its_first_step_and_the_moved_ones():
                 "loss": 0.0,
                 "reward": step / 10,
                 "moe/routing_drift/token_layer": 0.0 if first else step / 100,
-                "clip_ratio/region_mean": 0.5 if first else 0.1 * step,
+                "clip_ratio/region_mean": 0.5 if first else 0.1 * step,  # GRPO's (tokens) or TRL's definition
+                "gspo/clip_ratio/region_mean": 0.6 if first else 0.2 * step,  # GSPO's own sequence count
                 "gspo/clipped_token_fraction": 0.2,
                 "gspo/first_step_outside_clip_band": 0.7 if step == 1 else 0.9,
             }
@@ -74,7 +77,7 @@ def test_summary_splits_each_rollout_into_its_first_step_and_the_moved_ones():
 
     gspo = summarize({**run, "variant": "gspo"})
     assert gspo["drift_token_layer"] == pytest.approx(sum(s / 100 for s in moved_steps) / 6)
-    assert gspo["clip_sequences"] == pytest.approx(sum(0.1 * s for s in moved_steps) / 6)
+    assert gspo["clip_sequences"] == pytest.approx(sum(0.2 * s for s in moved_steps) / 6)
     assert gspo["clip_tokens"] == pytest.approx(0.2)
     assert gspo["first_step_clip"] == pytest.approx((0.7 + 0.9) / 2)
     assert gspo["reward_last_quarter"] == pytest.approx((0.7 + 0.8) / 2)
@@ -88,6 +91,10 @@ def test_summary_splits_each_rollout_into_its_first_step_and_the_moved_ones():
     assert grpo["clip_tokens"] == pytest.approx(sum(0.1 * s for s in moved_steps) / 6)
     assert grpo["first_step_clip"] == pytest.approx(0.5)
     assert grpo["collapsed"] is False
+    # the figure's clip panel reads the same keys
+    clip_panel = next(keys for keys, title, _ in PANELS if title.startswith("clipped"))
+    assert _panel_key(clip_panel, "gspo") == "gspo/clip_ratio/region_mean"
+    assert _panel_key(clip_panel, "grpo") == "clip_ratio/region_mean"
 
 
 @pytest.mark.slow

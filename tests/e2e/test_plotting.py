@@ -23,9 +23,10 @@ def gspo_history(steps=20):
                 "loss": 0.01,
                 "reward": step / steps,
                 "reward_std": 0.1,
-                "clip_ratio/low_mean": 0.1,
-                "clip_ratio/high_mean": 0.2,
-                "clip_ratio/region_mean": 0.3,
+                "gspo/clip_ratio/low_mean": 0.1,
+                "gspo/clip_ratio/high_mean": 0.2,
+                "gspo/clip_ratio/region_mean": 0.3,
+                "clip_ratio/region_mean": 0.25,  # TRL's definition: not drawn next to GSPO's own
                 "gspo/clipped_token_fraction": 0.28,
                 "gspo/seq_ratio/min": 0.99,
                 "gspo/seq_ratio/mean": 1.0,
@@ -66,13 +67,14 @@ def test_series_skips_missing_and_non_finite_values():
 def test_plot_run_writes_a_png_with_every_panel(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    panels = []
     original = matplotlib.figure.Figure.savefig
 
     def spy(fig, *args, **kwargs):
         panels.extend(ax.get_title() for ax in fig.axes if ax.get_visible())
+        clip_lines.extend(line.get_label() for ax in fig.axes if "clip" in ax.get_title() for line in ax.get_lines())
         return original(fig, *args, **kwargs)
 
+    panels, clip_lines = [], []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     out = plot_run(gspo_history(), tmp_path / "sub" / "fig.png", title="synthetic", clip_range=(3e-4, 4e-4))
     assert out == tmp_path / "sub" / "fig.png"
@@ -80,6 +82,12 @@ def test_plot_run_writes_a_png_with_every_panel(tmp_path, monkeypatch):
     assert len(panels) == 4
     assert any("reward" in t for t in panels) and any("accuracy" in t for t in panels)
     assert any("clip" in t for t in panels) and any("ratio" in t for t in panels)
+    assert clip_lines == [
+        "tokens clipped (paper's count)",
+        "sequences clipped (all)",
+        "sequences clipped (low)",
+        "sequences clipped (high)",
+    ]
 
 
 def test_plot_run_grpo_history_without_gspo_keys(tmp_path, monkeypatch):
@@ -90,13 +98,16 @@ def test_plot_run_grpo_history_without_gspo_keys(tmp_path, monkeypatch):
 
     def spy(fig, *args, **kwargs):
         panels.extend(ax.get_title() for ax in fig.axes if ax.get_visible())
+        clip_lines.extend(line.get_label() for ax in fig.axes if "clip" in ax.get_title() for line in ax.get_lines())
         return original(fig, *args, **kwargs)
 
+    clip_lines = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     out = plot_run(grpo_history(), tmp_path / "grpo.png")
     assert is_png(out)
     assert len(panels) == 2  # reward and clip fraction; no held-out accuracy, no sequence ratio
     assert not any("ratio s_i" in t for t in panels)
+    assert clip_lines == ["clip_ratio/region_mean (TRL's)"]
 
 
 def test_plot_run_refuses_a_history_with_nothing_to_plot(tmp_path):

@@ -140,7 +140,7 @@ def test_off_policy_training_loss_equals_reference(make_model, tokenizer, tmp_pa
         assert math.isclose(record["loss"] * record["accumulation"], expected, rel_tol=1e-4, abs_tol=1e-7)
     ratio_max = [h["gspo/seq_ratio/max"] for h in trainer.state.log_history if "gspo/seq_ratio/max" in h]
     assert any(r != 1.0 for r in ratio_max)
-    assert {"clip_ratio/region_mean", "gspo/clipped_token_fraction", "gspo/seq_ratio/std"} <= set(
+    assert {"gspo/clip_ratio/region_mean", "gspo/clipped_token_fraction", "gspo/seq_ratio/std"} <= set(
         trainer.state.log_history[0]
     )
 
@@ -208,7 +208,7 @@ def test_loss_matches_reference_and_scales_for_accumulation(trainer):
     expected = reference_for(trainer, inputs, logps)
     assert math.isclose(compute_loss(trainer, inputs).item(), expected, rel_tol=1e-5)
     assert math.isclose(compute_loss(trainer, inputs, accumulation=4).item(), expected / 4, rel_tol=1e-5)
-    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # noise 2e-2 >> eps: clips fire
+    assert trainer._metrics["train"]["gspo/clip_ratio/region_mean"][-1] > 0  # noise 2e-2 >> eps: clips fire
 
 
 def test_on_policy_micro_batch_has_ratio_one(trainer):
@@ -467,11 +467,11 @@ def test_metrics_match_a_direct_computation(trainer):
         "gspo/seq_ratio/std": ratio.std(unbiased=False).item(),
         "gspo/seq_ratio/min": ratio.min().item(),
         "gspo/seq_ratio/max": ratio.max().item(),
-        "clip_ratio/low_mean": low.double().mean().item(),
-        "clip_ratio/high_mean": high.double().mean().item(),
-        "clip_ratio/region_mean": (low | high).double().mean().item(),
-        "clip_ratio/low_min": low.double().min().item(),
-        "clip_ratio/high_max": high.double().max().item(),
+        "gspo/clip_ratio/low_mean": low.double().mean().item(),
+        "gspo/clip_ratio/high_mean": high.double().mean().item(),
+        "gspo/clip_ratio/region_mean": (low | high).double().mean().item(),
+        "gspo/clip_ratio/low_min": low.double().min().item(),
+        "gspo/clip_ratio/high_max": high.double().max().item(),
         "gspo/clipped_token_fraction": ((low | high).double() * lengths[keep]).sum().item() / lengths.sum().item(),
     }
     for name, value in expected.items():
@@ -533,13 +533,13 @@ def test_clip_metrics_count_what_is_in_the_loss(make_model, tokenizer, tmp_path,
     low_fraction = [low_tokens[i] / loss_tokens[i] for i in rows]
     high_fraction = [high_tokens[i] / loss_tokens[i] for i in rows]
     expected = {
-        "clip_ratio/low_mean": sum(low_fraction) / len(rows),
-        "clip_ratio/high_mean": sum(high_fraction) / len(rows),
-        "clip_ratio/region_mean": (sum(low_fraction) + sum(high_fraction)) / len(rows),
-        "clip_ratio/low_min": min(low_fraction),
-        "clip_ratio/high_max": max(high_fraction),
+        "gspo/clip_ratio/low_mean": sum(low_fraction) / len(rows),
+        "gspo/clip_ratio/high_mean": sum(high_fraction) / len(rows),
+        "gspo/clip_ratio/region_mean": (sum(low_fraction) + sum(high_fraction)) / len(rows),
+        "gspo/clip_ratio/low_min": min(low_fraction),
+        "gspo/clip_ratio/high_max": max(high_fraction),
         "gspo/clipped_token_fraction": sum(low_tokens[i] + high_tokens[i] for i in rows) / sum(loss_tokens.values()),
     }
-    assert rows == [0, 1, 2] and expected["clip_ratio/high_mean"] == 2 / 3
+    assert rows == [0, 1, 2] and expected["gspo/clip_ratio/high_mean"] == 2 / 3
     for name, value in expected.items():
         assert math.isclose(metrics[name], value, rel_tol=1e-6, abs_tol=1e-9), name

@@ -292,7 +292,6 @@ def test_objective_metrics_match_a_loop_over_sequences(level):
         adv = adv.unsqueeze(1) * torch.linspace(0.5, 1.5, 7)
     keep = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])  # row 2 dropped (off-policy mask)
     out = compute_policy_objective(level, logp, old, adv, mask, EPS_LOW, EPS_HIGH, sequence_weights=keep)
-    entropies = torch.rand(6, 7, generator=torch.Generator().manual_seed(1))
 
     low = out.low_clipped.float()
     high = out.high_clipped.float()
@@ -314,26 +313,80 @@ def test_objective_metrics_match_a_loop_over_sequences(level):
     ratios = [math.exp(float(out.seq_log_ratio[i])) for i in range(6) if out.lengths[i] > 0]
     mean = sum(ratios) / len(ratios)
     expected = {
-        "clip_ratio/low_mean": sum(per_low) / counted,
-        "clip_ratio/high_mean": sum(per_high) / counted,
-        "clip_ratio/region_mean": (sum(per_low) + sum(per_high)) / counted,
+        "gspo/clip_ratio/low_mean": sum(per_low) / counted,
+        "gspo/clip_ratio/high_mean": sum(per_high) / counted,
+        "gspo/clip_ratio/region_mean": (sum(per_low) + sum(per_high)) / counted,
         "gspo/clipped_token_fraction": clipped / loss_tokens,
-        "entropy": float((entropies * mask).sum() / mask.sum()),
-        "clip_ratio/low_min": min(per_low),
-        "clip_ratio/high_max": max(per_high),
+        "gspo/clip_ratio/low_min": min(per_low),
+        "gspo/clip_ratio/high_max": max(per_high),
         "gspo/seq_ratio/mean": mean,
         "gspo/seq_ratio/std": math.sqrt(sum((r - mean) ** 2 for r in ratios) / len(ratios)),
         "gspo/seq_ratio/min": min(ratios),
         "gspo/seq_ratio/max": max(ratios),
     }
+    assert 0 < expected["gspo/clip_ratio/region_mean"] < 1  # the batch exercises both clipped and unclipped rows
+
+    sums, per_sequence = objective_metric_sums(out)
+    whole = objective_metrics(sums, per_sequence)
+    halves = [objective_metric_sums(_rows(out, rows)) for rows in (slice(0, 3), slice(3, 6))]
+    split = objective_metrics(halves[0][0] + halves[1][0], torch.cat([halves[0][1], halves[1][1]]))
+    for metrics in (whole, split):
+        assert metrics.keys() == expected.keys()
+        for name, value in expected.items():
+            assert math.isclose(metrics[name], value, rel_tol=1e-5, abs_tol=1e-7), name
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_grpo_metrics_match_a_loop_over_rows(level):
+    """GRPOTrainer's clip_ratio/*, entropy and kl as its importance_sampling_level="sequence" defines them (flags of
+    the unclamped s_i whatever the weights, every row counted, per-token advantages counted per token), from one
+    micro-batch or two halves, against a plain loop."""
+    from trl_gspo.objective import grpo_metric_sums, grpo_metrics
+
+    logp, old, adv, mask = make_batch(B=6, T=7, scale=2e-3, seed=3)  # row 5 is empty
+    logp, old, mask = logp.float(), old.float(), mask.float()
+    if level == "sequence_token":
+        adv = adv.unsqueeze(1) * torch.linspace(-1.0, 1.5, 7)
+    adv = adv.float()
+    entropies = torch.rand(6, 7, generator=torch.Generator().manual_seed(1))
+    kl = torch.rand(6, 7, generator=torch.Generator().manual_seed(2))
+    low, high, count, per_low, per_high, entropy, kl_sum = 0.0, 0.0, 0.0, [], [], 0.0, 0.0
+    for i in range(6):
+        tokens = [t for t in range(7) if mask[i, t]]
+        ratio = math.exp(sum(float(logp[i, t] - old[i, t]) for t in tokens) / max(len(tokens), 1))
+        entropy += sum(float(entropies[i, t]) for t in tokens)
+        kl_sum += sum(float(kl[i, t]) * ratio for t in tokens)
+        if level == "sequence":
+            row_low, row_high = float(ratio < 1 - EPS_LOW and adv[i] < 0), float(ratio > 1 + EPS_HIGH and adv[i] > 0)
+            low, high, count = low + row_low, high + row_high, count + 1
+            per_low.append(row_low)
+            per_high.append(row_high)
+        elif tokens:
+            token_low = [float(ratio < 1 - EPS_LOW and adv[i, t] < 0) for t in tokens]
+            token_high = [float(ratio > 1 + EPS_HIGH and adv[i, t] > 0) for t in tokens]
+            low, high, count = low + sum(token_low), high + sum(token_high), count + len(tokens)
+            per_low.append(sum(token_low) / len(tokens))
+            per_high.append(sum(token_high) / len(tokens))
+    tokens = float(mask.sum())
+    expected = {
+        "clip_ratio/low_mean": low / count,
+        "clip_ratio/high_mean": high / count,
+        "clip_ratio/region_mean": (low + high) / count,
+        "clip_ratio/low_min": min(per_low),
+        "clip_ratio/high_max": max(per_high),
+        "entropy": entropy / tokens,
+        "kl": kl_sum / tokens,
+    }
     assert 0 < expected["clip_ratio/region_mean"] < 1  # the batch exercises both clipped and unclipped rows
 
-    sums, per_sequence = objective_metric_sums(out, entropies, mask)
-    whole = objective_metrics(sums, per_sequence, with_kl=False)
-    halves = [
-        objective_metric_sums(_rows(out, rows), entropies[rows], mask[rows]) for rows in (slice(0, 3), slice(3, 6))
-    ]
-    split = objective_metrics(halves[0][0] + halves[1][0], torch.cat([halves[0][1], halves[1][1]]), with_kl=False)
+    def sums(rows):
+        return grpo_metric_sums(
+            logp[rows], old[rows], adv[rows], mask[rows], entropies[rows], EPS_LOW, EPS_HIGH, kl[rows]
+        )
+
+    whole = grpo_metrics(*sums(slice(None)), with_kl=True)
+    halves = [sums(rows) for rows in (slice(0, 3), slice(3, 6))]
+    split = grpo_metrics(halves[0][0] + halves[1][0], torch.cat([halves[0][1], halves[1][1]]), with_kl=True)
     for metrics in (whole, split):
         assert metrics.keys() == expected.keys()
         for name, value in expected.items():

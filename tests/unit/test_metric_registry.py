@@ -1,0 +1,63 @@
+"""trl_gspo/metrics.py: its patterns, TRL's own keys, and README.md's metric table, which is the registry rendered."""
+
+import re
+from pathlib import Path
+
+import trl.trainer.grpo_trainer
+
+from trl_gspo import metrics as names
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+TABLE = re.compile(
+    r"<!-- generated from trl_gspo/metrics.py[^\n]*-->\n(.*?)\n<!-- end of the generated table -->", re.S
+)
+
+
+def test_readme_metric_table_is_the_registry():
+    """README.md lists exactly the registry's keys of GSPO's own, with the registry's definitions."""
+    found = TABLE.findall(README.read_text())
+    assert len(found) == 1, "README.md must hold one generated metric table between its two markers"
+    assert found[0] == names.markdown_table(), (
+        "README.md's metric table differs from trl_gspo/metrics.py: paste the output of "
+        '`python -c "from trl_gspo.metrics import markdown_table; print(markdown_table())"`'
+    )
+    listed = re.findall(r"^\| `([^`]+)` \|", found[0], re.M)
+    assert [key for pattern in listed for key in names.expand(pattern)] == names.keys(names.GSPO)
+
+
+def test_registry_entries_render_as_table_cells():
+    for metric in names.METRICS:
+        assert metric.origin in (names.GSPO, names.TRL, names.TRANSFORMERS), metric.key
+        for text in (metric.key, metric.logged, metric.definition):
+            assert text and "|" not in text and "\n" not in text, metric.key
+
+
+def test_registry_covers_every_key_grpo_trainer_logs():
+    """Each `_metrics[mode][...]` key in TRL's GRPOTrainer source (an f-string's fields as one path segment) is a
+    registry key of origin TRL: a TRL upgrade that adds or renames one fails here."""
+    source = Path(trl.trainer.grpo_trainer.__file__).read_text()
+    found = re.findall(r'_metrics\[[^\]]+\]\[(f?)"([^"]+)"\]', source)
+    assert len(found) > 30, "the pattern no longer finds TRL's metric keys"
+    missing = []
+    for is_fstring, key in found:
+        key = re.sub(r"\{[^}]+\}", "x", key) if is_fstring else key
+        metric = names.find(key)
+        if metric is None or metric.origin != names.TRL:
+            missing.append(key)
+    # `self._metrics[mode][name]` with a variable: TRL's log_metric names, chosen by reward functions
+    assert not missing, f"GRPOTrainer logs keys the registry lacks: {missing}"
+
+
+def test_registry_patterns():
+    assert names.expand("gspo/seq_ratio/{min,max}") == ["gspo/seq_ratio/min", "gspo/seq_ratio/max"]
+    assert names.find("rewards/exact_match/mean").origin == names.TRL
+    assert names.find("eval_gspo/seq_ratio/std").key == "gspo/seq_ratio/{mean,std,min,max}"
+    assert names.find("rewards/a/b/mean") is None and names.find("gspo/seq_ratio/median") is None
+    keys = [key for metric in names.METRICS for key in names.expand(metric.key)]
+    assert len(keys) == len(set(keys)), "a key is registered twice"
+    # every name constant is a registered key or the prefix of some
+    constants = {
+        value for name, value in vars(names).items() if name.isupper() and name[0] != "_" and isinstance(value, str)
+    }
+    for constant in constants - {names.GSPO, names.TRL, names.TRANSFORMERS}:
+        assert names.find(constant) or any(key.startswith(constant + "/") for key in keys), constant
