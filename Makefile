@@ -24,7 +24,7 @@ demo: install
 # The documentation site into site/ (git-ignored): mkdocs.yml; --strict turns every warning (a broken link, a
 # docstring that does not parse) into an error.
 docs: install
-	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # The README's figure: the demo's, copied into docs/ (commit it after checking it).
 docs-figure: demo

@@ -4,7 +4,7 @@
   the home page, recipes/README.md and BENCHMARKS.md guides; so the site cannot drift from them.
 - Relative links are rewritten for the page's place on the site: a link to one of those files or to a docs/ page
   points at its page; a link to any other repository file (a script, a recipe) becomes its path in code, since the
-  site does not serve it.
+  site does not serve it; a link to no file stays as it is, and `mkdocs build --strict` fails on it.
 - The reference pages hold generated tables at `<!-- generated: NAME -->` placeholders (`GENERATED`): GSPOConfig's
   fields with their defaults and `help=` texts (mkdocstrings does not show `help=` metadata), the training command's
   arguments, and the metric registry (trl_gspo/metrics.py's `markdown_table()`).
@@ -107,8 +107,11 @@ def _site_path(repository_path: str) -> str | None:
     """The site page (or docs/ asset) a repository path is served as, relative to docs/; None if not served."""
     if repository_path in PAGES_FROM_REPOSITORY:
         return PAGES_FROM_REPOSITORY[repository_path]
-    if repository_path.startswith("docs/") and (ROOT / repository_path).is_file():
-        return repository_path.removeprefix("docs/")
+    in_docs = repository_path.removeprefix("docs/")
+    if repository_path.startswith("docs/") and (
+        (ROOT / repository_path).is_file() or in_docs in PAGES_FROM_REPOSITORY.values()
+    ):
+        return in_docs
     return None
 
 
@@ -121,8 +124,10 @@ def rewrite_links(markdown: str, repository_path: str, site_path: str) -> str:
             return match.group(0)
         in_repository = posixpath.normpath(posixpath.join(posixpath.dirname(repository_path), target))
         served = _site_path(in_repository)
-        if served is None:  # a repository file the site does not serve: name its path
+        if served is None and (ROOT / in_repository).exists():  # a repository file the site does not serve
             return text if text.strip("`") == in_repository else f"{text} (`{in_repository}`)"
+        if served is None:  # no such file: left as it is, so that mkdocs --strict reports the broken link
+            return match.group(0)
         relative = posixpath.relpath(served, posixpath.dirname(site_path) or ".")
         return f"{bang}[{text}]({relative}{anchor})"
 

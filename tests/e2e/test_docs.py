@@ -66,10 +66,6 @@ SKIPPED = [
         "a precision measurement (minutes); its quick form is tests/e2e/test_precision.py",
     ),
     (
-        r"scripts/measure_noise\.py",
-        "a noise measurement over many model types (minutes); the switch itself is tested in tests/trainer/test_noise.py",
-    ),
-    (
         r"scripts/moe_experiment\.py",
         "the MoE experiment (minutes per seed); its quick form is tests/e2e/test_moe_experiment.py",
     ),
@@ -138,7 +134,7 @@ def runnable_argv(command: str) -> list[str]:
     elif tokens[:2] == ["accelerate", "launch"]:
         argv = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", *tokens[2:]]
     elif tokens == ["make", "docs"]:  # the Makefile's recipe, in this interpreter: the site into the scratch folder
-        argv = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", "site"]
+        argv = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", "site"]
     else:
         raise AssertionError(
             f"documented command {command!r} is neither run nor skipped: add it to SKIPPED in tests/e2e/test_docs.py "
