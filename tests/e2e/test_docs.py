@@ -18,6 +18,7 @@ written (the README's first is scripts/quickstart.py's snippet, checked against 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -250,6 +251,34 @@ def test_documented_commands_run(document, tmp_path):
         assert (cwd / "runs" / "tiny" / "sort_digits" / "training_curves.png").is_file()
     if document == "README.md":
         assert any("scripts/quickstart.py" in c for c in ran), ran
+        assert (cwd / "site" / "index.html").is_file(), "make docs wrote no site/index.html"
+
+
+def site_hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_site_pages_link_like_the_repository_files():
+    """docs/hooks.py: a link means on the site what it means in the repository (a page, a file's path in code, or,
+    for no file at all, the link as written, which mkdocs --strict reports); GSPOConfig's own fields are all listed."""
+    hooks = site_hooks()
+    readme = "[a](docs/NOISE.md#x) [b](recipes/README.md) [c](scripts/quickstart.py) [d](docs/NOPE.md) ![f](docs/demo_training_curves.png)"
+    assert hooks.rewrite_links(readme, "README.md", "index.md") == (
+        "[a](NOISE.md#x) [b](recipes.md) c (`scripts/quickstart.py`) [d](docs/NOPE.md) ![f](demo_training_curves.png)"
+    )
+    guide = "[r](../../recipes/README.md) [h](../../README.md) [s](../recipes.md) [m](../../BENCHMARKS.md)"
+    assert hooks.rewrite_links(guide, "docs/reference/cli.md", "reference/cli.md") == (
+        "[r](../recipes.md) [h](../index.md) [s](../recipes.md) [m](../benchmarks.md)"
+    )
+    from trl_gspo import GSPOConfig
+
+    table = hooks.generated_markdown("<!-- generated: config fields -->")
+    assert [row.split("`")[1] for row in table.splitlines()[2:]] == list(GSPOConfig.__annotations__)
+    with pytest.raises(ValueError, match="expected one of"):
+        hooks.generated_markdown("<!-- generated: nothing -->")
 
 
 # Phrases that describe how a measurement was organised rather than what a user runs: a user cannot act on them.
