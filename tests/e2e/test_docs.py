@@ -33,9 +33,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def site_hooks():
+    """docs/hooks.py, the site's page generator (a file of the site, not a package)."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def site_documents() -> list[str]:
     """The repository files of the site's pages, in nav order: docs/<page>, or the file docs/hooks.py serves it from."""
-    served_from = {"index.md": "README.md", "recipes.md": "recipes/README.md", "benchmarks.md": "BENCHMARKS.md"}
+    served_from = {page: repository_file for repository_file, page in site_hooks().PAGES_FROM_REPOSITORY.items()}
 
     def pages(nav):
         for entry in nav:
@@ -252,13 +260,6 @@ def test_documented_commands_run(document, tmp_path):
     if document == "README.md":
         assert any("scripts/quickstart.py" in c for c in ran), ran
         assert (cwd / "site" / "index.html").is_file(), "make docs wrote no site/index.html"
-
-
-def site_hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_site_pages_link_like_the_repository_files():
