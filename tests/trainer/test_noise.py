@@ -42,9 +42,9 @@ SHAPES = {
 class RatioRecordingTrainer(GSPOTrainer):
     """GSPOTrainer that keeps every s_i of its micro-batches, as the objective computed them."""
 
-    def _log_objective_metrics(self, mode, out, entropies, mask):
+    def _log_objective_metrics(self, mode, out, *tensors):
         self.sequence_log_ratios.append(out.seq_log_ratio[out.lengths > 0])
-        super()._log_objective_metrics(mode, out, entropies, mask)
+        super()._log_objective_metrics(mode, out, *tensors)
 
 
 def build_model(make_model, tokenizer, model_type, fields):
