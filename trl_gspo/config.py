@@ -168,8 +168,8 @@ class GSPOConfig(GRPOConfig):
             Run every log-prob pass (policy, pi_old, reference) on packed rows without padding (trl_gspo/packing.py);
             same results as the padded path. Off by default: measured on CPU only (BENCHMARKS.md); on GPUs the dense
             block-diagonal sdpa mask is untested. Only model types measured exact when packed
-            (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES) with sdpa, eager or flash-attention; any other is refused
-            when the trainer is built. For
+            (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES, docs/PACKING.md) with sdpa, eager or flash-attention; any
+            other is refused when the trainer is built. For
             a MoE model with an aux loss, the policy pass packs each chunk into one row (the load-balancing loss then
             sees exactly the padded path's tokens) at the cost of attention quadratic in that row.
         padding_free_row_tokens (`int` or `None`, defaults to `None`):
@@ -248,8 +248,8 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
-            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES); any "
-            "other is refused when the trainer is built."
+            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES, "
+            "docs/PACKING.md); any other is refused when the trainer is built."
         },
     )
     padding_free_row_tokens: int | None = field(
