@@ -73,6 +73,7 @@ TINY_SHAPE = dict(
     eos_token_id=2,
     # 5x transformers' default: with 0.02 a state carried across a packed boundary moves log-probs by only ~2e-5
     initializer_range=0.1,
+    init_std=0.1,  # the same, as OPT, XGLM, XLM, TrOCR and CPM-Ant name it
     # the same tiny sizes under the names other families use (only the fields a type's config has are passed)
     rotary_dim=8,  # GPT-J, CodeGen: rotate the whole head
     num_experts=4,

@@ -123,7 +123,7 @@ REFUSED = {
     ),
     "bloom": ("its forward takes no position ids", 0.21),
     "camembert": ("differs from the sequence run alone even with one sequence per row (error 1.5)", 1.5),
-    "cpmant": ("its forward takes no position ids", 18.0),
+    "cpmant": ("its forward takes no position ids", 1.2),
     "ctrl": ("packs exactly with eager attention, not with flash_attention_2", 0.19),
     "data2vec-text": ("differs from the sequence run alone even with one sequence per row (error 2)", 2.0),
     "deepseek_v32": (
@@ -198,7 +198,7 @@ REFUSED = {
     ),
     "opt": (
         "builds its attention mask without the position ids, so every packed sequence attends to the ones packed before it",
-        0.081,
+        0.9,
     ),
     "persimmon": ("packs exactly with eager attention, not with flash_attention_2", 1.0),
     "phimoe": ("packs exactly with eager attention, not with flash_attention_2", 1.1),
@@ -229,14 +229,14 @@ REFUSED = {
     "roc_bert": ("differs from the sequence run alone even with one sequence per row (error 2.3)", 2.3),
     "roformer": ("its forward takes no position ids", 2.0),
     "rwkv": ("its forward takes no position ids", 1.0),
-    "trocr": ("its forward takes no position ids", 0.33),
+    "trocr": ("its forward takes no position ids", 1.2),
     "xglm": (
         "builds its attention mask without the position ids, so every packed sequence attends to the ones packed before it",
-        0.003,
+        0.44,
     ),
     "xlm": (
         "builds its attention mask without the position ids, so every packed sequence attends to the ones packed before it",
-        0.0011,
+        0.035,
     ),
     "xlm-roberta": ("differs from the sequence run alone even with one sequence per row (error 1.5)", 1.5),
     "xlm-roberta-xl": ("differs from the sequence run alone even with one sequence per row (error 1.6)", 1.6),
