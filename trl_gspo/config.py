@@ -210,9 +210,8 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
-            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES); any "
-            "other is refused when the trainer is built."
-            " Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
+            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES, "
+            "docs/PACKING.md); any other is refused when the trainer is built. Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
             "sdpa mask is untested."
         },
     )
