@@ -273,22 +273,28 @@ def reference_attention(q, k, v, causal, scale, window_size, softcap):
 
 
 @contextlib.contextmanager
-def reference_flash_attention():
+def reference_flash_attention(calls: list | None = None):
     """transformers' flash-attention dispatch (`_flash_attention_forward`: packed-sequence detection, cu_seqlens
-    from the position ids) with torch reference kernels in place of the CUDA ones, in float32."""
+    from the position ids) with torch reference kernels in place of the CUDA ones, in float32. Each kernel call is
+    appended to `calls`, when given: ("dense", batch size) or ("varlen", sequence lengths)."""
     from unittest import mock
 
     import transformers.integrations.flash_attention as flash_integration
     import transformers.modeling_flash_attention_utils as flash_utils
 
+    calls = [] if calls is None else calls
+
     def flash_fn(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+        calls.append(("dense", q.size(0)))
         return torch.stack(
             [reference_attention(*t, causal, softmax_scale, window_size, softcap) for t in zip(q, k, v)]
         )
 
     def flash_varlen_fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                         softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):  # fmt: skip
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k)
         bounds = cu_seqlens_q.tolist()
+        calls.append(("varlen", [end - start for start, end in zip(bounds, bounds[1:])]))
         parts = [
             reference_attention(q[a:b], k[a:b], v[a:b], causal, softmax_scale, window_size, softcap)
             for a, b in zip(bounds, bounds[1:])
