@@ -25,33 +25,44 @@ from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm  # noq
 from trl_gspo import GSPOConfig, GSPOTrainer  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
-# source -> (model type, config fields, LoRA adapter or None)
+# source -> (label, model type, config fields, LoRA adapter or None); tests/trainer/test_noise.py tests each
 SOURCES = {
-    "attention dropout 0.1 (Qwen2, float passed to attention)": ("qwen2", dict(attention_dropout=0.1), None),
-    "residual + embedding dropout 0.1 (Starcoder2, F.dropout)": (
+    "attention_dropout": (
+        "attention dropout 0.1 (Qwen2, float passed to attention)",
+        "qwen2",
+        dict(attention_dropout=0.1),
+        None,
+    ),
+    "functional_dropout": (
+        "residual + embedding dropout 0.1 (Starcoder2, F.dropout)",
         "starcoder2",
         dict(residual_dropout=0.1, embedding_dropout=0.1),
         None,
     ),
-    "hidden + attention dropout 0.1 (Falcon, read from config)": (
+    "config_read_in_forward": (
+        "hidden + attention dropout 0.1 (Falcon, read from config)",
         "falcon",
         dict(hidden_dropout=0.1, attention_dropout=0.1),
         None,
     ),
-    "nn.Dropout 0.1 (GPT-2 resid/embd/attn_pdrop)": (
+    "nn_dropout": (
+        "nn.Dropout 0.1 (GPT-2 resid/embd/attn_pdrop)",
         "gpt2",
         dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
         None,
     ),
-    "layerdrop 0.5 (OPT)": ("opt", dict(layerdrop=0.5, dropout=0.0, attention_dropout=0.0), None),
-    "router_jitter_noise 0.1 (Mixtral)": ("mixtral", dict(router_jitter_noise=0.1), None),
-    "input_jitter_noise 0.1 + sampled routing (PhiMoE)": (
+    "layerdrop": ("layerdrop 0.5 (OPT)", "opt", dict(layerdrop=0.5, dropout=0.0, attention_dropout=0.0), None),
+    "router_jitter_noise": ("router_jitter_noise 0.1 (Mixtral)", "mixtral", dict(router_jitter_noise=0.1), None),
+    "sampled_routing": (
+        "input_jitter_noise 0.1 + sampled routing (PhiMoE)",
         "phimoe",
         dict(input_jitter_noise=0.1, router_aux_loss_coef=0.0),
         None,
     ),
-    "lora_dropout 0.05 (LoRA on Qwen2, B ~ N(0, 0.1))": ("qwen2", {}, LORA),
+    "lora_dropout": ("lora_dropout 0.05 (LoRA on Qwen2, B ~ N(0, 0.1))", "qwen2", {}, LORA),
 }
+# no setting switches these off: refused whenever a pi_old pass runs
+UNSWITCHABLE_SOURCES = ("sampled_routing",)
 SHAPES = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False),
@@ -70,9 +81,11 @@ SHAPES = {
 
 
 class RatioRecordingTrainer(GSPOTrainer):
-    def _log_objective_metrics(self, mode, out, entropies, mask):
+    """GSPOTrainer that keeps every s_i of its micro-batches, as the objective computed them."""
+
+    def _log_objective_metrics(self, mode, out, *tensors):
         self.sequence_log_ratios.append(out.seq_log_ratio[out.lengths > 0])
-        super()._log_objective_metrics(mode, out, entropies, mask)
+        super()._log_objective_metrics(mode, out, *tensors)
 
 
 def build_model(tokenizer, model_type, fields):
@@ -95,7 +108,7 @@ def build_model(tokenizer, model_type, fields):
 
 
 def measure(tokenizer, source, disable_dropout, output_dir):
-    model_type, fields, lora = SOURCES[source]
+    _, model_type, fields, lora = SOURCES[source]
     args = GSPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=8,
@@ -145,9 +158,9 @@ def main():
     tokenizer = build_char_tokenizer()
     print("| source | disable_dropout=False | disable_dropout=True |")
     print("|---|---|---|")
-    for source in SOURCES:
+    for source, (label, *_) in SOURCES.items():
         cells = [measure(tokenizer, source, flag, f"/tmp/measure_noise/{flag}") for flag in (False, True)]
-        print(f"| {source} | {cells[0]} | {cells[1]} |", flush=True)
+        print(f"| {label} | {cells[0]} | {cells[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -593,6 +593,8 @@ def ensure_task_assets(
 # The tiny recipes' model_name_or_path is TINY_CACHE_DIR/<task>-warm-start: a name, not a folder. The warm-started
 # model is built (or found) in its parent folder, and only for a path of that name.
 TINY_CACHE_DIR = str(DEFAULT_CACHE_DIR)
+# Their dataset_name is runs/tiny/<task>/data/train.jsonl; a missing data file is written only under this name.
+TINY_DATA_FILE_NAME = "train.jsonl"
 
 
 def tiny_warm_start_name(task: str) -> str:
@@ -604,13 +606,22 @@ def prepare_tiny_recipe(script_args, training_args, model_args, *, task: str) ->
     the run at the task's warm-started model and data, building them when missing (`ensure_task_assets`).
 
     A missing model is built only when model_name_or_path is named `<task>-warm-start` (the recipe's path, or one
-    the user chose in that form); any other missing path is an error. The command line calls this under
+    the user chose in that form), missing data is written only to a file named `train.jsonl`; any other missing
+    path is an error. The command line calls this under
     `training_args.main_process_first`: with several processes the main one builds, the others find it built.
     """
     if task not in TASKS:
         raise ValueError(f"prepare_kwargs task={task!r} is not a task; expected one of {sorted(TASKS)}.")
     if not script_args.dataset_name or not model_args.model_name_or_path:
         raise ValueError(f"task {task!r} needs model_name_or_path and dataset_name: where to find or build them.")
+    data_path = Path(script_args.dataset_name)
+    if not data_path.is_file() and data_path.name != TINY_DATA_FILE_NAME:
+        # a mistyped data file must not silently become the task's generated data
+        raise FileNotFoundError(
+            f"dataset_name={script_args.dataset_name!r}: no such file. For task {task!r} missing data is written only "
+            f"to a file named {TINY_DATA_FILE_NAME!r} (the recipe's runs/tiny/{task}/data/{TINY_DATA_FILE_NAME}); "
+            "give an existing data file or such a path."
+        )
     model_path, warm_start_name = Path(model_args.model_name_or_path), tiny_warm_start_name(task)
     if not model_path.is_dir() and model_path.name != warm_start_name:
         # a mistyped path must not silently become a newly built model

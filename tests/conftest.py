@@ -8,8 +8,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import transformers.integrations.flash_attention as flash_integration  # noqa: E402
-import transformers.modeling_flash_attention_utils as flash_utils  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
@@ -94,61 +92,17 @@ def small_trainer(model, tokenizer, tmp_path, reward_funcs=completion_length_rew
     )
 
 
-def reference_attention(q, k, v, causal, scale, window_size, softcap):
-    """Attention of one sequence, (S, H, D) layout as flash-attention takes it (grouped key/value heads)."""
-    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * (q.size(-1) ** -0.5 if scale is None else scale)
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    query, key = torch.arange(q.size(0))[:, None], torch.arange(k.size(0))[None, :]
-    allowed = (key <= query) if causal else torch.ones_like(query == key)
-    if window_size[0] >= 0:
-        allowed &= query - key <= window_size[0]
-    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
-
-
 @pytest.fixture
-def flash_calls(monkeypatch):
-    """transformers' flash-attention dispatch with torch reference kernels in place of the CUDA ones.
+def flash_calls():
+    """transformers' flash-attention dispatch with torch reference kernels in place of the CUDA ones
+    (gspo_benchmarks.packing_sweep.reference_flash_attention, the sweep's own).
 
     Everything above the kernel is transformers' own (`_flash_attention_forward`: `_is_packed_sequence`, cu_seqlens
     from the position ids), so a test sees which kernel a packed pass reaches and with which arguments. Returns the
     list of calls: ("dense", batch size) or ("varlen", sequence lengths).
     """
+    from gspo_benchmarks.packing_sweep import reference_flash_attention
+
     calls = []
-
-    def flash_fn(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
-        calls.append(("dense", q.size(0)))
-        rows = [reference_attention(*t, causal, softmax_scale, window_size, softcap) for t in zip(q, k, v)]
-        return torch.stack(rows)
-
-    def flash_varlen_fn(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p=0.0,
-        softmax_scale=None,
-        causal=False,
-        window_size=(-1, -1),
-        softcap=0.0,
-    ):
-        assert torch.equal(cu_seqlens_q, cu_seqlens_k)
-        bounds = cu_seqlens_q.tolist()
-        calls.append(("varlen", [end - start for start, end in zip(bounds, bounds[1:])]))
-        parts = [
-            reference_attention(q[a:b], k[a:b], v[a:b], causal, softmax_scale, window_size, softcap)
-            for a, b in zip(bounds, bounds[1:])
-        ]
-        return torch.cat(parts)
-
-    functions = (flash_fn, flash_varlen_fn, None, flash_utils._pad_input, flash_utils._unpad_input)
-    processing = (flash_utils._lazy_define_process_function(flash_varlen_fn), dict)
-    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lambda *args, **kwargs: (functions, processing))
-    # the CUDA kernels need half precision, so transformers would cast float32 queries; the reference ones do not
-    monkeypatch.setattr(flash_integration, "get_target_dtype", lambda query, module: None)
-    return calls
+    with reference_flash_attention(calls):
+        yield calls

@@ -12,13 +12,17 @@ model is loaded.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import difflib
 import importlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +31,15 @@ from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging as datasets_logging
 from transformers import AutoConfig, ProgressCallback
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl.import_utils import is_vllm_available
 
 from .checkpoints import (
     TRAINER_STATE,
@@ -39,8 +51,12 @@ from .checkpoints import (
 from .config import GSPOConfig
 from .rewards import load_reward_funcs, split_import_path, wrap_reward_checked
 from .trainer import GSPOTrainer
+from .vllm_cpu import VLLM_INSTALL_HINT
 
 LOCAL_DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TEXT_DATA_BUILDERS = ("json", "csv")  # read as UTF-8 text
+# The files from_pretrained loads a local model's weights from, one (or a sharded index) is required
+MODEL_WEIGHTS_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 @dataclass
@@ -108,16 +124,38 @@ def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPO
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as error:
+        known = {action.dest for action in parser._actions}
         if "Unknown arguments from config file" in str(error):
-            raise ValueError(
-                f"{error}\nA recipe key must be a field of GSPOScriptArguments, GSPOConfig or trl.ModelConfig."
-            ) from None
+            recipe_keys = yaml.safe_load(Path(recipe).read_text())
+            unknown = [key for key in recipe_keys if key not in known and key != "env"]  # env: TrlParser's own
+            if unknown:
+                raise ValueError(f"--config {recipe}: {unknown_names_message(unknown, known, option=False)}") from None
+        if "arguments are not used by the HfArgumentParser" in str(error):
+            unknown = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
+            unknown = [name for name in unknown if name not in known and name != "config"]
+            if unknown:
+                raise ValueError(unknown_names_message(unknown, known, option=True)) from None
         raise
     if isinstance(script_args.reward_kwargs, str):
         script_args.reward_kwargs = json.loads(script_args.reward_kwargs)
     if isinstance(script_args.prepare_kwargs, str):
         script_args.prepare_kwargs = json.loads(script_args.prepare_kwargs)
     return script_args, training_args, model_args
+
+
+def unknown_names_message(unknown: list[str], known: set[str], option: bool) -> str:
+    """`unknown key 'learning_rat' (did you mean 'learning_rate'?)` (a recipe key) or `unknown option --learning_rat
+    (did you mean --learning_rate?)` for each name, then where the names come from."""
+
+    def shown(name: str) -> str:
+        return f"--{name}" if option else repr(name)
+
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {shown(close[0])}?)" if close else ""
+        described.append(f"unknown {'option' if option else 'key'} {shown(name)}{hint}")
+    return "; ".join(described) + ": each is a field of GSPOScriptArguments, GSPOConfig or trl.ModelConfig."
 
 
 def load_prompt_dataset(script_args: GSPOScriptArguments, split: str) -> Dataset:
@@ -198,12 +236,28 @@ def _is_blank(path: Path) -> bool:
     return True
 
 
+def check_utf8(name: str) -> None:
+    """Fail naming the file and line if a text data file is not UTF-8 (`datasets` reads it, and the bad bytes fail
+    later, naming neither)."""
+    with open(name, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"dataset_name={name!r}: line {number} is not UTF-8 text (byte {line[error.start : error.end]!r} at "
+                    f"position {error.start} of the line: {error.reason}); save the file as UTF-8."
+                ) from None
+
+
 def load_local_file(name: str, builder: str, split: str) -> Dataset:
     """Load a local data file as `split`, with an error naming the file for one that is empty or holds no rows
     (`datasets` raises a bare StopIteration for an empty .jsonl, and names neither file nor cause for a header-only
     .csv)."""
     if _is_blank(Path(name)):
         raise ValueError(f"dataset_name={name!r}: the file is empty; it needs one row per prompt.")
+    if builder in TEXT_DATA_BUILDERS:
+        check_utf8(name)
     try:
         return load_dataset(builder, data_files={split: name}, split=split)
     except StopIteration:
@@ -243,14 +297,28 @@ def check_model_path(model_name_or_path: str | None, revision: str | None = None
     if not model_name_or_path:
         raise ValueError("model_name_or_path is required (a local folder or a hub model name).")
     looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1
-    if looks_local and not Path(model_name_or_path).expanduser().is_dir():
+    folder = Path(model_name_or_path).expanduser()
+    if looks_local and not folder.is_dir():
         raise FileNotFoundError(f"model_name_or_path={model_name_or_path!r}: no such model folder.")
+    if folder.is_dir() and not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"model_name_or_path={model_name_or_path!r} is a folder without {CONFIG_NAME}: not a saved model "
+            f"(save_pretrained writes {CONFIG_NAME} and the weights)."
+        )
     try:
         AutoConfig.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ValueError(
-            f"model_name_or_path={model_name_or_path!r} is neither a model folder nor a reachable hub model: {error}"
-        ) from error
+        where = (
+            f"its {CONFIG_NAME} cannot be read"
+            if folder.is_dir()
+            else "neither a model folder nor a reachable hub model"
+        )
+        raise ValueError(f"model_name_or_path={model_name_or_path!r}: {where}: {error}") from error
+    if folder.is_dir() and not any((folder / name).is_file() for name in MODEL_WEIGHTS_FILES):
+        raise FileNotFoundError(
+            f"model_name_or_path={model_name_or_path!r} has a {CONFIG_NAME} but no weights: expected one of "
+            f"{', '.join(MODEL_WEIGHTS_FILES)} (was the model saved completely?)."
+        )
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -423,6 +491,8 @@ def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
     """Check (and, with a `prepare` function, build) every input before the model is loaded; raise naming the
     culprit."""
     check_output_dir(training_args.output_dir)
+    if training_args.use_vllm and not is_vllm_available():
+        raise ValueError(f"use_vllm=True, but vLLM is not installed: {VLLM_INSTALL_HINT}.")
     run_prepare(script_args, training_args, model_args)
     check_model_path(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
     train_dataset = load_prompt_dataset(script_args, script_args.dataset_train_split)
@@ -433,6 +503,49 @@ def check_inputs(script_args, training_args, model_args) -> CheckedInputs:
     checkpoint = resume_checkpoint(training_args, script_args.resume, script_args.overwrite_output_dir)
     finished = finished_run_message(checkpoint, training_args.max_steps)
     return CheckedInputs(train_dataset, eval_dataset, reward_funcs, checkpoint, finished)
+
+
+# transformers 5 deprecated these model methods; TRL 1.16 still calls them around every generation, and each call
+# warns. Nothing in a recipe causes or can avoid them.
+TRL_DEPRECATED_CALLS = r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is"
+MISSING_KEYS_NOTICE = "There were missing keys in the checkpoint model loaded: "
+
+
+class TiedWeightsNotice(logging.Filter):
+    """transformers' resume warning "missing keys ... ['lm_head.weight']" for a model whose output layer is tied to
+    its input embeddings (checkpoints store the shared tensor once): replaced by a line saying that nothing is
+    missing. Any other missing key keeps the warning as it is."""
+
+    def __init__(self, tied: dict[str, str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(MISSING_KEYS_NOTICE):
+            missing = ast.literal_eval(message[len(MISSING_KEYS_NOTICE) :].rstrip("."))
+            if missing and all(key in self.tied for key in missing):
+                record.msg = "the checkpoint does not store " + ", ".join(
+                    f"{key} (tied to {self.tied[key]}, restored with it)" for key in missing
+                )
+                record.msg += ": nothing is missing."
+                record.args = ()
+        return True
+
+
+@contextlib.contextmanager
+def benign_library_notices_explained(model):
+    """Inside the block: TRL's calls of deprecated transformers methods do not warn (TRL_DEPRECATED_CALLS), and a
+    resume of a tied-embedding model says why its checkpoint lacks the output layer (TiedWeightsNotice)."""
+    trainer_logger = logging.getLogger("transformers.trainer")
+    tied_notice = TiedWeightsNotice(dict(getattr(model, "all_tied_weights_keys", None) or {}))
+    trainer_logger.addFilter(tied_notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TRL_DEPRECATED_CALLS, category=FutureWarning)
+            yield
+    finally:
+        trainer_logger.removeFilter(tied_notice)
 
 
 def train(script_args, training_args, model_args, callbacks=None, inputs: CheckedInputs | None = None):
@@ -473,7 +586,8 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
         trainer.callback_handler.callbacks = [
             c for c in trainer.callback_handler.callbacks if type(c) is not ProgressCallback
         ]
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with benign_library_notices_explained(trainer.model):
+        trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, training_args.output_dir)
     trainer.save_state()  # trainer_state.json in the run folder (every metric logged), for scripts/plot_run.py
     if trainer.accelerator.is_main_process:

@@ -94,6 +94,10 @@ def default_bf16(use_cpu: bool) -> bool:
     return not use_cpu and is_torch_bf16_gpu_available()
 
 
+# GRPOConfig's default for activation checkpointing, which it sets under the deprecated name gradient_checkpointing
+GRPO_ACTIVATION_CHECKPOINTING = next(f.default for f in fields(GRPOConfig) if f.name == "gradient_checkpointing")
+
+
 class GSPOOnPolicyWarning(UserWarning):
     """The configuration makes pi_old == pi_theta at every step: the ratio is 1 and GSPO equals GRPO."""
 
@@ -206,9 +210,8 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
-            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES); any "
-            "other is refused when the trainer is built."
-            " Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
+            "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES, "
+            "docs/PACKING.md); any other is refused when the trainer is built. Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
             "sdpa mask is untested."
         },
     )
@@ -287,11 +290,20 @@ class GSPOConfig(GRPOConfig):
             "(`trl vllm-serve --dtype`)."
         },
     )
+    # GRPOConfig's default (True) sits on transformers 5's deprecated name, which then warns on every config: unset
+    # here, and the same default goes to `activation_checkpointing`. Setting the old name still works (and warns).
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated name of activation_checkpointing (transformers 5); set that one instead."},
+    )
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
             self.bf16 = default_bf16(self.use_cpu)
         self._resolve_clip_range()
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = GRPO_ACTIVATION_CHECKPOINTING
+        self._validate_generation_fields()
         self._validate_gspo_fields()
         self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
@@ -427,6 +439,67 @@ class GSPOConfig(GRPOConfig):
                 f"GSPOConfig.padding_free_row_tokens={self.padding_free_row_tokens} must be a positive number of "
                 "tokens, or None (the padded width of each batch)."
             )
+
+    def _validate_generation_fields(self):
+        """Batch, sampling and optimiser numbers that transformers, torch or TRL would otherwise refuse only after the
+        model has loaded (or divide by), in their own names: `max_new_tokens`, `batch_size`, a ZeroDivisionError."""
+
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        def in_range(value, low: float, high: float, low_open: bool) -> bool:
+            return isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
+
+        checks = (
+            ("per_device_train_batch_size", positive_int(self.per_device_train_batch_size), "a positive integer"),
+            ("gradient_accumulation_steps", positive_int(self.gradient_accumulation_steps), "a positive integer"),
+            (
+                "steps_per_generation",
+                self.steps_per_generation is None or positive_int(self.steps_per_generation),
+                "a positive integer (optimizer steps per rollout), or unset",
+            ),
+            (
+                "generation_batch_size",
+                self.generation_batch_size is None or positive_int(self.generation_batch_size),
+                "a positive integer (completions per rollout), or unset",
+            ),
+            (
+                "num_generations",
+                positive_int(self.num_generations) and self.num_generations >= 2,
+                "an integer >= 2: each completion's advantage compares its reward with the other completions of "
+                "its prompt's group",
+            ),
+            (
+                "max_completion_length",
+                self.max_completion_length is None or positive_int(self.max_completion_length),
+                "a positive number of tokens",
+            ),
+            (
+                "temperature",
+                isinstance(self.temperature, (int, float))
+                and math.isfinite(self.temperature)
+                and self.temperature > 0,
+                "a number > 0: training samples its completions (greedy decoding would give every completion of a "
+                "group the same text, hence no advantage)",
+            ),
+            ("top_p", in_range(self.top_p, 0.0, 1.0, low_open=True), "in (0, 1] (1.0: no nucleus truncation)"),
+            (
+                "top_k",  # vLLM also takes -1 for "off"; transformers' generate refuses it
+                self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= (-1 if self.use_vllm else 0)),
+                "an integer >= 0 (0: no top-k truncation)",
+            ),
+            ("min_p", self.min_p is None or in_range(self.min_p, 0.0, 1.0, low_open=False), "in [0, 1], or unset"),
+            (
+                "repetition_penalty",
+                isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+                "a number > 0 (1.0: no penalty)",
+            ),
+            ("learning_rate", self.learning_rate >= 0, "a number >= 0"),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "an integer in [0, 2**32 - 1]"),
+        )
+        for name, valid, expected in checks:
+            if not valid:
+                raise ValueError(f"GSPOConfig.{name}={getattr(self, name)!r} must be {expected}.")
 
     def _validate_rollout_logprobs_fields(self):
         if self.rollout_logprobs_check_interval < 0:

@@ -17,16 +17,16 @@ entropies) back to the (B, T) completion layout of the padded path, with zeros w
 unpacking reads the results through it.
 
 Which models pack exactly is established by measurement and accepted positively (`packing_support_problem`): an
-allowlist of text-config `model_type`s, each tested (tests/unit/test_packing.py) on a tiny float32 model whose packed
-log-probs (several rows and one row, ragged left-padded prompts, right-padded completions; sdpa, eager and
-flash-attention through transformers' dispatch with reference kernels) are compared with each sequence run alone,
-unpadded. An allowlist rather than a construction-time probe: a probe forward would have to run on sharded (ZeRO-3,
-FSDP) or bf16 models, where it is a collective and its error is swamped by rounding. Measured max |error|, weights at
-std 0.1: allowed types (gemma, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3,
-qwen3_moe; also with sliding windows and linear/llama3/yarn RoPE) 3.5e-7 to 8.8e-7. Refused, measured: models that
-build their mask without position ids (opt 0.90, mpt 1.6, biogpt 0.81, xglm 0.44, bloom 0.21), recurrent/convolution
-layers (jamba 0.28, lfm2 0.42), dynamic RoPE 2e-2; flash-attention over several rows 0.81 (hence one row with it).
-Any other type is refused as not verified.
+allowlist of text-config `model_type`s, read from trl_gspo/packing_models.py, which scripts/sweep_packing_models.py
+writes after measuring every causal-LM type of transformers on a tiny float32 model: packed log-probs (several rows
+and one row, ragged left-padded prompts, right-padded completions; sdpa, eager and flash-attention through
+transformers' dispatch with reference kernels) compared with each sequence run alone, unpadded. Refused types carry
+the measured reason; a type the sweep did not measure is refused as not verified. tests/unit/test_packing.py repeats
+the measurement for every accepted type; docs/PACKING.md has the table and the numbers. An allowlist rather than a
+construction-time probe: a probe forward would have to run on sharded (ZeRO-3, FSDP) or bf16 models, where it is a
+collective and its error is swamped by rounding. Independently of the type, RoPE whose frequencies depend on the
+longest position of a row (dynamic, longrope) and flash-attention over several rows are measured inexact (hence one
+row with flash-attention).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import packing_models
 from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 IGNORE_INDEX = -100
@@ -176,43 +177,26 @@ def unpack_completion_values(packed: PackedBatch, values: torch.Tensor, logits_t
     return torch.where(scored, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-# Exactness is established per model type by measurement, never assumed: for each type below,
-# tests/unit/test_packing.py::test_allowed_model_type_packs_exactly builds a tiny model and checks the packed log-probs
-# (several rows and one row; sdpa, eager and emulated flash-attention) against each sequence run alone, unpadded.
-# The test iterates over this set, so an entry cannot exist without its passing test.
-PACKING_EXACT_MODEL_TYPES = frozenset(
-    {
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "gpt2",
-        "llama",
-        "mistral",
-        "mixtral",
-        "olmoe",
-        "phi3",
-        "qwen2",
-        "qwen2_moe",
-        "qwen3",
-        "qwen3_moe",
-    }
-)
-
-_MASK_WITHOUT_POSITION_IDS = (
-    "builds its attention mask (and its positions) without the position ids, so every packed sequence attends to "
-    "the ones packed before it"
-)
-_RECURRENT_STATE = "has recurrent or convolution layers whose state carries across packed sequence boundaries"
-# Types measured inexact when packed (tests/unit/test_packing.py::test_refused_model_type_is_inexact_when_packed).
+# Exactness is established per model type by measurement, never assumed (module docstring): the registry is written
+# by the sweep, and tests/unit/test_packing.py::test_allowed_model_type_packs_exactly repeats the measurement for each
+# accepted type, so an entry cannot exist without its passing test.
+PACKING_EXACT_MODEL_TYPES = frozenset(packing_models.EXACT)
+# model_type -> why it is refused, with the measured error (as the construction-time refusal states it)
 PACKING_INEXACT_MODEL_TYPES = {
-    "biogpt": _MASK_WITHOUT_POSITION_IDS,
-    "bloom": _MASK_WITHOUT_POSITION_IDS,
-    "mpt": _MASK_WITHOUT_POSITION_IDS,
-    "opt": _MASK_WITHOUT_POSITION_IDS,
-    "xglm": _MASK_WITHOUT_POSITION_IDS,
-    "jamba": _RECURRENT_STATE,
-    "lfm2": _RECURRENT_STATE,
+    model_type: why if error is None else f"{why} (packed log-prob error {error:.2g})"
+    for model_type, (why, error) in packing_models.REFUSED.items()
 }
+
+
+def _unverified_reason(model_type) -> str:
+    not_measured = packing_models.NOT_MEASURED.get(model_type)
+    if not_measured:
+        return f"is not verified to pack exactly (not measured: {not_measured})"
+    return (
+        "is not verified to pack exactly (never measured: the measurement covers the causal-LM types of "
+        f"transformers {packing_models.TRANSFORMERS_VERSION})"
+    )
+
 
 # Attention implementations tested: sdpa and eager take the block-diagonal mask masking_utils builds from packed
 # position ids; flash-attention derives cu_seqlens from the position ids, but only for a batch of ONE row
@@ -246,10 +230,17 @@ def packing_support_problem(model) -> str | None:
         )
     model_type = getattr(config, "model_type", None)
     if model_type not in PACKING_EXACT_MODEL_TYPES:
-        reason = PACKING_INEXACT_MODEL_TYPES.get(
-            model_type, "is not verified to pack exactly (no test of this model type in trl_gspo)"
+        reason = PACKING_INEXACT_MODEL_TYPES.get(model_type) or _unverified_reason(model_type)
+        return (
+            f"model_type={model_type!r} {reason}; the {len(PACKING_EXACT_MODEL_TYPES)} model types measured exact "
+            "are trl_gspo.packing.PACKING_EXACT_MODEL_TYPES (docs/PACKING.md)"
         )
-        return f"model_type={model_type!r} {reason}; supported: {sorted(PACKING_EXACT_MODEL_TYPES)}"
+    return config_packing_problem(config)
+
+
+def config_packing_problem(config) -> str | None:
+    """Why a text config of an accepted model type cannot be packed (attention, layer kinds, RoPE), or None."""
+    model_type = getattr(config, "model_type", None)
     attention = getattr(config, "_attn_implementation", None)
     if attention not in PACKING_ATTENTION_IMPLEMENTATIONS:
         return (

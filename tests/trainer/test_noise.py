@@ -11,6 +11,7 @@ from conftest import completion_length_reward, prompt_dataset, small_config
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from gspo_benchmarks.noise import SOURCES, UNSWITCHABLE_SOURCES, RatioRecordingTrainer, build_model
 from trl_gspo import GSPOTrainer
 from trl_gspo.config import GSPOOnPolicyWarning
 from trl_gspo.noise import find_train_mode_noise
@@ -20,55 +21,13 @@ SCHEDULE = dict(
     steps_per_generation=4, gradient_accumulation_steps=2, learning_rate=0.0, max_completion_length=8, max_steps=1
 )
 FIRST_STEP = "gspo/first_step_outside_clip_band"
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
-
-# source -> (model type, config fields that switch it on, LoRA adapter or None)
-SOURCES = {
-    "attention_dropout": ("qwen2", dict(attention_dropout=0.1), None),
-    "nn_dropout": ("gpt2", dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), None),
-    "config_read_in_forward": ("falcon", dict(hidden_dropout=0.1, attention_dropout=0.1), None),
-    "layerdrop": ("opt", dict(layerdrop=0.5, dropout=0.0, attention_dropout=0.0), None),
-    "router_jitter_noise": ("mixtral", dict(router_jitter_noise=0.1), None),
-    "lora_dropout": ("qwen2", {}, LORA),
-}
-# shape fields for the model types examples/tiny.py does not build
-SHAPES = {
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
-    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False),
-    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
-}
+# the sources docs/NOISE.md measures, each switched off by the default disable_dropout=True
+SWITCHABLE = [source for source in SOURCES if source not in UNSWITCHABLE_SOURCES]
 
 
-class RatioRecordingTrainer(GSPOTrainer):
-    """GSPOTrainer that keeps every s_i of its micro-batches, as the objective computed them."""
-
-    def _log_objective_metrics(self, mode, out, entropies, mask):
-        self.sequence_log_ratios.append(out.seq_log_ratio[out.lengths > 0])
-        super()._log_objective_metrics(mode, out, entropies, mask)
-
-
-def build_model(make_model, tokenizer, model_type, fields):
-    if model_type not in SHAPES:
-        return make_model(model_type, **fields)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        **SHAPES[model_type],
-        **fields,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def build(make_model, tokenizer, tmp_path, source, **overrides):
-    model_type, fields, lora = SOURCES[source]
-    model = build_model(make_model, tokenizer, model_type, fields)
+def build(tokenizer, tmp_path, source, **overrides):
+    _, model_type, fields, lora = SOURCES[source]
+    model = build_model(tokenizer, model_type, fields)
     trainer = RatioRecordingTrainer(
         model=model,
         reward_funcs=completion_length_reward,
@@ -81,14 +40,14 @@ def build(make_model, tokenizer, tmp_path, source, **overrides):
     return trainer
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_every_ratio_is_exactly_one_at_learning_rate_zero(make_model, tokenizer, tmp_path, source):
+@pytest.mark.parametrize("source", SWITCHABLE)
+def test_every_ratio_is_exactly_one_at_learning_rate_zero(tokenizer, tmp_path, source):
     """GSPOConfig's default disable_dropout=True switches every source off: s_i == 1 exactly, nothing outside
     the clip band at the rollout's first step."""
-    model_type, fields, lora = SOURCES[source]
-    model = build_model(make_model, tokenizer, model_type, fields)
+    _, model_type, fields, lora = SOURCES[source]
+    model = build_model(tokenizer, model_type, fields)
     assert find_train_mode_noise(model) or lora, "the source is not on: the test would prove nothing"
-    trainer = build(make_model, tokenizer, tmp_path, source)
+    trainer = build(tokenizer, tmp_path, source)
     if lora:  # an adapter that has moved: with B = 0 the dropout on A's input changes nothing
         with torch.no_grad():
             for name, parameter in trainer.model.named_parameters():
@@ -111,24 +70,22 @@ def test_every_ratio_is_exactly_one_at_learning_rate_zero(make_model, tokenizer,
         ("router_jitter_noise", "model.layers.*.mlp.jitter_noise=0.1 (x2)"),
     ],
 )
-def test_dropout_left_on_with_a_pi_old_pass_is_refused(make_model, tokenizer, tmp_path, source, named):
+def test_dropout_left_on_with_a_pi_old_pass_is_refused(tokenizer, tmp_path, source, named):
     with pytest.raises(
         ValueError, match=r"^GSPOConfig\.disable_dropout=False leaves the model's train-mode randomness on: "
     ) as error:
-        build(make_model, tokenizer, tmp_path, source, disable_dropout=False)
+        build(tokenizer, tmp_path, source, disable_dropout=False)
     assert named in str(error.value)
 
 
-def test_dropout_left_on_is_accepted_where_it_cannot_move_the_ratio(make_model, tokenizer, tmp_path):
+def test_dropout_left_on_is_accepted_where_it_cannot_move_the_ratio(tokenizer, tmp_path):
     """On-policy (the policy pass is its own pi_old), and 'token' (TRL's GRPO, TRL's handling), train as asked."""
     with pytest.warns(GSPOOnPolicyWarning):
-        trainer = build(
-            make_model, tokenizer, tmp_path, "attention_dropout", disable_dropout=False, steps_per_generation=2
-        )
+        trainer = build(tokenizer, tmp_path, "attention_dropout", disable_dropout=False, steps_per_generation=2)
     assert trainer.model.model.layers[0].self_attn.attention_dropout == 0.1
     grpo = dict(importance_sampling_level="token", epsilon=0.2, epsilon_high=0.2, loss_type="dapo")
     for disable_dropout in (False, True):  # True: TRL zeroes nn.Dropout modules only, the attention float stays
-        trainer = build(make_model, tokenizer, tmp_path, "attention_dropout", disable_dropout=disable_dropout, **grpo)
+        trainer = build(tokenizer, tmp_path, "attention_dropout", disable_dropout=disable_dropout, **grpo)
         assert trainer.model.model.layers[0].self_attn.attention_dropout == 0.1
 
 

@@ -80,6 +80,54 @@ def test_refused_at_construction(tmp_path, kwargs, field, expected):
     assert field in message and expected in message
 
 
+@pytest.mark.parametrize(
+    "kwargs, field, expected",
+    [
+        ({"max_completion_length": 0}, "max_completion_length=0", "positive number of tokens"),
+        ({"num_generations": 1}, "num_generations=1", ">= 2"),
+        ({"num_generations": 0}, "num_generations=0", ">= 2"),  # TRL: ZeroDivisionError
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size=0", "positive integer"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0", "positive integer"),
+        ({"steps_per_generation": 0}, "steps_per_generation=0", "positive integer"),
+        ({"generation_batch_size": 0}, "generation_batch_size=0", "positive integer"),
+        ({"temperature": 0.0}, "temperature=0.0", "> 0"),
+        ({"temperature": -1.0}, "temperature=-1.0", "> 0"),
+        ({"top_p": 0.0}, "top_p=0.0", "(0, 1]"),
+        ({"top_p": 1.5}, "top_p=1.5", "(0, 1]"),
+        ({"top_k": -1}, "top_k=-1", ">= 0"),
+        ({"min_p": 2.0}, "min_p=2.0", "[0, 1]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty=0.0", "> 0"),
+        ({"learning_rate": -1e-5}, "learning_rate=-1e-05", ">= 0"),
+        ({"seed": -1}, "seed=-1", "[0, 2**32 - 1]"),
+    ],
+)
+def test_generation_fields_refused_at_construction(tmp_path, kwargs, field, expected):
+    """Values that transformers, torch or TRL refuse only once the model has loaded (or divide by), in their own
+    names (`max_new_tokens`, `batch_size`) or as a ZeroDivisionError: refused here, naming the field."""
+    with pytest.raises(ValueError) as info:
+        make(tmp_path, **kwargs)
+    message = str(info.value)
+    assert f"GSPOConfig.{field} must be" in message and expected in message, message
+
+
+def test_generation_fields_accept_their_off_values(tmp_path):
+    config = make(tmp_path, top_p=1.0, top_k=0, min_p=0.0, learning_rate=0.0, max_completion_length=1)
+    assert (config.top_p, config.top_k, config.min_p, config.learning_rate) == (1.0, 0, 0.0, 0.0)
+    assert make(tmp_path, use_vllm=True, top_k=-1).top_k == -1  # vLLM's "off"
+
+
+def test_default_config_raises_no_deprecation_warning(tmp_path):
+    """GRPOConfig's default sits on transformers 5's deprecated `gradient_checkpointing`; GSPOConfig keeps the
+    default (on) under `activation_checkpointing`, and a value set under either name is honoured."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = make(tmp_path)
+        assert config.activation_checkpointing is True and config.gradient_checkpointing is True
+        assert make(tmp_path, activation_checkpointing=False).activation_checkpointing is False
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):  # the user's own old name
+        assert make(tmp_path, gradient_checkpointing=False).activation_checkpointing is False
+
+
 def test_token_level_vllm_weights_refused_for_plain_gspo(tmp_path):
     # GRPOConfig itself does not import vLLM at construction, so the combination can be checked here
     with pytest.raises(ValueError, match="vllm_importance_sampling_mode='token_mask'"):

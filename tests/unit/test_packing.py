@@ -4,20 +4,27 @@ import pytest
 import torch
 from helpers import ragged_batch, tiny_model
 
+from gspo_benchmarks import packing_sweep
+from gspo_benchmarks.packing_sweep import (
+    COMPLETIONS,
+    EXACT_BUT_CONFIG,
+    PROMPTS,
+    TOLERANCE,
+    packed_error,
+    tiny_causal_lm,
+)
+from trl_gspo import packing_models
 from trl_gspo.packing import (
     IGNORE_INDEX,
     PACKING_EXACT_MODEL_TYPES,
     PACKING_INEXACT_MODEL_TYPES,
     assign_rows,
+    config_packing_problem,
     pack_sequences,
-    packed_logps_and_entropies,
     packing_support_problem,
     packs_into_one_row,
     unpack_completion_values,
 )
-
-PROMPTS = [3, 7, 1, 5, 2, 6]
-COMPLETIONS = [9, 0, 4, 12, 1, 6]
 
 
 def test_assign_rows_respects_the_budget_and_places_every_sequence_once():
@@ -81,7 +88,6 @@ def test_a_hole_in_the_mask_is_refused():
 
 # --- which models pack exactly: measured against each sequence run alone, unpadded ---
 
-TOLERANCE = 1e-5  # float32; exact packing measures 3e-7 to 7e-7 here
 # config features of allowed types that change the attention or the positions, each also measured exact
 WINDOW = 4  # tokens; the ragged batch's sequences are up to 18 long
 FEATURE_VARIANTS = {
@@ -114,49 +120,35 @@ FEATURE_VARIANTS = {
 ATTENTION = ["sdpa", "eager", "flash_attention_2"]
 
 
-def packed_error(model, max_row_tokens=None, one_row=False):
-    """Largest |packed log-prob - log-prob of the sequence run alone, unpadded, eager attention| over the ragged
-    batch's completion tokens; padding must come back exactly zero."""
-    input_ids, attention_mask, completion_width = ragged_batch(PROMPTS, COMPLETIONS, vocab=model.config.vocab_size)
-    attention = model.config._attn_implementation
-    with torch.no_grad():
-        packed, _, _ = packed_logps_and_entropies(
-            model, input_ids, attention_mask, completion_width, max_row_tokens=max_row_tokens, one_row=one_row
-        )
-        model.config._attn_implementation = "eager"
-        error = 0.0
-        for b in range(input_ids.size(0)):
-            real = input_ids[b][attention_mask[b].bool()]
-            alone = torch.log_softmax(model(real[None], use_cache=False).logits.double()[0], -1)
-            prompt_length = len(real) - COMPLETIONS[b]
-            expected = alone[prompt_length - 1 : -1].gather(-1, real[prompt_length:, None])[:, 0]
-            error = max(error, (packed[b, : COMPLETIONS[b]] - expected).abs().max().item() if COMPLETIONS[b] else 0)
-            assert torch.all(packed[b, COMPLETIONS[b] :] == 0)
-        model.config._attn_implementation = attention
-    return error
-
-
 SEVERAL_ROWS = 16  # tokens per row: the ragged batch (lengths 17, 12, 12, 7, 5, 3) then packs into 4 rows
 
 
-def check_packs_exactly(model, flash_calls):
+def check_packs_exactly(model, flash_calls, reference=None):
     """Several rows and one row, with the row layout the trainer uses for this attention implementation."""
     assert packing_support_problem(model) is None
     one_row = packs_into_one_row(model)
     assert one_row == model.config._attn_implementation.startswith("flash")
     for budget in (SEVERAL_ROWS, None):
-        assert packed_error(model, max_row_tokens=budget, one_row=one_row) < TOLERANCE
+        assert packed_error(model, max_row_tokens=budget, one_row=one_row, reference=reference) < TOLERANCE
     if one_row:  # transformers' own dispatch reached the varlen kernel with the sequences' own lengths
         assert flash_calls and all(kind == "varlen" for kind, _ in flash_calls)
         lengths = sorted(p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True))
         assert sorted(flash_calls[0][1]) == lengths
 
 
-@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("model_type", sorted(PACKING_EXACT_MODEL_TYPES))
-def test_allowed_model_type_packs_exactly(model_type, attention, flash_calls):
-    """Every allowlisted type: packed log-probs equal each sequence run alone (the allowlist's evidence)."""
-    check_packs_exactly(tiny_model(model_type, attention), flash_calls)
+def test_allowed_model_type_packs_exactly(model_type, flash_calls):
+    """Every accepted type (the sweep's registry), measured again as the sweep did: packed log-probs equal each
+    sequence run alone, with each attention implementation its class supports."""
+    model = tiny_causal_lm(model_type)
+    assert model.config.model_type == model_type  # the registry keys on the type packing_support_problem reads
+    reference = packing_sweep.alone_logps(model)  # each build below has the same weights (seed 0)
+    for attention in packing_sweep.supported_attentions(model):
+        try:
+            candidate = model if attention == "eager" else tiny_causal_lm(model_type, attention)
+        except ValueError:  # transformers refuses this implementation for this config (e.g. sdpa with softcapping)
+            continue
+        check_packs_exactly(candidate, flash_calls, reference)
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
@@ -180,20 +172,71 @@ def test_flash_attention_across_several_rows_is_inexact(flash_calls):
     assert ("dense", 4) in flash_calls
 
 
-@pytest.mark.parametrize("model_type", sorted(PACKING_INEXACT_MODEL_TYPES))
+def reason_kind(why):
+    """A refusal reason without its per-type details (the error, the config's layer kinds)."""
+    return why.split(" (")[0].split(":")[0]
+
+
+# one refused type per kind of measured inexactness (the first in alphabetical order): refusing is always safe, so CI
+# checks that each kind of reason is real, not every refused type
+MEASURED_INEXACT = {
+    model_type: why for model_type, (why, _) in packing_models.REFUSED.items() if reason_kind(why) != EXACT_BUT_CONFIG
+}
+REFUSED_PER_REASON = sorted(
+    {reason_kind(why): model_type for model_type, why in sorted(MEASURED_INEXACT.items(), reverse=True)}.values()
+)
+
+
+@pytest.mark.parametrize("model_type", REFUSED_PER_REASON)
 def test_refused_model_type_is_inexact_when_packed(model_type):
-    """Each refused type is refused with its reason, and really does pack inexactly (several rows and one row)."""
-    model = tiny_model(model_type)
-    problem = packing_support_problem(model)
+    """A refused type is refused with its reason, and measuring it again gives that reason and an inexact error."""
+    problem = packing_support_problem(tiny_causal_lm(model_type))
     assert problem.startswith(f"model_type={model_type!r} {PACKING_INEXACT_MODEL_TYPES[model_type]}")
-    for budget in (SEVERAL_ROWS, None):
-        assert packed_error(model, max_row_tokens=budget) > TOLERANCE
+    record = packing_sweep.measure(model_type)
+    assert record["status"] == "inexact" and record["reason"] == MEASURED_INEXACT[model_type]
+    assert record["max_error"] is None or record["max_error"] > TOLERANCE
 
 
-def test_unverified_model_type_is_refused():
+def test_exact_type_with_a_refused_default_config_is_refused():
+    """A type measured exact whose default config the layer-kind or RoPE rules refuse is refused by type too, naming
+    that rule (the first such type)."""
+    model_type, (why, error) = next(
+        (t, entry) for t, entry in sorted(packing_models.REFUSED.items()) if entry[0].startswith(EXACT_BUT_CONFIG)
+    )
+    model = tiny_causal_lm(model_type)
+    assert error is None and why.endswith(
+        config_packing_problem(model.config).removeprefix(f"model_type={model_type!r}")
+    )
+    assert packing_support_problem(model).startswith(f"model_type={model_type!r} {why}")
+
+
+def test_refusal_states_the_measured_reason_and_error():
+    """The refusal names the type, why and the error the sweep measured (opt: its mask ignores the position ids)."""
+    why, error = packing_models.REFUSED["opt"]
+    assert why == packing_sweep.MASK_WITHOUT_POSITION_IDS and error > 100 * TOLERANCE
+    problem = packing_support_problem(tiny_model("opt"))
+    assert f"model_type='opt' {why} (packed log-prob error {error:.2g})" in problem
+
+
+def test_unmeasured_model_types_are_refused_as_not_verified():
     model = tiny_model("qwen2")
-    model.config.model_type = "falcon_mamba"
-    assert "model_type='falcon_mamba' is not verified to pack exactly" in packing_support_problem(model)
+    model.config.model_type = "not_a_transformers_type"
+    problem = packing_support_problem(model)
+    assert "model_type='not_a_transformers_type' is not verified to pack exactly (never measured" in problem
+    skipped, reason = sorted(packing_models.NOT_MEASURED.items())[0]
+    model.config.model_type = skipped
+    assert f"is not verified to pack exactly (not measured: {reason})" in packing_support_problem(model)
+
+
+def test_docs_list_the_accepted_model_types():
+    """docs/PERFORMANCE.md's list and docs/PACKING.md's table come from the same registry (the sweep writes all
+    three)."""
+    listed = packing_sweep.TYPE_LIST.search(packing_sweep.LIST_PAGE.read_text())
+    assert set(listed.group(2).replace(",", " ").split()) == PACKING_EXACT_MODEL_TYPES
+    docs = packing_sweep.DOCS.read_text()
+    table = docs[docs.index(packing_sweep.TABLE_START) : docs.index(packing_sweep.TABLE_END)]
+    accepted = {line.split("|")[1].split()[-1].strip("()") for line in table.splitlines() if "| accepted |" in line}
+    assert accepted == PACKING_EXACT_MODEL_TYPES
 
 
 @pytest.mark.parametrize(
