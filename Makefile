@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo docs-figure test lint bench clean vllm-env test-vllm
+.PHONY: install demo docs docs-figure test lint bench clean vllm-env test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# The documentation site into site/ (git-ignored): mkdocs.yml; --strict turns every warning (a broken link, a
+# docstring that does not parse) into an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # The README's figure: the demo's, copied into docs/ (commit it after checking it).
 docs-figure: demo

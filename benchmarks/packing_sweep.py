@@ -23,7 +23,7 @@ sub-configs), and types whose tiny model cannot be built or run here.
 
 Each type runs in a forked child process with a timeout, so one that hangs or crashes is recorded, not fatal.
 `main` writes the registry trl_gspo/packing_models.py (the allowlist and refusal reasons packing.py reads), the
-table of docs/PACKING.md (between its markers) and README.md's list of supported model types.
+table of docs/PACKING.md (between its markers) and docs/PERFORMANCE.md's list of supported model types.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "trl_gspo" / "packing_models.py"
 DOCS = ROOT / "docs" / "PACKING.md"
-README = ROOT / "README.md"
+LIST_PAGE = ROOT / "docs" / "PERFORMANCE.md"  # the padding-free guide: its list of supported model types
 
 TOLERANCE = 1e-5  # float32; the exact types measure 4e-7 to 3.1e-6 (docs/PACKING.md)
 PROMPTS = [3, 7, 1, 5, 2, 6]
@@ -484,11 +484,11 @@ def sweep(types: list[str], timeout: float, log=print) -> list[dict]:
     return records
 
 
-# --- outputs: the registry trl_gspo.packing reads, the table of docs/PACKING.md, the list of README.md ---
+# --- outputs: the registry trl_gspo.packing reads, the table of docs/PACKING.md, the list of docs/PERFORMANCE.md ---
 
 TABLE_START, TABLE_END = "<!-- sweep table: start -->", "<!-- sweep table: end -->"
-# README.md's list of the accepted types: "Supported, by measurement: model types a, b, ..., z;"
-README_LIST = re.compile(r"(Supported, by measurement: model types )([^;]*)(;)")
+# docs/PERFORMANCE.md's list of the accepted types: "Supported, by measurement: model types a, b, ..., z;"
+TYPE_LIST = re.compile(r"(Supported, by measurement: model types )([^;]*)(;)")
 
 
 def registry_source(records: list[dict]) -> str:
@@ -560,12 +560,12 @@ def docs_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def readme_with_list(readme: str, accepted: list[str]) -> str:
-    """README.md with `accepted` as its list of supported model types, the lines holding the list rewrapped."""
-    match = README_LIST.search(readme)
-    line_start = readme.rindex("\n", 0, match.start()) + 1
-    line_end = readme.index("\n", match.end())
-    text = readme[line_start : match.start(2)] + ", ".join(accepted) + readme[match.end(2) : line_end]
+def page_with_list(page: str, accepted: list[str]) -> str:
+    """`page` with `accepted` as its list of supported model types, the lines holding the list rewrapped."""
+    match = TYPE_LIST.search(page)
+    line_start = page.rindex("\n", 0, match.start()) + 1
+    line_end = page.index("\n", match.end())
+    text = page[line_start : match.start(2)] + ", ".join(accepted) + page[match.end(2) : line_end]
     indent = len(text) - len(text.lstrip())
     wrapped = textwrap.fill(
         " ".join(text.split()),
@@ -575,7 +575,7 @@ def readme_with_list(readme: str, accepted: list[str]) -> str:
         break_on_hyphens=False,  # model types such as bert-generation stay whole
         break_long_words=False,
     )
-    return readme[:line_start] + wrapped + readme[line_end:]
+    return page[:line_start] + wrapped + page[line_end:]
 
 
 def write_outputs(records: list[dict], header: str) -> None:
@@ -584,7 +584,7 @@ def write_outputs(records: list[dict], header: str) -> None:
     start, end = docs.index(TABLE_START) + len(TABLE_START), docs.index(TABLE_END)
     DOCS.write_text(f"{docs[:start]}\n{header}\n\n{docs_table(records)}\n{docs[end:]}")
     accepted = sorted({r.get("text_model_type") or r["model_type"] for r in records if r["status"] == "exact"})
-    README.write_text(readme_with_list(README.read_text(), accepted))
+    LIST_PAGE.write_text(page_with_list(LIST_PAGE.read_text(), accepted))
 
 
 def main(argv=None) -> int:
@@ -608,7 +608,7 @@ def main(argv=None) -> int:
     counts = {status: sum(r["status"] == status for r in records) for status in ("exact", "inexact", "not measured")}
     print(f"{len(records)} model types in {wall} s: {counts}")
     if args.types and not args.from_json:
-        return 0  # a partial sweep measures; only the whole one writes the registry, the docs and README.md
+        return 0  # a partial sweep measures; only the whole one writes the registry and the two docs pages
     import transformers
 
     accepted = {r.get("text_model_type") or r["model_type"] for r in records if r["status"] == "exact"}

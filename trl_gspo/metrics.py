@@ -7,8 +7,8 @@ origin "transformers". In evaluation every key is logged with the `eval_` prefix
 names through TRL's `log_metric`.
 
 A registry key is either exact, or a pattern: `{a,b}` stands for each alternative (`gspo/seq_ratio/{min,max}` is two
-keys), `<name>` for any one path segment (a reward function's name). README.md's metric table is
-`markdown_table()`, and tests/unit/test_metric_registry.py checks that the README holds it.
+keys), `<name>` for any one path segment (a reward function's name). The documentation's metrics page
+(docs/reference/metrics.md) is `markdown_table()` of each origin, generated when the site is built.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def keys(origin: str) -> list[str]:
 
 
 def markdown_table(origin: str = GSPO) -> str:
-    """The registry's entries of one origin as a Markdown table (README.md, "Metrics")."""
+    """The registry's entries of one origin as a Markdown table (the documentation's metrics page)."""
     rows = ["| metric | logged | definition |", "|---|---|---|"]
     for metric in METRICS:
         if metric.origin == origin:

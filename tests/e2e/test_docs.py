@@ -1,21 +1,24 @@
-"""Every command shown in README.md and recipes/README.md works as written.
+"""Every command shown in README.md, recipes/README.md and the documentation site's guide pages works as written.
 
-The commands are read from the documents' fenced ```bash blocks (continuation lines joined, comments dropped), so a
-command added to either file later is picked up without touching this test. Each command is either
+The documents are README.md, recipes/README.md and every page of the site (mkdocs.yml's nav, read from its
+repository file). The commands are read from their fenced ```bash blocks (continuation lines joined, comments
+dropped), so a command or a page added later is picked up without touching this test. Each command is either
 
 - run, in document order, in a scratch folder that links to the checkout's files (so `runs/` and `.cache/` land in
   the scratch folder and a later command, e.g. plot_run, finds what an earlier one wrote), with cut-down steps from
   CUT_DOWN appended (the command line wins over the recipe); `accelerate launch` gets a free port
   (`--main_process_port 0`) so that parallel tests do not collide; or
-- listed in SKIPPED with the reason it cannot run here (GPU, hub model, or a command that runs this suite or the
-  full demo, which have their own tests).
+- listed in SKIPPED with the reason it cannot run here (GPU, hub model, a command that runs this suite, builds an
+  environment, or takes minutes, such as the full demo and the measurement scripts: each names where it is tested).
 
 A command that is neither, or that fails, fails the test, naming the command. An indented (unfenced) command in
-either document also fails, so that no command escapes the parser.
+any document also fails, so that no command escapes the parser. The Python blocks are complete programs that run as
+written (the README's first is scripts/quickstart.py's snippet, checked against it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -25,9 +28,33 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCUMENTS = ("README.md", "recipes/README.md")
+
+
+def site_hooks():
+    """docs/hooks.py, the site's page generator (a file of the site, not a package)."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def site_documents() -> list[str]:
+    """The repository files of the site's pages, in nav order: docs/<page>, or the file docs/hooks.py serves it from."""
+    served_from = {page: repository_file for repository_file, page in site_hooks().PAGES_FROM_REPOSITORY.items()}
+
+    def pages(nav):
+        for entry in nav:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            yield from pages(value) if isinstance(value, list) else [value]
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    return [served_from.get(page, f"docs/{page}") for page in pages(nav)]
+
+
+DOCUMENTS = tuple(dict.fromkeys(["README.md", "recipes/README.md", *site_documents()]))
 FENCE_OPEN = re.compile(r"^```(bash|sh|shell|console)\s*$")
 COMMAND_WORDS = ("python", "accelerate", "make", "pip", "torchrun", "deepspeed", "trl-gspo-train")
 
@@ -35,6 +62,31 @@ COMMAND_WORDS = ("python", "accelerate", "make", "pip", "torchrun", "deepspeed",
 SKIPPED = [
     (r"^make demo$", "the full 1000-step demo (minutes); its quick form runs in tests/e2e/test_demo.py"),
     (r"^make test$", "runs this suite"),
+    (r"^make install$", "builds .venv, the environment this suite runs in"),
+    (r"^source \.venv/bin/activate$", "activates .venv, which this suite already runs in"),
+    (r"^make test-vllm$", "runs the vLLM tests in .venv-vllm (.ci/run runs it after make test)"),
+    (r"^make vllm-env$", "builds .venv-vllm (3.8 GB); make test-vllm builds it in CI"),
+    (
+        r"gspo_benchmarks\.vllm_mismatch",
+        "a vLLM measurement in .venv-vllm (minutes); its quick form is tests/e2e/test_vllm_mismatch_benchmark.py",
+    ),
+    (
+        r"scripts/measure_precision\.py",
+        "a precision measurement (minutes); its quick form is tests/e2e/test_precision.py",
+    ),
+    (
+        r"scripts/moe_experiment\.py",
+        "the MoE experiment (minutes per seed); its quick form is tests/e2e/test_moe_experiment.py",
+    ),
+    (
+        r"scripts/benchmark\.py",
+        "a benchmark against GRPOTrainer (minutes); its quick form is tests/e2e/test_benchmark.py",
+    ),
+    (r"^python -m pytest ", "runs part of this suite"),
+    (
+        r"benchmarks/gpu_check\.sh",
+        "the GPU check needs an NVIDIA GPU (--prepare: the package index); its CPU mode is tests/e2e/test_gpu_check.py",
+    ),
     (
         r"^make docs-figure$",
         "runs the full demo to redraw docs/demo_training_curves.png (demo: tests/e2e/test_demo.py)",
@@ -90,6 +142,8 @@ def runnable_argv(command: str) -> list[str]:
         argv = [sys.executable, *tokens[1:]]
     elif tokens[:2] == ["accelerate", "launch"]:
         argv = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", *tokens[2:]]
+    elif tokens == ["make", "docs"]:  # the Makefile's recipe, in this interpreter: the site into the scratch folder
+        argv = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", "site"]
     else:
         raise AssertionError(
             f"documented command {command!r} is neither run nor skipped: add it to SKIPPED in tests/e2e/test_docs.py "
@@ -113,9 +167,11 @@ def sandbox(tmp_path: Path) -> Path:
 
 
 def test_documents_have_commands_and_no_unfenced_ones():
+    assert {"README.md", "recipes/README.md", "BENCHMARKS.md", "docs/MOE.md"} <= set(DOCUMENTS), DOCUMENTS
     for document in DOCUMENTS:
         text = (ROOT / document).read_text()
-        assert fenced_commands(text), f"{document} shows no fenced bash command"
+        if document in ("README.md", "recipes/README.md"):
+            assert fenced_commands(text), f"{document} shows no fenced bash command"
         assert unfenced_commands(text) == [], f"{document}: put these commands in a ```bash block"
 
 
@@ -134,8 +190,18 @@ def test_parser_reads_continuations_and_comments():
         runnable_argv("make lint")
 
 
+# (pattern searched in a Python block, why it is not run)
+PYTHON_SKIPPED = [
+    (r"output_router_logits=True, pad_token_id=0", "reproduces a transformers crash (docs/MOE.md, section 1)"),
+]
+
+
+def python_blocks(document: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / document).read_text(), flags=re.S | re.M)
+
+
 def readme_python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    return python_blocks("README.md")
 
 
 def test_readme_python_snippet_is_the_quickstart_script():
@@ -147,17 +213,19 @@ def test_readme_python_snippet_is_the_quickstart_script():
 
 
 @pytest.mark.slow
-def test_readme_other_python_blocks_run(tmp_path):
-    """Every later Python block of the README is a complete program: it runs as written, in a scratch folder."""
-    blocks = readme_python_blocks()[1:]
-    assert blocks, "the README has no Python block besides the quickstart"
+def test_other_python_blocks_run(tmp_path):
+    """Every other Python block of the documents (the README's later ones, the guides') is a complete program: it
+    runs as written, in a scratch folder."""
+    blocks = readme_python_blocks()[1:] + [block for d in DOCUMENTS if d != "README.md" for block in python_blocks(d)]
+    blocks = [block for block in blocks if not any(re.search(pattern, block) for pattern, _ in PYTHON_SKIPPED)]
+    assert any("sequence_token" in block for block in blocks), "the token-rewards example (docs/REWARDS.md) is gone"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     for block in blocks:
         result = subprocess.run(
             [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
         )
-        assert result.returncode == 0, f"README Python block failed:\n{block[:300]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"documented Python block failed:\n{block[:300]}\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.slow
@@ -191,6 +259,27 @@ def test_documented_commands_run(document, tmp_path):
         assert (cwd / "runs" / "tiny" / "sort_digits" / "training_curves.png").is_file()
     if document == "README.md":
         assert any("scripts/quickstart.py" in c for c in ran), ran
+        assert (cwd / "site" / "index.html").is_file(), "make docs wrote no site/index.html"
+
+
+def test_site_pages_link_like_the_repository_files():
+    """docs/hooks.py: a link means on the site what it means in the repository (a page, a file's path in code, or,
+    for no file at all, the link as written, which mkdocs --strict reports); GSPOConfig's own fields are all listed."""
+    hooks = site_hooks()
+    readme = "[a](docs/NOISE.md#x) [b](recipes/README.md) [c](scripts/quickstart.py) [d](docs/NOPE.md) ![f](docs/demo_training_curves.png)"
+    assert hooks.rewrite_links(readme, "README.md", "index.md") == (
+        "[a](NOISE.md#x) [b](recipes.md) c (`scripts/quickstart.py`) [d](docs/NOPE.md) ![f](demo_training_curves.png)"
+    )
+    guide = "[r](../../recipes/README.md) [h](../../README.md) [s](../recipes.md) [m](../../BENCHMARKS.md)"
+    assert hooks.rewrite_links(guide, "docs/reference/cli.md", "reference/cli.md") == (
+        "[r](../recipes.md) [h](../index.md) [s](../recipes.md) [m](../benchmarks.md)"
+    )
+    from trl_gspo import GSPOConfig
+
+    table = hooks.generated_markdown("<!-- generated: config fields -->")
+    assert [row.split("`")[1] for row in table.splitlines()[2:]] == list(GSPOConfig.__annotations__)
+    with pytest.raises(ValueError, match="expected one of"):
+        hooks.generated_markdown("<!-- generated: nothing -->")
 
 
 # Phrases that describe how a measurement was organised rather than what a user runs: a user cannot act on them.

@@ -1,5 +1,6 @@
-"""trl_gspo/metrics.py: its patterns, TRL's own keys, and README.md's metric table, which is the registry rendered."""
+"""trl_gspo/metrics.py: its patterns, TRL's own keys, and the documentation's metrics page, the registry rendered."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -7,22 +8,29 @@ import trl.trainer.grpo_trainer
 
 from trl_gspo import metrics as names
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-TABLE = re.compile(
-    r"<!-- generated from trl_gspo/metrics.py[^\n]*-->\n(.*?)\n<!-- end of the generated table -->", re.S
-)
+ROOT = Path(__file__).resolve().parents[2]
+METRICS_PAGE = ROOT / "docs" / "reference" / "metrics.md"
 
 
-def test_readme_metric_table_is_the_registry():
-    """README.md lists exactly the registry's keys of GSPO's own, with the registry's definitions."""
-    found = TABLE.findall(README.read_text())
-    assert len(found) == 1, "README.md must hold one generated metric table between its two markers"
-    assert found[0] == names.markdown_table(), (
-        "README.md's metric table differs from trl_gspo/metrics.py: paste the output of "
-        '`python -c "from trl_gspo.metrics import markdown_table; print(markdown_table())"`'
-    )
-    listed = re.findall(r"^\| `([^`]+)` \|", found[0], re.M)
-    assert [key for pattern in listed for key in names.expand(pattern)] == names.keys(names.GSPO)
+def docs_hooks():
+    """docs/hooks.py, the site's page generator (a file of the site, not a package)."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_metrics_page_is_the_registry():
+    """The site's metrics page shows, for each origin, exactly the registry's keys with the registry's definitions
+    (generated at build time), and the README links to it."""
+    page = docs_hooks().generated_markdown(METRICS_PAGE.read_text())
+    for origin in (names.GSPO, names.TRL, names.TRANSFORMERS):
+        assert page.count(names.markdown_table(origin)) == 1, f"docs/reference/metrics.md lacks the {origin} table"
+    listed = re.findall(r"^\| `([^`]+)` \|", page, re.M)
+    assert [key for pattern in listed for key in names.expand(pattern)] == [
+        key for origin in (names.GSPO, names.TRL, names.TRANSFORMERS) for key in names.keys(origin)
+    ]
+    assert "](docs/reference/metrics.md)" in (ROOT / "README.md").read_text(), "the README must link the metrics page"
 
 
 def test_registry_entries_render_as_table_cells():
