@@ -209,14 +209,14 @@ def supported_attentions(model) -> list[str]:
     return [attention for attention in ATTENTIONS if flags[attention]]
 
 
-def ragged_batch(vocab: int, seed: int = 0):
-    """PROMPTS/COMPLETIONS laid out as GRPOTrainer does: left-padded prompts, right-padded completions (pad id 0)."""
+def ragged_batch(prompt_lengths=PROMPTS, completion_lengths=COMPLETIONS, vocab: int = 40, seed: int = 0):
+    """A batch laid out as GRPOTrainer does: left-padded prompts, right-padded completions (pad id 0)."""
     generator = torch.Generator().manual_seed(seed)
-    batch, prompt_width, completion_width = len(PROMPTS), max(PROMPTS), max(COMPLETIONS)
+    batch, prompt_width, completion_width = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
     prompt_ids = torch.randint(3, vocab, (batch, prompt_width), generator=generator)
     completion_ids = torch.randint(3, vocab, (batch, completion_width), generator=generator)
-    prompt_mask = torch.arange(prompt_width).flip(0)[None, :] < torch.tensor(PROMPTS)[:, None]
-    completion_mask = torch.arange(completion_width)[None, :] < torch.tensor(COMPLETIONS)[:, None]
+    prompt_mask = torch.arange(prompt_width).flip(0)[None, :] < torch.tensor(prompt_lengths)[:, None]
+    completion_mask = torch.arange(completion_width)[None, :] < torch.tensor(completion_lengths)[:, None]
     input_ids = torch.cat([prompt_ids * prompt_mask, completion_ids * completion_mask], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
     return input_ids, attention_mask, completion_width
@@ -225,7 +225,7 @@ def ragged_batch(vocab: int, seed: int = 0):
 def alone_logps(model) -> list[torch.Tensor]:
     """Per sequence of the ragged batch, the float64 log-probs of its completion tokens when it runs alone, unpadded,
     with eager attention: the reference a packed pass must reproduce."""
-    input_ids, attention_mask, _ = ragged_batch(model.config.get_text_config().vocab_size)
+    input_ids, attention_mask, _ = ragged_batch(vocab=model.config.get_text_config().vocab_size)
     attention = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     reference = []
@@ -245,7 +245,7 @@ def packed_error(model, max_row_tokens=None, one_row=False, reference=None) -> f
     from trl_gspo.packing import packed_logps_and_entropies
 
     reference = alone_logps(model) if reference is None else reference
-    input_ids, attention_mask, completion_width = ragged_batch(model.config.get_text_config().vocab_size)
+    input_ids, attention_mask, completion_width = ragged_batch(vocab=model.config.get_text_config().vocab_size)
     with torch.no_grad():
         packed, _, _ = packed_logps_and_entropies(
             model, input_ids, attention_mask, completion_width, max_row_tokens=max_row_tokens, one_row=one_row

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer import add_fused_lm_head
 
+from gspo_benchmarks.packing_sweep import ragged_batch  # noqa: F401 - the tests' padded batch builder
 from trl_gspo.objective import DEFAULT_LOG_RATIO_BOUND
 
 
@@ -111,19 +112,6 @@ def reference_clip_flags(level, logp, old, adv, mask, eps_low, eps_high, seq_wei
 
 
 # --- tiny models and batches (padding-free tests) ---
-
-
-def ragged_batch(prompt_lengths, completion_lengths, vocab=40, seed=0):
-    """A batch laid out as GRPOTrainer does: left-padded prompts, right-padded completions (pad id 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    batch, prompt_width, completion_width = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
-    prompt_ids = torch.randint(3, vocab, (batch, prompt_width), generator=generator)
-    completion_ids = torch.randint(3, vocab, (batch, completion_width), generator=generator)
-    prompt_mask = torch.arange(prompt_width).flip(0)[None, :] < torch.tensor(prompt_lengths)[:, None]
-    completion_mask = torch.arange(completion_width)[None, :] < torch.tensor(completion_lengths)[:, None]
-    input_ids = torch.cat([prompt_ids * prompt_mask, completion_ids * completion_mask], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    return input_ids, attention_mask, completion_width
 
 
 TINY_SHAPE = dict(
