@@ -96,6 +96,9 @@ def default_bf16(use_cpu: bool) -> bool:
 
 # GRPOConfig's default for activation checkpointing, which it sets under the deprecated name gradient_checkpointing
 GRPO_ACTIVATION_CHECKPOINTING = next(f.default for f in fields(GRPOConfig) if f.name == "gradient_checkpointing")
+# newer transformers 5 releases (5.25 here) name the field activation_checkpointing; older ones (5.17, as in the vLLM
+# environment) have only the old name, which is not deprecated there
+HAS_ACTIVATION_CHECKPOINTING = any(f.name == "activation_checkpointing" for f in fields(GRPOConfig))
 
 
 class GSPOOnPolicyWarning(UserWarning):
@@ -290,8 +293,9 @@ class GSPOConfig(GRPOConfig):
             "(`trl vllm-serve --dtype`)."
         },
     )
-    # GRPOConfig's default (True) sits on transformers 5's deprecated name, which then warns on every config: unset
-    # here, and the same default goes to `activation_checkpointing`. Setting the old name still works (and warns).
+    # GRPOConfig's default (True) sits on newer transformers' deprecated name, which then warns on every config:
+    # unset here, and the same default goes to `activation_checkpointing` (to this field on older transformers, where
+    # it is the only name). Setting the old name still works (and warns where it is deprecated).
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Deprecated name of activation_checkpointing (transformers 5); set that one instead."},
@@ -301,8 +305,11 @@ class GSPOConfig(GRPOConfig):
         if self.bf16 is None and not self.fp16:  # GRPOConfig would pick bf16 even where the hardware has none
             self.bf16 = default_bf16(self.use_cpu)
         self._resolve_clip_range()
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = GRPO_ACTIVATION_CHECKPOINTING
+        if self.gradient_checkpointing is None:
+            if not HAS_ACTIVATION_CHECKPOINTING:
+                self.gradient_checkpointing = GRPO_ACTIVATION_CHECKPOINTING
+            elif self.activation_checkpointing is None:
+                self.activation_checkpointing = GRPO_ACTIVATION_CHECKPOINTING
         self._validate_generation_fields()
         self._validate_gspo_fields()
         self._validate_padding_free_fields()
