@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
 from peft import LoraConfig
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from gspo_benchmarks.noise import SOURCES, UNSWITCHABLE_SOURCES, RatioRecordingTrainer, build_model
 from trl_gspo import GSPOTrainer
@@ -91,25 +90,11 @@ def test_dropout_left_on_is_accepted_where_it_cannot_move_the_ratio(tokenizer, t
 
 def test_randomness_no_setting_switches_off_is_refused(tokenizer, tmp_path):
     """PhiMoE's router samples its experts in train mode whatever its settings: refused with a pi_old pass."""
-    config = AutoConfig.for_model(
-        "phimoe",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
     with pytest.raises(
         ValueError, match=r"whatever its settings: .*model\.layers\.\*\.mlp\.router \(PhiMoE's router Gumbel-samples"
     ):
         GSPOTrainer(
-            model=AutoModelForCausalLM.from_config(config),
+            model=build_model(tokenizer, "phimoe", {}),
             reward_funcs=completion_length_reward,
             args=small_config(tmp_path, **SCHEDULE),
             train_dataset=prompt_dataset(n=64),
