@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -110,54 +111,47 @@ def _unswitchable_reason(module: nn.Module) -> str | None:
     return None
 
 
-def find_train_mode_noise(model: nn.Module) -> list[NoiseSource]:
-    """Every source of train-mode randomness still active in `model` (module docstring), in module order."""
-    sources = []
+def _active_sources(model: nn.Module):
+    """(source, switch_off) for every active source of train-mode randomness in `model`, in module order, then its
+    configs; switch_off is None for the UNSWITCHABLE ones. The one walk both public functions below read."""
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         reason = _unswitchable_reason(module)
         if reason is not None:
-            sources.append(NoiseSource(path or type(module).__name__, reason, switchable=False))
+            yield NoiseSource(path or type(module).__name__, reason, switchable=False), None
         if isinstance(module, DROPOUT_MODULES) or type(module).__name__ == MULTIPLICATIVE_DROPOUT_CLASS:
             if _is_active(getattr(module, "p", 0)):
-                sources.append(NoiseSource(path, f"{type(module).__name__}(p={module.p})"))
+                yield NoiseSource(path, f"{type(module).__name__}(p={module.p})"), partial(setattr, module, "p", 0.0)
         attributes = vars(module)
-        for name in NOISE_ATTRIBUTES:
+        for name, off in NOISE_ATTRIBUTES.items():
             if _is_active(attributes.get(name)):
-                sources.append(NoiseSource(prefix + name, str(attributes[name])))
+                yield NoiseSource(prefix + name, str(attributes[name])), partial(setattr, module, name, off)
         for name in ADAPTER_NOISE_DICTS:
             per_adapter = attributes.get(name)
             if isinstance(per_adapter, dict):
                 for adapter, value in per_adapter.items():
                     if _is_active(value):
-                        sources.append(NoiseSource(f"{prefix}{name}[{adapter!r}]", str(value)))
+                        source = NoiseSource(f"{prefix}{name}[{adapter!r}]", str(value))
+                        yield source, partial(per_adapter.__setitem__, adapter, 0.0)
     for config in _configs(model):
         for name in CONFIG_NOISE_FIELDS:
             if _is_active(getattr(config, name, None)):
-                sources.append(NoiseSource(f"{type(config).__name__}.{name}", str(getattr(config, name))))
-    return sources
+                yield (
+                    NoiseSource(f"{type(config).__name__}.{name}", str(getattr(config, name))),
+                    partial(setattr, config, name, 0.0),
+                )
+
+
+def find_train_mode_noise(model: nn.Module) -> list[NoiseSource]:
+    """Every source of train-mode randomness still active in `model` (module docstring), in module order."""
+    return [source for source, _ in _active_sources(model)]
 
 
 def switch_off_train_mode_noise(model: nn.Module) -> None:
     """Switch off every switchable source of `find_train_mode_noise` in place (the UNSWITCHABLE ones stay)."""
-    for module in model.modules():
-        if isinstance(module, DROPOUT_MODULES) or type(module).__name__ == MULTIPLICATIVE_DROPOUT_CLASS:
-            if _is_active(getattr(module, "p", 0)):
-                module.p = 0.0
-        attributes = vars(module)
-        for name, off in NOISE_ATTRIBUTES.items():
-            if _is_active(attributes.get(name)):
-                setattr(module, name, off)
-        for name in ADAPTER_NOISE_DICTS:
-            per_adapter = attributes.get(name)
-            if isinstance(per_adapter, dict):
-                for adapter, value in per_adapter.items():
-                    if _is_active(value):
-                        per_adapter[adapter] = 0.0
-    for config in _configs(model):
-        for name in CONFIG_NOISE_FIELDS:
-            if _is_active(getattr(config, name, None)):
-                setattr(config, name, 0.0)
+    for _, switch_off in list(_active_sources(model)):  # listed first: switching off changes what the walk sees
+        if switch_off is not None:
+            switch_off()
 
 
 def describe_sources(sources: list[NoiseSource]) -> str:
