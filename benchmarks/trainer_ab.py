@@ -360,7 +360,7 @@ def record_pass_masks(trainer):
     """
     masks = []
     # GSPOTrainer runs every pass through its forward backend (TRL's method only sees the rollout's deferred passes)
-    name = "_forward" if hasattr(trainer, "_forward") else "_get_per_token_logps_and_entropies"
+    name = "forward" if hasattr(trainer, "forward") else "_get_per_token_logps_and_entropies"
     inner = getattr(trainer, name)
 
     def recording(model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
@@ -530,7 +530,7 @@ def run_in_process_ab(spec):
     leaf = logps.detach().float().clone().requires_grad_(True)
     for trainer in trainers.values():
         # GSPOTrainer's passes go through its forward backend, GRPOTrainer's through its log-prob method
-        forward = "_forward" if hasattr(trainer, "_forward") else "_get_per_token_logps_and_entropies"
+        forward = "forward" if hasattr(trainer, "forward") else "_get_per_token_logps_and_entropies"
         setattr(trainer, forward, lambda *a, **k: (leaf * 1.0, entropies, None))
 
     def tail(name):

@@ -126,14 +126,21 @@ def length_normalized_is_weight(
     """
     diff = torch.nan_to_num(masked_token_diff(old_per_token_logps, sampling_per_token_logps, mask), nan=0.0)
     lengths = mask.sum(-1).float().clamp(min=1.0)
+    if mode not in ("sequence_truncate", "sequence_mask"):
+        raise ValueError(
+            f"length_normalized_is_weight: mode must be 'sequence_truncate' or 'sequence_mask', got {mode!r}"
+        )
     weight = torch.exp((diff.sum(-1) / lengths).clamp(-log_ratio_bound, log_ratio_bound)).detach()
-    if mode == "sequence_truncate":
-        return weight.clamp(min=clip_min, max=clip_max)
-    if mode == "sequence_mask":
-        low = -float("inf") if clip_min is None else clip_min
-        high = float("inf") if clip_max is None else clip_max
-        return weight.masked_fill((weight < low) | (weight > high), 0.0)
-    raise ValueError(f"length_normalized_is_weight: mode must be 'sequence_truncate' or 'sequence_mask', got {mode!r}")
+    return _bounded(weight, mode, clip_min, clip_max)
+
+
+def _bounded(weights: torch.Tensor, mode: str, clip_min: float | None, clip_max: float | None) -> torch.Tensor:
+    """Importance weights clamped into [clip_min, clip_max] ("*_truncate") or zeroed outside it ("*_mask")."""
+    if mode.endswith("_truncate"):
+        return weights.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return weights.masked_fill((weights < low) | (weights > high), 0.0)
 
 
 def engine_importance_weights(
@@ -160,12 +167,7 @@ def engine_importance_weights(
         )
         return weights.unsqueeze(1)
     diff = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * mask, nan=0.0)
-    weights = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence_mode else diff)
-    if mode.endswith("_truncate"):
-        return weights.clamp(min=clip_min, max=clip_max)
-    low = -math.inf if clip_min is None else clip_min
-    high = math.inf if clip_max is None else clip_max
-    return weights.masked_fill((weights < low) | (weights > high), 0.0)
+    return _bounded(torch.exp(diff.sum(dim=-1, keepdim=True) if sequence_mode else diff), mode, clip_min, clip_max)
 
 
 def _clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high):

@@ -355,6 +355,39 @@ def packed_logps_and_entropies(
     return logps, entropies, aux_loss
 
 
+class PaddedForward:
+    """The default forward backend: GRPOTrainer's own padded log-prob pass (`trl_pass`, its bound
+    `_get_per_token_logps_and_entropies`), with the routing's `around_forward` given the padded layout (the routed
+    passes are one chunk)."""
+
+    def __init__(self, trl_pass):
+        self.trl_pass = trl_pass
+
+    def __call__(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size,
+        compute_entropy,
+        compute_aux_loss,
+        around_forward=None,
+        **model_inputs,
+    ):
+        with around_forward(PaddedLayout(attention_mask)) if around_forward is not None else nullcontext():
+            return self.trl_pass(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+
+
 class PackedForward:
     """The forward backend of `padding_free=True`: every log-prob pass (policy, pi_old, reference) on packed rows,
     with the (B, T) outputs of the padded pass.

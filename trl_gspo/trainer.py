@@ -21,7 +21,7 @@ order a step runs them:
 The features are objects chosen at construction from the config, each in its module, called only from here:
     self.pi_old    where pi_old comes from (trl_gspo/pi_old.py): recomputed per micro-batch, the rollout's
                    log-probs, or None when every step is on-policy (pi_old is then the detached current log-probs)
-    self.forward   the forward backend: PackedForward (trl_gspo/packing.py) or None, TRL's padded pass
+    self.forward   the forward backend (trl_gspo/packing.py): PackedForward, or PaddedForward (TRL's padded pass)
     self.routing   MoE routing (trl_gspo/moe.py): drift metric, R2 or R3 replay; None for a dense model
     self.rewards   token rewards and reward checks (trl_gspo/token_rewards.py)
 and at construction the vLLM set-up checks (trl_gspo/vllm_checks.py) and the switch-off of train-mode randomness
@@ -66,7 +66,7 @@ from .objective import (
     objective_metrics,
     outside_clip_band_counts,
 )
-from .packing import PackedForward, PaddedLayout
+from .packing import PackedForward, PaddedForward
 from .pi_old import RecomputedPiOld, RolloutLogprobsPiOld
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import SampledTokenLogProbs, recording_generate
@@ -132,12 +132,13 @@ class GSPOTrainer(GRPOTrainer):
             self.pi_old = RolloutLogprobsPiOld(self.args.rollout_logprobs_check_interval)
         else:
             self.pi_old = RecomputedPiOld()
-        self.forward = None
         if self.args.padding_free:
             models = {"model": unwrap(self.model)}
             if self.ref_model is not None:
                 models["ref_model"] = unwrap(self.ref_model)
             self.forward = PackedForward(models, self.args.padding_free_row_tokens, self.accelerator.autocast)
+        else:
+            self.forward = PaddedForward(super()._get_per_token_logps_and_entropies)
         self.routing = moe_routing(
             unwrap(self.model), self.args, self.tools, self.rollout_func, self.pad_to_multiple_of
         )
@@ -370,7 +371,7 @@ class GSPOTrainer(GRPOTrainer):
         if self._in_rollout:
             return torch.full((input_ids.size(0), logits_to_keep), math.nan, device=input_ids.device), None, None
         around_forward = self.routing.policy_pass(self._loss_batch) if self.routing is not None else None
-        return self._forward(
+        return self.forward(
             model,
             input_ids,
             attention_mask,
@@ -386,7 +387,7 @@ class GSPOTrainer(GRPOTrainer):
         """(log-probs, entropies, aux loss) of micro-batch `batch` under `model`, in one chunk: GRPOTrainer's
         `_compute_loss` call, which every pass of the core makes so that pi_old and the policy see the same rows."""
         completion_ids = batch["completion_ids"]
-        return self._forward(
+        return self.forward(
             model,
             torch.cat([batch["prompt_ids"], completion_ids], dim=1),
             torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
@@ -397,44 +398,6 @@ class GSPOTrainer(GRPOTrainer):
             around_forward,
             **{key: batch.get(key) for key in MODEL_INPUT_KEYS},
         )
-
-    def _forward(
-        self,
-        model,
-        input_ids,
-        attention_mask,
-        logits_to_keep,
-        batch_size,
-        compute_entropy,
-        compute_aux_loss,
-        around_forward,
-        **model_inputs,
-    ):
-        """The forward backend: packed rows (`self.forward`) or TRL's padded pass. `around_forward(layout)`, from the
-        routing, wraps the model call (one chunk: the routed passes are never chunked)."""
-        if self.forward is not None:
-            return self.forward(
-                model,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                batch_size,
-                compute_entropy,
-                compute_aux_loss,
-                around_forward,
-                **model_inputs,
-            )
-        with around_forward(PaddedLayout(attention_mask)) if around_forward is not None else nullcontext():
-            return super()._get_per_token_logps_and_entropies(
-                model,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                batch_size,
-                compute_entropy,
-                compute_aux_loss,
-                **model_inputs,
-            )
 
     # --- 4. the loss ------------------------------------------------------------------------------------------------
 

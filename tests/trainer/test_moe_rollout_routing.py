@@ -214,6 +214,24 @@ def training_forwards(trainer):
     return forwards
 
 
+def rows_using_the_rollout_experts(trainer, forwards) -> int:
+    """Assert that every row of every training forward handed each router's experts the ones generation chose for
+    that row (matched by token content) at every position generation routed; returns the number of rows checked."""
+    checked = 0
+    for forward in forwards:
+        used = torch.stack([forward["used"][layer] for layer in sorted(forward["used"])], dim=1)
+        used = used.view(*forward["input_ids"].shape, *used.shape[1:])  # (B, L, layers, k)
+        for row, (ids, mask) in enumerate(zip(forward["input_ids"], forward["attention_mask"].bool(), strict=True)):
+            start = int(mask.int().argmax())  # the row's first real token (left-padded prompt)
+            candidates = trainer.rollout_records[tuple(ids[mask].tolist())]
+            assert any(
+                torch.equal(used[row, start : start + record.experts.size(0)], record.experts.long())
+                for record in candidates
+            )
+            checked += 1
+    return checked
+
+
 def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp_path, tokenizer):
     """steps_per_generation 4 > gradient accumulation 2, lr > 0: every pi_old and policy forward of the rollout
     hands each router's experts the ones generation chose, row by row (matched by token content, so a wrong row
@@ -233,20 +251,11 @@ def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 
-    checked = 0
-    for forward in forwards:
-        used = torch.stack([forward["used"][layer] for layer in sorted(forward["used"])], dim=1)
-        used = used.view(*forward["input_ids"].shape, *used.shape[1:])  # (B, L, layers, k)
-        for row, (ids, mask) in enumerate(zip(forward["input_ids"], forward["attention_mask"].bool(), strict=True)):
-            start = int(mask.int().argmax())  # the row's first real token (left-padded prompt)
-            candidates = trainer.rollout_records[tuple(ids[mask].tolist())]
-            assert any(
-                torch.equal(used[row, start : start + record.experts.size(0)], record.experts.long())
-                for record in candidates
-            )
-            checked += 1
     # one rollout of 16 rows: 16 pi_old rows (4 micro-batches) and 4 policy passes of 4 rows
-    assert checked == 32 and [f["policy"] for f in forwards] == [False] * 4 + [True] * 4
+    assert (
+        rows_using_the_rollout_experts(trainer, forwards) == 32
+        and [f["policy"] for f in forwards] == [False] * 4 + [True] * 4
+    )
     # the perturbation made the trainer's own routing differ from the rollout's: replay had something to undo
     assert logs[0]["moe/rollout_routing_mismatch/token_layer"] > 0.05
     assert all(0 < entry["moe/routing_drift/token_layer"] for entry in logs[1:])  # the router moved; replay held
@@ -268,13 +277,7 @@ def test_on_policy_r3_replays_the_rollout_experts_in_every_policy_forward(tmp_pa
     forwards = training_forwards(trainer)
     trainer.train()
     assert [f["policy"] for f in forwards] == [True] * 4  # two rollouts of 8 rows, 4 micro-steps, no pi_old pass
-    for forward in forwards:
-        used = torch.stack([forward["used"][layer] for layer in sorted(forward["used"])], dim=1)
-        used = used.view(*forward["input_ids"].shape, *used.shape[1:])
-        for row, (ids, mask) in enumerate(zip(forward["input_ids"], forward["attention_mask"].bool(), strict=True)):
-            start = int(mask.int().argmax())
-            (record,) = trainer.rollout_records[tuple(ids[mask].tolist())]
-            assert torch.equal(used[row, start : start + record.experts.size(0)], record.experts.long())
+    assert rows_using_the_rollout_experts(trainer, forwards) == 16
 
 
 def test_policy_pass_routes_itself_where_generation_routed_nothing(tmp_path, tokenizer):

@@ -3,15 +3,17 @@
 import math
 import re
 import types
+from functools import partial
 
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
 from helpers import ragged_batch, tiny_model
+from trl import GRPOTrainer
 
 import trl_gspo.packing as packing
 from trl_gspo import GSPOTrainer
-from trl_gspo.packing import PACKING_INEXACT_MODEL_TYPES, packing_support_problem
+from trl_gspo.packing import PACKING_INEXACT_MODEL_TYPES, PackedForward, PaddedForward, packing_support_problem
 
 PROMPTS = [3, 7, 1, 5, 2, 6]
 COMPLETIONS = [9, 0, 4, 12, 1, 6]  # one empty completion (e.g. masked as truncated)
@@ -79,10 +81,13 @@ def both_paths(trainer, inputs):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     results = {}
-    packed_backend = trainer.forward
-    assert packed_backend is not None
+    backends = {
+        False: PaddedForward(partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer)),
+        True: trainer.forward,
+    }
+    assert isinstance(backends[True], PackedForward)
     for padding_free in (False, True):
-        trainer.forward = packed_backend if padding_free else None  # None: TRL's padded pass
+        trainer.forward = backends[padding_free]
         trainer.model.zero_grad(set_to_none=True)
         trainer._metrics["train"].clear()
         logps, entropies, aux = trainer._get_per_token_logps_and_entropies(
