@@ -234,7 +234,8 @@ def reference_token_component(formulation, rewards, mask, group_size, eps=1e-4):
 def recording_objective():
     """Within the block every call of `trl_gspo.objective.compute_policy_objective` (from whichever trl_gspo module
     calls it) is recorded: a list of dicts with the arguments by name (tensors detached and cloned), `out` (the
-    ObjectiveOutput) and, once backward has run, `grad`: d loss / d per_token_logps as the trainer's backward saw it."""
+    ObjectiveOutput) and, once backward has run, `grad`: d loss / d per_token_logps as the trainer's backward saw
+    it."""
     import trl_gspo.objective as objective
 
     original = objective.compute_policy_objective
