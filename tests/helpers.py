@@ -6,7 +6,10 @@
   type the padding-free allowlist or refusal list names.
 """
 
+import contextlib
+import inspect
 import math
+import sys
 
 import pytest
 import torch
@@ -219,3 +222,179 @@ def reference_token_component(formulation, rewards, mask, group_size, eps=1e-4):
             elif formulation in ("scaled", "return_to_go"):
                 out[i][t] = values[i, t] / (std + eps)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seams into a running GSPOTrainer through public names only: what the objective received and returned (with the
+# gradient that reached its log-probs), and the experts every MoE router used, in generation and in training
+# forwards, laid out as the padded (B, L) rows whatever the pass's layout (padded or packed).
+
+
+@contextlib.contextmanager
+def recording_objective():
+    """Within the block every call of `trl_gspo.objective.compute_policy_objective` (from whichever trl_gspo module
+    calls it) is recorded: a list of dicts with the arguments by name (tensors detached and cloned), `out` (the
+    ObjectiveOutput) and, once backward has run, `grad`: d loss / d per_token_logps as the trainer's backward saw
+    it."""
+    import trl_gspo.objective as objective
+
+    original = objective.compute_policy_objective
+    signature = inspect.signature(original)
+    records = []
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        record = {
+            name: value.detach().clone() if torch.is_tensor(value) else value
+            for name, value in bound.arguments.items()
+        }
+        logps = bound.arguments["per_token_logps"]
+        if logps.requires_grad:
+            logps.register_hook(lambda grad: record.__setitem__("grad", grad.detach().clone()))
+        record["out"] = original(*args, **kwargs)
+        records.append(record)
+        return record["out"]
+
+    holders = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "trl_gspo" and getattr(module, "compute_policy_objective", None) is original
+    ]
+    for module in holders:
+        module.compute_policy_objective = spy
+    try:
+        yield records
+    finally:
+        for module in holders:
+            module.compute_policy_objective = original
+
+
+class RoutingTap:
+    """Forward hooks of the test's own on a MoE model's routers, registered after the trainer's (so they see the
+    experts a replay forced), recording the experts (`top_k_index`) every router handed to its experts.
+
+    generations: one dict per `model.generate` call: `prompt_ids`, `prompt_mask` (B, Lp), `sequences` (B, Lp + S)
+        and `experts` (B, Lp + decoding steps, layers, k): the prefill, then one position per decoding step.
+    forwards: one dict per other forward of the model (training passes): `input_ids`, `attention_mask` (B, L) in
+        the padded layout and `experts` (B, L, layers, k) there (-1 off the real tokens), `grad` (whether autograd
+        was on: the policy pass), `packed`. A packed forward is mapped back to the padded rows through the
+        PackedBatch of its `trl_gspo.packing.pack_sequences` call (`packed_index`).
+    Router calls outside a model forward (activation checkpointing recomputing a layer in backward) are ignored.
+    `generation_context`, when given, is a context manager factory entered around every generate() call.
+    """
+
+    def __init__(self, model, generation_context=None):
+        from trl_gspo.moe import find_routers
+
+        self.model = model
+        self.routers = find_routers(model)
+        self.generations, self.forwards = [], []
+        self._generation_context = generation_context or contextlib.nullcontext
+        self._generating, self._steps, self._current, self._pending_packing = False, [], None, []
+        self._handles = [
+            model.register_forward_pre_hook(self._start, with_kwargs=True),
+            model.register_forward_hook(self._end),
+        ]
+        for layer, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._router_hook(layer)))
+        self._generate = model.generate
+        model.generate = self._generate_and_record  # an instance attribute: trainers that wrap generate keep it
+        import trl_gspo.packing as packing
+
+        self._pack_original = packing.pack_sequences
+        self._pack_holders = [
+            module
+            for name, module in list(sys.modules.items())
+            if name.split(".")[0] == "trl_gspo" and getattr(module, "pack_sequences", None) is self._pack_original
+        ]
+        for module in self._pack_holders:
+            module.pack_sequences = self._pack_and_record
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        del self.model.generate
+        for module in self._pack_holders:
+            module.pack_sequences = self._pack_original
+
+    def _pack_and_record(self, input_ids, attention_mask, *args, **kwargs):
+        packed = self._pack_original(input_ids, attention_mask, *args, **kwargs)
+        self._pending_packing.append((input_ids, attention_mask, packed))
+        return packed
+
+    def _generate_and_record(self, *args, **kwargs):
+        self._generating, self._steps = True, []  # the experts of each forward of this call
+        try:
+            with self._generation_context():
+                sequences = self._generate(*args, **kwargs)
+        finally:
+            self._generating = False
+        batch = kwargs["input_ids"].size(0)
+        experts = torch.cat([step.view(batch, -1, *step.shape[1:]) for step in self._steps], dim=1)
+        self.generations.append(
+            dict(
+                prompt_ids=kwargs["input_ids"],
+                prompt_mask=kwargs["attention_mask"],
+                sequences=sequences,
+                experts=experts,
+            )
+        )
+        return sequences
+
+    def _start(self, module, args, kwargs):
+        self._current = {
+            "layers": {},
+            "input_ids": kwargs.get("input_ids"),
+            "attention_mask": kwargs.get("attention_mask"),
+        }
+
+    def _router_hook(self, layer):
+        def hook(module, args, output):
+            if self._current is not None:
+                self._current["layers"][layer] = output[2].detach().clone()
+
+        return hook
+
+    def _end(self, module, args, output):
+        current, self._current = self._current, None
+        used = torch.stack([current["layers"][layer] for layer in range(len(self.routers))], dim=1)  # (N, layers, k)
+        if self._generating:
+            self._steps.append(used)
+            return
+        packed = current["attention_mask"] is None and bool(self._pending_packing)
+        if packed:
+            input_ids, attention_mask, packing = self._pending_packing.pop(0)
+            index = packing.packed_index
+            experts = torch.full((*index.shape, *used.shape[1:]), -1, dtype=used.dtype)
+            experts[index >= 0] = used[index[index >= 0]]
+        else:
+            input_ids, attention_mask = current["input_ids"], current["attention_mask"]
+            experts = used.view(*input_ids.shape, *used.shape[1:])
+        self.forwards.append(
+            dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                experts=experts,
+                grad=torch.is_grad_enabled(),
+                packed=packed,
+            )
+        )
+
+    def generation_routing(self, eos_token_id):
+        """{token sequence (prompt + completion, as TRL keeps it: cut after the first EOS): [experts of its fed
+        positions (len - 1, layers, k), one per generated row with that content]}. The last completion token is
+        sampled, never fed: it has no routing."""
+        routing = {}
+        for generation in self.generations:
+            width = generation["prompt_ids"].size(1)
+            for row, prompt_mask in enumerate(generation["prompt_mask"].bool()):
+                prompt = generation["prompt_ids"][row][prompt_mask].tolist()
+                completion = generation["sequences"][row, width:].tolist()
+                if eos_token_id in completion:
+                    completion = completion[: completion.index(eos_token_id) + 1]
+                start = width - len(prompt)
+                fed = generation["experts"][row, start : width + len(completion) - 1]
+                assert fed.size(0) == len(prompt) + len(completion) - 1, "generation routed fewer positions than fed"
+                routing.setdefault(tuple(prompt + completion), []).append(fed)
+        return routing
