@@ -232,13 +232,13 @@ def reference_token_component(formulation, rewards, mask, group_size, eps=1e-4):
 
 @contextlib.contextmanager
 def recording_objective():
-    """Within the block every call of `trl_gspo.objective.compute_policy_objective` (from whichever trl_gspo module
-    calls it) is recorded: a list of dicts with the arguments by name (tensors detached and cloned), `out` (the
-    ObjectiveOutput) and, once backward has run, `grad`: d loss / d per_token_logps as the trainer's backward saw
-    it."""
-    import trl_gspo.objective as objective
+    """Within the block every call of GSPOTrainer's objective (`GSPOTrainer.objective`, the seam through which
+    `_compute_loss` calls `trl_gspo.objective.compute_policy_objective`) is recorded: a list of dicts with the
+    arguments by name (tensors detached and cloned), `out` (the ObjectiveOutput) and, once backward has run, `grad`:
+    d loss / d per_token_logps as the trainer's backward saw it."""
+    from trl_gspo import GSPOTrainer
 
-    original = objective.compute_policy_objective
+    original = GSPOTrainer.objective
     signature = inspect.signature(original)
     records = []
 
@@ -256,18 +256,11 @@ def recording_objective():
         records.append(record)
         return record["out"]
 
-    holders = [
-        module
-        for name, module in list(sys.modules.items())
-        if name.split(".")[0] == "trl_gspo" and getattr(module, "compute_policy_objective", None) is original
-    ]
-    for module in holders:
-        module.compute_policy_objective = spy
+    GSPOTrainer.objective = staticmethod(spy)
     try:
         yield records
     finally:
-        for module in holders:
-            module.compute_policy_objective = original
+        GSPOTrainer.objective = staticmethod(original)
 
 
 class RoutingTap:

@@ -105,6 +105,10 @@ class GSPOTrainer(GRPOTrainer):
             }"""),
     }
 
+    # The pure objective (trl_gspo/objective.py) `_compute_loss` calls: the seam for a subclass that records or changes
+    # what the loss sees.
+    objective = staticmethod(compute_policy_objective)
+
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *posargs, **kwargs):
         check_trl_private_api()
         model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -478,7 +482,7 @@ class GSPOTrainer(GRPOTrainer):
             token_weights.append(entropy_mask.float())
 
         # 4. the objective (pure function, trl_gspo/objective.py)
-        out = compute_policy_objective(
+        out = self.objective(
             self.importance_sampling_level,
             per_token_logps,
             old_per_token_logps,

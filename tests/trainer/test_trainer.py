@@ -88,20 +88,14 @@ class RecordingTrainer(GSPOTrainer):
         super().__init__(*args, **kwargs)
         self.records = []
 
+    def objective(self, level, logps, old, advantages, mask, *rest, **kwargs):
+        self.seen.update(level=level, logps=logps.detach().clone(), old=old.detach().clone())
+        self.seen.update(advantages=advantages.clone(), mask=mask.clone())
+        return super().objective(level, logps, old, advantages, mask, *rest, **kwargs)
+
     def _compute_loss(self, model, inputs):
-        seen = {}
-        original = trainer_module.compute_policy_objective
-
-        def spy(level, logps, old, advantages, mask, *rest, **kwargs):
-            seen.update(level=level, logps=logps.detach().clone(), old=old.detach().clone())
-            seen.update(advantages=advantages.clone(), mask=mask.clone())
-            return original(level, logps, old, advantages, mask, *rest, **kwargs)
-
-        trainer_module.compute_policy_objective = spy
-        try:
-            loss = super()._compute_loss(model, inputs)
-        finally:
-            trainer_module.compute_policy_objective = original
+        self.seen = seen = {}
+        loss = super()._compute_loss(model, inputs)
         seen.update(loss=loss.item(), accumulation=self.current_gradient_accumulation_steps)
         self.records.append(seen)
         return loss
