@@ -86,15 +86,6 @@ def recording_generate(model, recorder: SampledTokenLogProbs):
             del model.generate
 
 
-def pad_rollout_logprobs(logprobs: list[list[float | None]], width: int, device) -> torch.Tensor:
-    """(B, width) tensor of per-token rollout log-probs, right-padded with 0; a missing value (None) is NaN."""
-    table = torch.zeros(len(logprobs), width, dtype=torch.float32)
-    for row, values in enumerate(logprobs):
-        if values:
-            table[row, : len(values)] = torch.tensor([math.nan if v is None else v for v in values[:width]])
-    return table.to(device)
-
-
 def mismatch_log_ratios(logps: torch.Tensor, other_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) the objective's `sequence_log_ratio` of `logps` against `other_logps`, made for engine log-probs.
 

@@ -8,7 +8,7 @@ from conftest import completion_length_reward, prompt_dataset, small_config
 from transformers import LogitsProcessorList
 
 from trl_gspo import GSPOTrainer
-from trl_gspo.rollout_logprobs import SampledTokenLogProbs, mismatch_log_ratios, pad_rollout_logprobs, rollout_mismatch
+from trl_gspo.rollout_logprobs import SampledTokenLogProbs, mismatch_log_ratios, rollout_mismatch
 
 
 def test_recorded_logprobs_equal_a_float64_recomputation(make_model, tokenizer):
@@ -65,10 +65,14 @@ def test_mismatch_against_a_direct_loop():
     assert stats["outside_clip_band"] == pytest.approx(sum(outside) / 3)
 
 
-def test_padding_of_rollout_logprobs():
-    table = pad_rollout_logprobs([[-1.0, -2.0], [], [-0.5, None, -3.0]], 4, "cpu")
-    assert table[0].tolist() == [-1.0, -2.0, 0.0, 0.0] and table[1].tolist() == [0.0] * 4
-    assert math.isnan(table[2, 1]) and table[2, 2] == -3.0
+def as_trl_lays_them_out(logprobs: list[list[float | None]], width: int) -> torch.Tensor:
+    """(B, width) rollout log-probs as GRPOTrainer's rollout builds `sampling_per_token_logps`: None as NaN, each
+    row right-padded with 0 (cut at `width`)."""
+    table = torch.zeros(len(logprobs), width)
+    for row, values in enumerate(logprobs):
+        values = [math.nan if value is None else value for value in values[:width]]
+        table[row, : len(values)] = torch.tensor(values)
+    return table
 
 
 def train(make_model, tokenizer, tmp_path, **overrides):
@@ -230,7 +234,7 @@ def pi_old_pass(trainer, rollout_logprobs, completion_mask, **model_inputs):
         "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
         "completion_ids": torch.randint(3, vocab, (rows, width), generator=generator),
         "completion_mask": completion_mask,
-        "sampling_per_token_logps": pad_rollout_logprobs(rollout_logprobs, width, "cpu"),
+        "sampling_per_token_logps": as_trl_lays_them_out(rollout_logprobs, width),
         **model_inputs,
     }
     training = trainer.model.training
@@ -265,16 +269,15 @@ def test_a_missing_value_on_another_process_falls_back_everywhere(make_model, to
 
 def test_model_inputs_reach_the_check_forward(make_model, tokenizer, tmp_path, monkeypatch):
     """pixel_values and the like are passed to the forward that checks (or replaces) the rollout log-probs."""
-    from trl import GRPOTrainer
 
     trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=1)
     seen = []
 
-    def forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **model_inputs):
+    def forward(model, input_ids, attention_mask, logits_to_keep, *args, **model_inputs):
         seen.append(model_inputs)
         return torch.full((input_ids.size(0), logits_to_keep), -1.0), None, None
 
-    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", forward)
+    monkeypatch.setattr(trainer.forward, "trl_pass", forward)  # TRL's padded pass, as the backend calls it
     pixel_values = torch.ones(2, 3)
     pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, None]], torch.ones(2, 2, dtype=torch.long), pixel_values=pixel_values)
     assert len(seen) == 1 and seen[0]["pixel_values"] is pixel_values
@@ -336,14 +339,13 @@ def test_eval_rollouts_do_not_advance_the_check_schedule(make_model, tokenizer, 
 def test_mismatch_has_the_sign_of_the_objectives_ratio(make_model, tokenizer, tmp_path, monkeypatch):
     """Rollout log-probs 3.5e-4 above the recomputed ones: the first step's log s_i is -3.5e-4, below
     log(1 - 3e-4) (outside the band), although +3.5e-4 would lie inside log(1 + 4e-4)."""
-    from trl import GRPOTrainer
 
     trainer = pi_old_trainer(make_model, tokenizer, tmp_path, rollout_logprobs_check_interval=1)
 
-    def recomputed_pi_old(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+    def recomputed_pi_old(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         return torch.full((input_ids.size(0), logits_to_keep), -2.0), None, None
 
-    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recomputed_pi_old)
+    monkeypatch.setattr(trainer.forward, "trl_pass", recomputed_pi_old)
     pi_old_pass(trainer, [[-2.0 + 3.5e-4] * 3] * 2, torch.ones(2, 3, dtype=torch.long))
     metrics = trainer._metrics["train"]
     assert metrics["gspo/rollout_logprobs/seq_abs_log_ratio_max"] == [pytest.approx(3.5e-4, rel=1e-3)]
