@@ -76,22 +76,22 @@ def colocated_trainer(model_dir, output_dir, peft_config=None, **overrides):
 
 
 class RolloutForwards:
-    """Per rollout, the training model's forwards while it is generated and scored (beta=0: only the pi_old pass);
-    the test's own forwards (inside `paused`) are not counted."""
+    """Per rollout, the training model's forwards while its log-prob passes run (`_score_rollout`; beta=0: only the
+    pi_old pass); the test's own forwards (inside `paused`) are not counted."""
 
     def __init__(self, trainer):
         self.per_rollout, self._scoring, self._paused = [], False, False
-        score = trainer._generate_and_score_completions
+        score = trainer._score_rollout
 
-        def scoring(inputs):
+        def scoring(*args, **kwargs):
             self.per_rollout.append(0)
             self._scoring = True
             try:
-                return score(inputs)
+                return score(*args, **kwargs)
             finally:
                 self._scoring = False
 
-        trainer._generate_and_score_completions = scoring
+        trainer._score_rollout = scoring
         trainer.model.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
@@ -144,7 +144,7 @@ def test_colocate_trains_and_each_sync_makes_the_engine_the_trainer(vllm_model_d
         print(f"float32 engine: token gap {stale_gap:.2e} before the sync, {synced_gap:.2e} after")
         assert synced_gap < FLOAT32_TOLERANCE
 
-        # why the mixin replaces TRL's sync on a CPU engine: TRL's own fails at the first parameter
+        # why a CPU engine gets another sync than TRL's: TRL's own fails at the first parameter
         with pytest.raises(AttributeError, match="weight_loader"):
             VLLMGeneration.sync_weights(trainer.vllm_generation)
 
