@@ -725,6 +725,7 @@ def _paired_summary(gspo, trl):
     return {
         "gspo_ms": _spread([t * 1e3 for t in gspo]),
         "trl_ms": _spread([t * 1e3 for t in trl]),
+        "sum_s": {"gspo": sum(gspo), "trl": sum(trl)},
         "ratio": {
             "median": statistics.median(pair),  # median of the per-step ratios
             "pair_min": pair[0],
@@ -861,6 +862,12 @@ def _lockstep_rows(config_result):
                     f"| lockstep A/B optimizer step, {text}, {clock_label} | {_fmt_side(entry['gspo_ms'], 1, 'ms')} "
                     f"| {_fmt_side(entry['trl_ms'], 1, 'ms')} | {fmt_paired(entry)} |"
                 )
+    if "sum_s" in ls.get("wall_all", {}):  # generation steps weigh in by their time, not as one step of several
+        total = ls["wall_all"]["sum_s"]
+        rows.append(
+            f"| lockstep A/B: total wall time of the measured steps | {total['gspo']:.1f} s | {total['trl']:.1f} s "
+            f"| {ls['wall_all']['ratio']['ratio_of_sums']:.3f} (ratio of the sums) |"
+        )
     if "completion_mean_length" in ls:
         length, share = ls["completion_mean_length"], ls["padded_share"]
         rows += [
