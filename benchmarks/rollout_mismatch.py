@@ -4,7 +4,7 @@
 
 Trains a tiny random qwen3 (hidden 64, 2 layers, char vocabulary) with GSPOConfig(use_rollout_logprobs=True,
 rollout_logprobs_check_interval=1), so every rollout also runs the pi_old forward and logs the sequence-level
-mismatch (gspo/rollout_logprobs/*; see trl_gspo.rollout_logprobs.RolloutLogprobsMixin). Settings compared:
+mismatch (gspo/rollout_logprobs/*; see trl_gspo.pi_old.RolloutLogprobsPiOld). Settings compared:
 
 - float32: weights, generation and training forward in float32.
 - bf16 autocast: GSPOConfig(bf16=True): training forwards under bf16 autocast, generation in float32 (what

@@ -31,6 +31,7 @@ import torch
 
 from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
 from trl_gspo.moe import RouterHooks, drift_fractions, find_routers, routing_drift_counts
+from trl_gspo.packing import PaddedLayout
 from trl_gspo.rollout_logprobs import SampledTokenLogProbs, mismatch_log_ratios, recording_generate, rollout_mismatch
 from trl_gspo.rollout_routing import records_from_generation, rollout_routing_rows
 
@@ -89,10 +90,11 @@ def rollout(model, tokenizer, hooks, prompts, max_new_tokens, dtype, seed):
 
 def training_pass(model, hooks, rows, replay: bool):
     """The float32 training forward of the rollout's rows; with replay, the rollout's experts where it routed."""
-    args = (rows["rollout_experts"], rows["known"]) if replay else ()
+    layout = PaddedLayout(rows["attention_mask"])  # the model sees the padded rows: model order is row-major
+    args = (layout.to_model_order(rows["rollout_experts"]), layout.to_model_order(rows["known"])) if replay else ()
     with torch.no_grad(), hooks.recording(*args):
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-    natural = hooks.recorded(*rows["input_ids"].shape)
+    natural = layout.from_model_order(hooks.recorded())
     width = rows["completion_ids"].size(1)
     logps = torch.log_softmax(logits[:, -width - 1 : -1].float(), -1)
     return logps.gather(-1, rows["completion_ids"][..., None]).squeeze(-1), natural

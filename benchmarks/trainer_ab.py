@@ -366,13 +366,15 @@ def record_pass_masks(trainer):
     Only a reference to the mask is kept on the timed path; the share is computed after training.
     """
     masks = []
-    inner = trainer._get_per_token_logps_and_entropies
+    # GSPOTrainer runs every pass through its forward backend (TRL's method only sees the rollout's deferred passes)
+    name = "_forward" if hasattr(trainer, "_forward") else "_get_per_token_logps_and_entropies"
+    inner = getattr(trainer, name)
 
-    def recording(model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+    def recording(model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
         masks.append((attention_mask, batch_size or attention_mask.size(0)))
-        return inner(model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+        return inner(model, input_ids, attention_mask, logits_to_keep, batch_size, *args, **kwargs)
 
-    trainer._get_per_token_logps_and_entropies = recording
+    setattr(trainer, name, recording)
     return masks
 
 
@@ -534,7 +536,9 @@ def run_in_process_ab(spec):
     # loss tail: the policy forward replaced by fixed log-probs (a leaf that takes the gradient)
     leaf = logps.detach().float().clone().requires_grad_(True)
     for trainer in trainers.values():
-        trainer._get_per_token_logps_and_entropies = lambda *a, **k: (leaf * 1.0, entropies, None)
+        # GSPOTrainer's passes go through its forward backend, GRPOTrainer's through its log-prob method
+        forward = "_forward" if hasattr(trainer, "_forward") else "_get_per_token_logps_and_entropies"
+        setattr(trainer, forward, lambda *a, **k: (leaf * 1.0, entropies, None))
 
     def tail(name):
         trainer = trainers[name]

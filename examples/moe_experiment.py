@@ -23,10 +23,12 @@ accuracy 0.3 (cached under --cache-dir, shared by every run). Each run trains a 
   grpo           token, 0.2 / 0.27 (paper's GRPO) recomputed
   gspo_rollout   as gspo                         the rollout's own log-probs (use_rollout_logprobs)
   grpo_rollout   as grpo                         the rollout's own log-probs
+  gspo_r3_rollout  as gspo_r3                    the rollout's own log-probs, computed with the experts R3 replays
 
-GSPOConfig refuses replay with use_rollout_logprobs (there is no pi_old forward to record), so R2/R3 exist only with
-a recomputed pi_old. With a recomputed pi_old the engine's log-probs never enter the loss; the bf16 engine then
-reaches training only through the samples it draws and, under R3, through the experts it chose.
+GSPOConfig refuses R2 with use_rollout_logprobs (R2 replays the pi_old forward's routing, and there is none), so R2
+exists only with a recomputed pi_old; R3 replays the sampler's routing and composes with both. With a recomputed
+pi_old the engine's log-probs never enter the loss; the bf16 engine then reaches training only through the samples
+it draws and, under R3, through the experts it chose.
 
 Reported per run (`summarize`): held-out greedy accuracy before, after and its lowest point along the curve (every
 --eval-every steps on --monitor-rows test prompts), collapse (final accuracy more than COLLAPSE_MARGIN below the warm
@@ -81,6 +83,7 @@ VARIANTS = {
     "grpo": GRPO,
     "gspo_rollout": {**GSPO, **ROLLOUT_PI_OLD},
     "grpo_rollout": {**GRPO, **ROLLOUT_PI_OLD},
+    "gspo_r3_rollout": {**GSPO, "rollout_routing_replay": True, **ROLLOUT_PI_OLD},
 }
 GENERATION_DTYPES = {"float32": None, "bf16": torch.bfloat16}
 

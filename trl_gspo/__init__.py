@@ -2,10 +2,9 @@
 
 - `trl_gspo.objective`: the GSPO / GSPO-token loss as pure tensor functions.
 - `trl_gspo.config.GSPOConfig`: GRPOConfig with the paper's defaults, validated at construction.
-- `trl_gspo.trainer.GSPOTrainer`: GRPOTrainer with the GSPO objective (a drop-in replacement).
-- the features, each a mixin of GSPOTrainer: `moe`, `aligned_pi_old`, `rollout_logprobs`, `packing`,
-  `token_rewards`, `diagnostics`, `vllm_cpu`, `vllm_checks` (their order: `trainer.py`); `trl_api`: the private TRL
-  API relied on.
+- `trl_gspo.trainer.GSPOTrainer`: GRPOTrainer with the GSPO objective (a drop-in replacement); its core owns the
+  training step and calls the features it was configured with: `pi_old` (with `rollout_logprobs`), `packing`, `moe`,
+  `token_rewards`, `diagnostics`, `vllm_checks` (with `vllm_cpu`), `noise`; `trl_api`: the private TRL API relied on.
 """
 
 from .config import (

@@ -260,7 +260,8 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "MoE models: log moe/routing_drift/{token_layer,token_any_layer}, the fraction of completion "
             "(token, layer) pairs and of tokens whose top-k experts changed between the pi_old pass and the "
-            "policy pass (docs/MOE.md). Needs an off-policy schedule (there is no pi_old pass otherwise)."
+            "policy pass (docs/MOE.md); with use_rollout_logprobs, against the rollout's routing (recorded with "
+            "rollout_routing_replay only). Needs an off-policy schedule (pi_old is the current policy otherwise)."
         },
     )
     routing_replay: bool = field(
@@ -268,18 +269,18 @@ class GSPOConfig(GRPOConfig):
         metadata={
             "help": "MoE models: reuse the experts chosen in the pi_old pass in the policy pass (R2 routing replay), "
             "with the router's own forward computing the weights at those experts, so the router still learns. Refused "
-            "for dense models, routers outside trl_gspo.moe.REPLAY_ROUTER_CLASSES, on-policy schedules, and with "
-            "padding_free or use_rollout_logprobs."
+            "for dense models, routers outside trl_gspo.moe.REPLAY_ROUTER_CLASSES, on-policy schedules (no pi_old "
+            "pass) and with use_rollout_logprobs (no pi_old pass either: use rollout_routing_replay)."
         },
     )
     rollout_routing_replay: bool = field(
         default=False,
         metadata={
             "help": "MoE models, transformers generation: record the experts generate() chose for every token it fed "
-            "(prompt prefill and cached decoding) and replay them in the pi_old and policy passes (R3, arXiv "
-            "2510.11370); positions generation did not route (the last completion token, padding) take the pi_old "
-            "pass's own routing, as with routing_replay. Same routers as routing_replay; refused with use_vllm, "
-            "use_transformers_continuous_batching, padding_free, use_rollout_logprobs and on-policy schedules."
+            "(prompt prefill and cached decoding) and replay them in every training pass (R3, arXiv 2510.11370); "
+            "positions generation did not route (the last completion token, padding) feed no scored log-prob and "
+            "route themselves. Composes with padding_free and use_rollout_logprobs. Same routers as routing_replay; "
+            "refused with use_vllm, use_transformers_continuous_batching, tools and a rollout_func."
         },
     )
 
@@ -553,30 +554,24 @@ class GSPOConfig(GRPOConfig):
             )
 
     def _validate_routing_fields(self):
-        """Replay needs a pi_old pass to record (refused when every step is on-policy) and the padded layout; R3
-        needs the transformers generate() path, the one whose routing is recorded."""
-        for replay in ("routing_replay", "rollout_routing_replay"):
-            if not getattr(self, replay):
-                continue
-            if not pi_old_pass_runs(self):
-                raise ValueError(
-                    f"GSPOConfig.{replay}=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
-                    f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every "
-                    "step is on-policy, TRL runs no pi_old pass and there is no routing to replay. Set "
-                    "steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), or "
-                    f"{replay}=False."
-                )
-            for switch in ("use_rollout_logprobs", "padding_free"):
-                if getattr(self, switch):
-                    why = (
-                        "there is no pi_old forward whose routing could be recorded"
-                        if switch == "use_rollout_logprobs"
-                        else "the routing record is kept in the padded (B, L) layout, which packed passes do not have"
-                    )
-                    raise ValueError(
-                        f"GSPOConfig.{replay}=True cannot be combined with {switch}=True: {why}. Set one of them "
-                        "to False."
-                    )
+        """R2 replays the routing of the pi_old pass, so it needs one: not with every step on-policy (there is none)
+        nor with rollout log-probs as pi_old (pi_old is then the sampler's, whose routing only R3 records). R3 needs
+        the transformers generate() path, the one whose routing is recorded."""
+        if self.routing_replay and self.use_rollout_logprobs:
+            raise ValueError(
+                "GSPOConfig.routing_replay=True cannot be combined with use_rollout_logprobs=True: routing_replay (R2) "
+                "replays the routing of the pi_old forward, and with rollout log-probs as pi_old there is no such "
+                "forward; pi_old is the sampler's. Use rollout_routing_replay=True (R3), which replays the routing "
+                "the sampler used, or set routing_replay=False."
+            )
+        if self.routing_replay and not pi_old_pass_runs(self):
+            raise ValueError(
+                f"GSPOConfig.routing_replay=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
+                f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every step "
+                "is on-policy, so there is no pi_old pass and no routing to replay (pi_old is the current policy). "
+                "Set steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), "
+                "or routing_replay=False."
+            )
         if self.rollout_routing_replay and self.use_vllm:
             raise ValueError(
                 "GSPOConfig.rollout_routing_replay=True cannot be combined with use_vllm=True: it replays the routing "

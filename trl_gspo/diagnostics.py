@@ -25,8 +25,6 @@ from collections.abc import Sequence
 import torch
 from accelerate.utils import gather_object
 
-from .trl_api import check_trl_private_api, check_trl_private_attributes
-
 
 def _groups(items: Sequence, group_size: int) -> list[Sequence]:
     if group_size < 1 or len(items) % group_size:
@@ -84,33 +82,15 @@ def rollout_diagnostics(
     }
 
 
-class RolloutDiagnosticsMixin:
-    """Trainer mixin: log the module's statistics for every rollout (all processes), on any GRPO-style trainer.
+def log_rollout_diagnostics(completion_ids_list, rewards_per_func, reward_weights, group_size, metrics) -> None:
+    """Log the module's statistics of one rollout (every process's completions) into `metrics`.
 
-    Overrides `_calculate_rewards` (keeps the sampled ids and the rewards) and `_generate_and_score_completions`
-    (logs them). Reads the private `reward_weights` and `_metrics`.
+    `completion_ids_list` are this process's sampled ids (not completion_mask: mask_truncated_completions zeroes the
+    mask of truncated completions); `rewards_per_func` the gathered (N, functions) rewards TRL computed.
     """
-
-    def __init__(self, *args, **kwargs):
-        check_trl_private_api()
-        self._diagnostics_rollout = None  # (completion ids, rewards per function) of the rollout being scored
-        super().__init__(*args, **kwargs)
-        check_trl_private_attributes(self)
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        # the sampled ids, not completion_mask: mask_truncated_completions zeroes the mask of truncated completions
-        self._diagnostics_rollout = ([list(ids) for ids in completion_ids_list], rewards_per_func)
-        return rewards_per_func
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        mode = "train" if self.model.training else "eval"
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        (sequences, rewards_per_func), self._diagnostics_rollout = self._diagnostics_rollout, None
-        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        rewards = weighted.nansum(dim=1).masked_fill(unscorable, float("nan")).tolist()
-        for name, value in rollout_diagnostics(gather_object(sequences), rewards, group_size).items():
-            self._metrics[mode][name].append(value)
-        return output
+    weighted = rewards_per_func * reward_weights.to(rewards_per_func.device).unsqueeze(0)
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    rewards = weighted.nansum(dim=1).masked_fill(unscorable, float("nan")).tolist()
+    sequences = gather_object([list(ids) for ids in completion_ids_list])
+    for name, value in rollout_diagnostics(sequences, rewards, group_size).items():
+        metrics[name].append(value)

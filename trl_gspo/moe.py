@@ -1,29 +1,28 @@
 """Mixture-of-Experts routing: no router logits in generate(), the routing drift metric, routing replay (R2 and R3).
 
-Pure functions (tested against naive references), one hook manager, `RouterHooks`, and the trainer mixin
-`MoERoutingMixin` that wires them into GSPOTrainer's rollout and loss.
+Pure functions (tested against naive references), one hook manager, `RouterHooks`, and the feature object
+`MoERouting` that GSPOTrainer's core calls in each pass (`moe_routing` builds it from the config).
 
 How it works. transformers' MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE) route each token in a `*TopKRouter`
 module that returns (router_logits, top_k_weights, top_k_index); every experts implementation takes its
 indices from there, so a forward hook on the routers sees, and can replace, the routing of the whole model.
 
-- pi_old pass (inside `_generate_and_score_completions`, once per rollout): the hooks record each router's
-  top-k indices for every position of every row (prompt and completion), shape (B, L, layers, k). The tensor
-  rides in the rollout batch under `ROUTING_KEY`, so TRL's shuffle and split carry it with its rows. With
-  `AlignedPiOldMixin` (GSPOTrainer) a train rollout's pi_old pass runs per micro-batch after the split instead,
-  and each micro-batch's record is put into that micro-batch.
-  `generate()` and the reference pass are not recorded.
-- policy pass (in `compute_loss`): the hooks observe the current routing (drift metric) and, with replay, make
-  the router's own forward pick the recorded experts: during the router's forward its one `topk` call returns
-  the recorded indices, with the values gathered from the very tensor it was ranking (`ForcedTopK`). Whatever the
-  router computes from them (softmax or sigmoid, score bias, renormalisation, scaling) is its own code, so with
-  unchanged parameters replay is bit-identical and the router still gets gradients. Only the router classes in
+- pi_old pass (the core runs it per micro-batch, before the rollout's first update): the hooks record each
+  router's top-k indices for every position of every row (prompt and completion), kept in the micro-batch under
+  `ROUTING_KEY` as (B, L, layers, k) whatever layout the model saw (padded or packed rows). `generate()` and the
+  reference pass are not recorded.
+- policy pass: the hooks observe the current routing (drift metric) and, with replay, make the router's own
+  forward pick the recorded experts: during the router's forward its one `topk` call returns the recorded
+  indices, with the values gathered from the very tensor it was ranking (`ForcedTopK`). Whatever the router
+  computes from them (softmax or sigmoid, score bias, renormalisation, scaling) is its own code, so with unchanged
+  parameters replay is bit-identical and the router still gets gradients. Only the router classes in
   `REPLAY_ROUTER_CLASSES` (each tested on a tiny model) are accepted. The replay state lives until backward has
   finished: gradient checkpointing re-runs the router during backward and must see the same experts.
 - rollout routing replay (R3, `rollout_routing_replay`): generate() is recorded too (prefill and cached decoding),
   one `rollout_routing.RolloutRouting` per row, laid out as TRL's rows under ROLLOUT_ROUTING_KEY with a mask of the
-  positions generation routed; the pi_old pass replays those experts (the router chooses the other positions) and
-  records its natural routing; the policy pass replays what the pi_old pass used.
+  positions generation routed. Every training pass (pi_old and policy) replays those experts there; the positions
+  generation did not route (the last completion token, padding, packing filler) feed no scored log-prob and route
+  themselves. So R3 needs no pi_old pass: it composes with rollout log-probs as pi_old and with packed passes.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
-from .config import pi_old_pass_runs
 from .metrics import ROLLOUT_ROUTING_MISMATCH_PREFIX, ROUTING_DRIFT_PREFIX
 from .rollout_routing import (
     ROLLOUT_ROUTING_KEY,
@@ -45,7 +43,6 @@ from .rollout_routing import (
     records_from_generation,
     rollout_routing_rows,
 )
-from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
 
@@ -160,8 +157,7 @@ class ForcedTopK(TorchFunctionMode):
         if self.forced.size(0) != tokens:
             raise RuntimeError(
                 f"routing replay: layer {self.layer} routes {tokens} tokens but the recorded routing holds "
-                f"{self.forced.size(0)} (rows x length of the rollout batch); the policy forward must see the same "
-                "padded rows as the pi_old pass."
+                f"{self.forced.size(0)}; a replayed forward must route exactly the tokens of the recorded batch."
             )
         self.natural = func(*args, **kwargs).indices
         indices = self.forced.to(scores.device, torch.long).view(*scores.shape[:-1], self.top_k)
@@ -199,17 +195,18 @@ def drift_fractions(counts: torch.Tensor, prefix: str = ROUTING_DRIFT_PREFIX) ->
 class RouterHooks:
     """Hooks on every router of a model: record the routing, observe it, or replay a recorded one.
 
-    Idle unless told otherwise, so generate() and reference passes go through untouched. One state at a time:
-      `recording(routing, known)`  a context; every router call appends its natural indices (any number of
-                                    chunks); with `routing` (B, L, layers, k) the pass replays it, where `known`
-                                    (B, L) is True, row chunks taken in call order (R3's pi_old pass)
-      `recorded(batch, length)`    the record of the last `recording()` as (B, L, layers, k), chunks of rows
-      `recorded_steps(batch)`      the same for a generate() call: chunks of positions (prefill, then decoding)
-      `start_policy_pass(routing, replay, known)`  observe the current routing and, with replay, force `routing`
-                                    (B, L, layers, k) (only where `known`, if given); stays on (for backward
-                                    recomputation) until `clear()`
-      `observed(batch, length)`    the current (natural) routing seen in the policy pass, (B, L, layers, k)
-    Replaying needs routers of `REPLAY_ROUTER_CLASSES` (the trainer refuses others at construction).
+    Idle unless told otherwise, so generate() and the reference pass go through untouched. A routing is in model
+    order, (N, layers, k) for the N tokens one forward routes (the rows of the batch the model sees, padded or packed,
+    flattened: `PaddedLayout` / `PackedBatch` map it to and from the (B, L) layout). One state at a time:
+      `recording(forced, known)`  a context; every router call appends its natural indices; with `forced`
+                                   (N, layers, k) the pass replays it where `known` (N,) is True (everywhere if None)
+      `recorded()`                 the record of the last `recording()`, (N, layers, k)
+      `recorded_steps(batch)`      the record of a generate() call, chunks of positions (prefill, then decoding):
+                                   (B, T, layers, k) and the prefill's length
+      `start_policy_pass(forced, known)`  observe the current routing and, with `forced`, replay it; stays on (for
+                                   gradient checkpointing's recomputation in backward) until `clear()`
+      `observed()`                 the natural routing seen since `start_policy_pass`, (N, layers, k)
+    Replaying needs routers of `REPLAY_ROUTER_CLASSES` (refused otherwise at construction, `moe_routing`).
     """
 
     def __init__(self, routers: list[nn.Module]):
@@ -221,9 +218,8 @@ class RouterHooks:
         self._mode = "idle"
         self._chunks: list[list[torch.Tensor]] = [[] for _ in routers]
         self._observed: list[torch.Tensor | None] = [None] * len(routers)
-        self._replay: torch.Tensor | None = None
+        self._forced: torch.Tensor | None = None
         self._known: torch.Tensor | None = None
-        self._cursor = [0] * len(routers)  # tokens of the replayed routing consumed by a recorded pass, per layer
         self._forcing: list[ForcedTopK | None] = [None] * len(routers)
         self._handles = []
         for i, router in enumerate(routers):
@@ -244,30 +240,25 @@ class RouterHooks:
         for layer in range(self.num_layers):
             self._stop_forcing(layer)
         self._mode = "idle"
-        self._replay = self._known = None
+        self._forced = self._known = None
         self._observed = [None] * len(self.routers)
 
     @contextlib.contextmanager
-    def recording(self, routing: torch.Tensor | None = None, known: torch.Tensor | None = None):
+    def recording(self, forced: torch.Tensor | None = None, known: torch.Tensor | None = None):
         self.clear()
         self._chunks = [[] for _ in self.routers]
-        self._replay, self._known, self._cursor = routing, known, [0] * self.num_layers
-        self._mode = "record"
+        self._forced, self._known, self._mode = forced, known, "record"
         try:
             yield
         finally:
             self._mode = "idle"
+            self._forced = self._known = None
 
-    def recorded(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        """The last recording as (B, L, layers, k), chunks concatenated in call order (TRL chunks along rows)."""
-        if self._replay is not None and self._cursor != [self._replay.shape[:2].numel()] * self.num_layers:
-            raise RuntimeError(
-                f"routing replay: the recorded pass routed {self._cursor} tokens per layer, not the "
-                f"{self._replay.shape[:2].numel()} of the replayed routing {tuple(self._replay.shape)}."
-            )
-        layers = [torch.cat(chunks).view(batch_size, seq_len, self.top_k) for chunks in self._chunks]
+    def recorded(self) -> torch.Tensor:
+        """The last recording as (N, layers, k), each router's calls concatenated in call order."""
+        layers = [torch.cat(chunks).view(-1, self.top_k) for chunks in self._chunks]
         self._chunks = [[] for _ in self.routers]
-        return torch.stack(layers, dim=2).to(self.dtype)
+        return torch.stack(layers, dim=1).to(self.dtype)
 
     def recorded_steps(self, batch_size: int) -> tuple[torch.Tensor, int]:
         """The last recording of a generate() call as (B, T, layers, k), chunks concatenated along the positions
@@ -277,16 +268,14 @@ class RouterHooks:
         self._chunks = [[] for _ in self.routers]
         return torch.stack(layers, dim=2).to(self.dtype), prefill
 
-    def start_policy_pass(self, routing: torch.Tensor, replay: bool, known: torch.Tensor | None = None) -> None:
+    def start_policy_pass(self, forced: torch.Tensor | None = None, known: torch.Tensor | None = None) -> None:
         self.clear()
-        self._mode = "policy"
-        self._replay = routing if replay else None
-        self._known = known if replay else None
+        self._mode, self._forced, self._known = "policy", forced, known
 
-    def observed(self, batch_size: int, seq_len: int) -> torch.Tensor:
+    def observed(self) -> torch.Tensor:
         if any(o is None for o in self._observed):
             raise RuntimeError("RouterHooks.observed: not every router ran since start_policy_pass.")
-        return torch.stack([o.view(batch_size, seq_len, self.top_k) for o in self._observed], dim=2)
+        return torch.stack([o.view(-1, self.top_k) for o in self._observed], dim=1)
 
     def _stop_forcing(self, layer: int) -> ForcedTopK | None:
         forcing, self._forcing[layer] = self._forcing[layer], None
@@ -296,16 +285,12 @@ class RouterHooks:
 
     def _pre_hook(self, layer: int):
         def pre_hook(module, args):
-            if self._mode == "idle" or self._replay is None:
+            if self._mode == "idle" or self._forced is None:
                 return
             # a replayed pass; gradient checkpointing runs this again in backward (policy pass), with the same result
-            forced = self._replay[:, :, layer].reshape(-1, self.top_k)
-            known = None if self._known is None else self._known.reshape(-1)
-            if self._mode == "record":  # a pass in chunks of rows (TRL's pi_old pass): this call routes the next rows
-                start = self._cursor[layer]
-                end = self._cursor[layer] = start + args[0].shape[:-1].numel()
-                forced, known = forced[start:end], None if known is None else known[start:end]
-            self._forcing[layer] = ForcedTopK(forced, self.top_k, module.num_experts, layer, known)
+            self._forcing[layer] = ForcedTopK(
+                self._forced[:, layer], self.top_k, module.num_experts, layer, self._known
+            )
             self._forcing[layer].__enter__()
 
         return pre_hook
@@ -331,117 +316,92 @@ class RouterHooks:
         return hook
 
 
-class MoERoutingMixin:
-    """Trainer mixin for MoE models: no router logits in generate(), the routing drift metric, routing replay (R2),
-    rollout routing replay (R3).
+def moe_routing(model, args, tools, rollout_func, pad_to_multiple_of) -> MoERouting | None:
+    """The routing feature GSPOTrainer's configuration asks for, or None (a dense model, or nothing asked).
 
-    Reads `args.log_routing_drift`, `args.routing_replay` and `args.rollout_routing_replay`; a dense model passes
-    through untouched. Overrides:
-      __init__                           hooks the routers; refuses replay on a dense model or an untested router
-      _generate_single_turn              with R3: records generate()'s routing, one RolloutRouting per row
-      _generate_and_score_completions    generation without router logits; arms the pi_old pass for recording;
-                                         puts the record into the rollout batch under ROUTING_KEY (and the rollout
-                                         routing under ROLLOUT_ROUTING_KEY / ROLLOUT_ROUTING_KNOWN_KEY)
-      _get_per_token_logps_and_entropies records the routing of the armed (pi_old) pass (with R3: replaying the
-                                         rollout's)
-      _aligned_pi_old_pass               with AlignedPiOldMixin (inside this one): records each micro-batch's pass
-      compute_loss                       observes (drift) or replays the recorded routing in the policy pass
-      training_step                      drops the replay state after backward (checkpointing recomputes)
+    Refuses replay on a model without hookable routers or with a router outside REPLAY_ROUTER_CLASSES, and R3 where
+    the completions do not come from TRL's single generate() call (tools, a custom rollout_func); warns when the
+    drift metric has nothing to compare with.
+    """
+    routers = find_routers(model)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    replay = "rollout" if args.rollout_routing_replay else "pi_old" if args.routing_replay else None
+    field = {"rollout": "rollout_routing_replay", "pi_old": "routing_replay"}.get(replay)
+    # routers of another shape (e.g. DeepSeek-V3's *TopkRouter returns only logits): no hook can see their experts
+    unhookable = sorted(
+        {type(m).__name__ for m in model.modules() if "router" in type(m).__name__.lower()}
+        - {type(router).__name__ for router in routers}
+    )
+    if replay and not routers:
+        found = f"routes with {', '.join(unhookable)}, which does not return its experts" if unhookable else "has none"
+        raise ValueError(
+            f"{field}=True needs a Mixture-of-Experts model with *TopKRouter modules (Qwen3-MoE, Qwen2-MoE, Mixtral, "
+            f"OLMoE, ...); this model ({type(model).__name__}, model_type={model_type!r}) {found}. Set {field}=False."
+        )
+    drift = args.log_routing_drift
+    if unhookable and not routers and drift:
+        logger.warning(
+            f"moe/routing_drift is not logged for this model ({type(model).__name__}): it routes with "
+            f"{', '.join(unhookable)}, which does not return its experts (trl_gspo/moe.py hooks *TopKRouter modules). "
+            "Set log_routing_drift=False to silence this."
+        )
+    unsupported = sorted({type(router).__name__ for router in routers} - REPLAY_ROUTER_CLASSES)
+    if replay and unsupported:
+        raise ValueError(
+            f"{field}=True: this model ({type(model).__name__}, model_type={model_type!r}) routes with "
+            f"{', '.join(unsupported)}, whose replay is not shown to be exact (see docs/MOE.md). Supported routers: "
+            f"{', '.join(sorted(REPLAY_ROUTER_CLASSES))}. Set {field}=False."
+        )
+    if replay == "rollout":
+        other_generation = [
+            name for name, active in (("tools", bool(tools)), ("rollout_func", rollout_func)) if active
+        ]
+        if other_generation:
+            raise ValueError(
+                "rollout_routing_replay=True records the routing of TRL's single generate() call per rollout; with "
+                f"{other_generation} the completions are produced otherwise (tool turns, a custom rollout), so their "
+                "routing is not recorded. Set rollout_routing_replay=False."
+            )
+    if routers and drift and args.use_rollout_logprobs and replay != "rollout":
+        logger.warning(
+            "moe/routing_drift is not logged with use_rollout_logprobs=True: pi_old is the sampler's, whose routing "
+            "is recorded only with rollout_routing_replay=True. Set log_routing_drift=False to silence this."
+        )
+        drift = False
+    if not routers or not (drift or replay):
+        return None
+    return MoERouting(RouterHooks(routers), replay, drift, pad_to_multiple_of)
 
-    R3: the pi_old pass replays the rollout's experts where the rollout routed a position (prompt and completion up
-    to the last token; `known`) and routes the others itself; it records its natural routing. The policy pass then
-    replays exactly what the pi_old pass used: the rollout's experts where known, the pi_old pass's elsewhere.
+
+class MoERouting:
+    """The MoE routing feature of a trainer: what each pass records, replays and logs (`moe_routing` builds it).
+
+    `replay`: None, "pi_old" (R2: the policy pass replays the pi_old pass's routing) or "rollout" (R3: generation is
+    recorded, and every training pass replays the rollout's experts where generation routed a position, `known`;
+    the other positions, the last completion token and padding, feed no scored log-prob and route themselves).
+    `drift`: log moe/routing_drift, the policy pass's natural routing against pi_old's: the pi_old pass's record, or,
+    with rollout log-probs as pi_old, the rollout's routing.
+    Each pass hands a context factory `around_forward(layout)` to the forward backend, which calls it around the
+    model call with the layout (padded or packed) the model sees, so the record stays in the (B, L) layout of the
+    batch whatever the backend.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_private_api()
-        self._moe_hooks, self._moe_record_armed, self._moe_recorded = None, False, None
-        self._moe_rollout_records: list[RolloutRouting] | None = None  # R3: the rollout being generated
-        self._moe_rollout_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # its rows, once laid out
-        super().__init__(*args, **kwargs)
-        check_trl_private_attributes(self)
-        self._moe_setup_routing()
+    def __init__(self, hooks: RouterHooks, replay: str | None, drift: bool, pad_to_multiple_of: int | None):
+        self.hooks, self.replay, self.drift, self.pad_to_multiple_of = hooks, replay, drift, pad_to_multiple_of
+        self._rollout_records: list[RolloutRouting] | None = None
+        self._policy_layout = None
 
-    @property
-    def _rollout_routing_replay(self) -> bool:
-        return self.args.rollout_routing_replay
+    def recording_generation(self):
+        """Context around one transformers generate() of a rollout: with R3 its routing is recorded (prefill and
+        cached decoding); `generated` then cuts it into rows."""
+        return self.hooks.recording() if self.replay == "rollout" else contextlib.nullcontext()
 
-    @property
-    def _routing_replay(self) -> bool:
-        """Whether the policy pass replays: R2, or R3 (whose policy pass replays what its pi_old pass used)."""
-        return self.args.routing_replay or self._rollout_routing_replay
-
-    @property
-    def _replay_field(self) -> str:
-        return "rollout_routing_replay" if self._rollout_routing_replay else "routing_replay"
-
-    @property
-    def _log_routing_drift_on(self) -> bool:
-        return self.args.log_routing_drift
-
-    def _moe_setup_routing(self):
-        """Hook the routers when the drift metric or replay needs them; refuse replay on a dense model."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        routers = find_routers(unwrapped)
-        model_type = getattr(unwrapped.config, "model_type", type(unwrapped).__name__)
-        field = self._replay_field
-        # routers of another shape (e.g. DeepSeek-V3's *TopkRouter returns only logits): no hook can see their experts
-        unhookable = sorted(
-            {type(m).__name__ for m in unwrapped.modules() if "router" in type(m).__name__.lower()}
-            - {type(router).__name__ for router in routers}
-        )
-        if self._routing_replay and not routers:
-            found = (
-                f"routes with {', '.join(unhookable)}, which does not return its experts" if unhookable else "has none"
-            )
-            raise ValueError(
-                f"{field}=True needs a Mixture-of-Experts model with *TopKRouter modules (Qwen3-MoE, "
-                f"Qwen2-MoE, Mixtral, OLMoE, ...); this model ({type(unwrapped).__name__}, model_type={model_type!r}) "
-                f"{found}. Set {field}=False."
-            )
-        if unhookable and not routers and self._log_routing_drift_on:
-            logger.warning(
-                f"moe/routing_drift is not logged for this model ({type(unwrapped).__name__}): it routes with "
-                f"{', '.join(unhookable)}, which does not return its experts (trl_gspo/moe.py hooks *TopKRouter "
-                "modules). Set log_routing_drift=False to silence this."
-            )
-        unsupported = sorted({type(router).__name__ for router in routers} - REPLAY_ROUTER_CLASSES)
-        if self._routing_replay and unsupported:
-            raise ValueError(
-                f"{field}=True: this model ({type(unwrapped).__name__}, model_type={model_type!r}) routes with "
-                f"{', '.join(unsupported)}, whose replay is not shown to be exact (see docs/MOE.md). Supported "
-                f"routers: {', '.join(sorted(REPLAY_ROUTER_CLASSES))}. Set {field}=False."
-            )
-        if self._rollout_routing_replay:
-            # generation is recorded in _generate_single_turn, once per rollout, from one left-padded generate() call
-            other_generation = [
-                name
-                for name, active in (("tools", bool(self.tools)), ("rollout_func", self.rollout_func is not None))
-                if active
-            ]
-            if other_generation:
-                raise ValueError(
-                    f"rollout_routing_replay=True records the routing of TRL's single generate() call per rollout; "
-                    f"with {other_generation} the completions are produced otherwise (tool turns, a custom "
-                    "rollout), so their routing is not recorded. Set rollout_routing_replay=False."
-                )
-        speed_options = [name for name in ("padding_free", "use_rollout_logprobs") if getattr(self.args, name)]
-        if routers and self._log_routing_drift_on and speed_options:  # routing_replay is refused by GSPOConfig
-            logger.warning(
-                f"moe/routing_drift is not logged with {speed_options}: the routing record needs an unpacked pi_old "
-                "forward. Set log_routing_drift=False to silence this."
-            )
-        elif routers and (self._log_routing_drift_on or self._routing_replay):
-            self._moe_hooks = RouterHooks(routers)
-
-    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
-        """TRL's generation; with R3 its routing is recorded (prefill and cached decoding) and cut into one
-        RolloutRouting per row, for the pi_old pass to replay."""
-        if not self._rollout_routing_replay:
-            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
-        with self._moe_hooks.recording():
-            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-        routing, prefill = self._moe_hooks.recorded_steps(len(prompt_ids))
+    def generated(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> None:
+        """R3: the recorded routing of the generate() call that produced `completion_ids`, one RolloutRouting per
+        row, kept for `attach_rollout_routing`."""
+        if self.replay != "rollout":
+            return
+        routing, prefill = self.hooks.recorded_steps(len(prompt_ids))
         padded = padded_length(max(len(ids) for ids in prompt_ids), self.pad_to_multiple_of)
         # generation stops with its longest completion (TRL cuts the others at their first EOS)
         expected = padded + max(len(ids) for ids in completion_ids) - 1
@@ -453,133 +413,83 @@ class MoERoutingMixin:
                 "or assisted decoding cannot be recorded: remove those generation settings or set "
                 "rollout_routing_replay=False."
             )
-        self._moe_rollout_records = records_from_generation(
+        self._rollout_records = records_from_generation(
             routing, [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids], padded
         )
-        return completion_ids, logprobs
 
-    def _generate_and_score_completions(self, inputs):
-        """The rollout without router logits in generation (the config's output_router_logits crashes cached decoding
-        on padded batches; the training forward asks for them itself), with the pi_old pass recorded."""
-        if self._moe_hooks is not None:
-            self._moe_hooks.clear()
-            # with AlignedPiOldMixin the pi_old of a train rollout is computed per micro-batch after the split and
-            # recorded there (`_aligned_pi_old_pass`); TRL's pass is then skipped or not the one the loss uses
-            per_micro_batch = getattr(self, "_pi_old_per_micro_batch", None)
-            aligned = per_micro_batch is not None and per_micro_batch()
-            self._moe_record_armed = pi_old_pass_runs(self.args) and not aligned
-        try:
-            with router_logits_off(self.accelerator.unwrap_model(self.model)):
-                output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._moe_record_armed = False
-            records, self._moe_rollout_records = self._moe_rollout_records, None
-            rows, self._moe_rollout_rows = self._moe_rollout_rows, None
-        recorded, self._moe_recorded = self._moe_recorded, None
-        if recorded is not None:  # (B, L, layers, k): its first dimension is the batch, so it follows its rows
-            output[ROUTING_KEY] = recorded
-        if records is not None:  # R3; (B, L, layers, k) and (B, L): they follow their rows too
-            if rows is None:  # TRL's pi_old pass did not lay them out (the aligned pass replays them per micro-batch)
-                rows = rollout_routing_rows(records, output["prompt_ids"].size(1), output["completion_ids"].size(1))
-            output[ROLLOUT_ROUTING_KEY], output[ROLLOUT_ROUTING_KNOWN_KEY] = rows
-        return output
-
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """The log-prob pass; the armed one (the rollout's pi_old pass) records the routing (with R3, replaying the
-        rollout's).
-
-        The pi_old pass is the first one on the policy model after generation (TRL runs it before the reference
-        pass, which with PEFT uses the same model with adapters disabled); it is armed only when TRL runs it.
-        """
-        if not (self._moe_record_armed and model is self.model):
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    def attach_rollout_routing(self, output: dict) -> None:
+        """R3: the rollout's routing laid out as the rollout batch's rows (both tensors have the batch first, so
+        TRL's shuffle and split carry them with their rows)."""
+        records, self._rollout_records = self._rollout_records, None
+        if records is not None:
+            output[ROLLOUT_ROUTING_KEY], output[ROLLOUT_ROUTING_KNOWN_KEY] = rollout_routing_rows(
+                records, output["prompt_ids"].size(1), output["completion_ids"].size(1)
             )
-        self._moe_record_armed = False
-        prompt_width = input_ids.size(1) - logits_to_keep
-        if self._moe_rollout_records is not None:
-            self._moe_rollout_rows = rollout_routing_rows(self._moe_rollout_records, prompt_width, logits_to_keep)
-        rollout, known = self._moe_rollout_rows or (None, None)
-        with self._moe_hooks.recording(rollout, known):
-            result = super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )
-        self._moe_recorded = self._moe_hooks.recorded(*input_ids.shape)
-        if rollout is not None:
-            self._log_rollout_routing_mismatch(rollout, known, self._moe_recorded, attention_mask, prompt_width)
-        return result
 
-    def _aligned_pi_old_pass(self, batch):
-        """AlignedPiOldMixin's pi_old pass of one micro-batch, recorded: the routing goes into that micro-batch under
-        ROUTING_KEY, so the policy pass replays (or measures drift against) the routing of the very same rows. With
-        R3 the pass replays the micro-batch's rollout routing."""
-        if self._moe_hooks is None:
-            return super()._aligned_pi_old_pass(batch)
+    def pi_old_pass(self, batch: dict, log, keep_record: bool = True):
+        """`around_forward` of the pi_old pass of micro-batch `batch`: with R3 it replays the rollout's experts; it
+        records the natural routing into batch[ROUTING_KEY] (`keep_record`), and with R3 logs how it differs from
+        the rollout's (`log(counts, prefix)`)."""
         rollout, known = batch.get(ROLLOUT_ROUTING_KEY), batch.get(ROLLOUT_ROUTING_KNOWN_KEY)
-        with self._moe_hooks.recording(rollout, known):
-            logps = super()._aligned_pi_old_pass(batch)
-        prompt_width = batch["prompt_ids"].size(1)
-        batch[ROUTING_KEY] = self._moe_hooks.recorded(
-            batch["prompt_ids"].size(0), prompt_width + batch["completion_ids"].size(1)
-        )
-        if rollout is not None:
-            attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-            self._log_rollout_routing_mismatch(rollout, known, batch[ROUTING_KEY], attention_mask, prompt_width)
-        return logps
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The trainer's, with the policy pass observing (drift metric) or replaying the recorded routing."""
-        routing = inputs.get(ROUTING_KEY) if self._moe_hooks is not None else None
-        if routing is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        rollout = inputs.get(ROLLOUT_ROUTING_KEY)
-        if rollout is None:
-            self._moe_hooks.start_policy_pass(routing, replay=self._routing_replay)
-        else:  # R3: what the pi_old pass used, the rollout's experts where it routed, the pass's own elsewhere
-            known = inputs[ROLLOUT_ROUTING_KNOWN_KEY][:, :, None, None]
-            self._moe_hooks.start_policy_pass(torch.where(known, rollout, routing), replay=True)
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self._log_routing_drift_on:
-            self._log_routing_drift(inputs, routing)
-        if not torch.is_grad_enabled():  # evaluation: no backward follows, so no training_step to clear the state
-            self._moe_hooks.clear()
-        return loss
+        @contextlib.contextmanager
+        def around_forward(layout):
+            forced = None if rollout is None else layout.to_model_order(rollout)
+            with self.hooks.recording(forced, None if known is None else layout.to_model_order(known)):
+                yield
+            natural = layout.from_model_order(self.hooks.recorded())
+            if keep_record:
+                batch[ROUTING_KEY] = natural
+            if rollout is not None:
+                prompt_width = batch["prompt_ids"].size(1)
+                mask = batch["completion_mask"].bool() & known[:, prompt_width:]
+                log(
+                    routing_drift_counts(rollout[:, prompt_width:], natural[:, prompt_width:], mask),
+                    ROLLOUT_ROUTING_MISMATCH_PREFIX,
+                )
 
-    def training_step(self, model, inputs, num_items_in_batch):
-        """The trainer's; the replay state is dropped only here, after backward (checkpointing recomputes)."""
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            if self._moe_hooks is not None:
-                self._moe_hooks.clear()
+        return around_forward
 
-    def _log_moe_counts(self, counts: torch.Tensor, prefix: str):
-        mode = "train" if self.model.training else "eval"
-        for name, value in drift_fractions(self.accelerator.reduce(counts, reduction="sum"), prefix).items():
-            self._metrics[mode][name].append(value)
+    def policy_pass(self, batch: dict):
+        """`around_forward` of the policy pass of `batch`: observe the routing and replay (R2: the pi_old pass's, R3:
+        the rollout's where known). The state stays until `clear()` (backward may recompute)."""
+        forced = known = None
+        if self.replay == "pi_old":
+            forced = batch[ROUTING_KEY]
+        elif self.replay == "rollout":
+            forced, known = batch[ROLLOUT_ROUTING_KEY], batch[ROLLOUT_ROUTING_KNOWN_KEY]
 
-    def _log_routing_drift(self, inputs, routing):
-        """Log how much the routing moved between the pi_old pass and this policy pass, on completion tokens.
+        @contextlib.contextmanager
+        def around_forward(layout):
+            self._policy_layout = layout
+            self.hooks.start_policy_pass(
+                None if forced is None else layout.to_model_order(forced),
+                None if known is None else layout.to_model_order(known),
+            )
+            yield
 
-          moe/routing_drift/token_layer       fraction of (completion token, MoE layer) pairs whose top-k expert
-                                              set differs from the pi_old pass (the paper: ~10% per update)
+        return around_forward
+
+    def log_drift(self, batch: dict, log) -> None:
+        """After the policy pass of `batch`: moe/routing_drift, its natural routing on the completion tokens against
+        pi_old's (the pi_old pass's record, else the rollout's where generation routed); nothing without either.
+
+          moe/routing_drift/token_layer       fraction of (completion token, MoE layer) pairs whose top-k expert set
+                                              differs from pi_old's (the paper: ~10% per update)
           moe/routing_drift/token_any_layer   fraction of completion tokens that changed in at least one layer
-        Both count the *natural* routing of the current router, also under routing_replay (what replay undid).
+        Both count the natural routing of the current router, also under replay (what replay undid).
         """
-        prompt_length = inputs["prompt_ids"].size(1)
-        current = self._moe_hooks.observed(routing.size(0), routing.size(1))
-        counts = routing_drift_counts(
-            routing[:, prompt_length:], current[:, prompt_length:], inputs["completion_mask"]
-        )
-        self._log_moe_counts(counts, ROUTING_DRIFT_PREFIX)
+        prompt_width = batch["prompt_ids"].size(1)
+        mask = batch["completion_mask"].bool()
+        reference = batch.get(ROUTING_KEY)
+        if reference is None and ROLLOUT_ROUTING_KEY in batch:
+            reference = batch[ROLLOUT_ROUTING_KEY]
+            mask = mask & batch[ROLLOUT_ROUTING_KNOWN_KEY][:, prompt_width:]
+        if not self.drift or reference is None:
+            return
+        current = self._policy_layout.from_model_order(self.hooks.observed())
+        log(routing_drift_counts(reference[:, prompt_width:], current[:, prompt_width:], mask), ROUTING_DRIFT_PREFIX)
 
-    def _log_rollout_routing_mismatch(self, rollout, known, natural, attention_mask, prompt_width):
-        """R3: how the trainer's own routing (pi_old pass, natural) differs from the rollout's, on the completion
-        tokens the rollout routed (all but the last of each completion).
-
-          moe/rollout_routing_mismatch/token_layer      fraction of (token, MoE layer) pairs whose top-k set differs
-          moe/rollout_routing_mismatch/token_any_layer  fraction of tokens that differ in at least one layer
-        """
-        mask = attention_mask[:, prompt_width:].bool() & known[:, prompt_width:]
-        counts = routing_drift_counts(rollout[:, prompt_width:], natural[:, prompt_width:], mask)
-        self._log_moe_counts(counts, ROLLOUT_ROUTING_MISMATCH_PREFIX)
+    def clear(self) -> None:
+        self.hooks.clear()
+        self._policy_layout = None

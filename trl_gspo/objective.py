@@ -136,6 +136,38 @@ def length_normalized_is_weight(
     raise ValueError(f"length_normalized_is_weight: mode must be 'sequence_truncate' or 'sequence_mask', got {mode!r}")
 
 
+def engine_importance_weights(
+    old_per_token_logps: torch.Tensor,
+    sampling_per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+    length_normalized: bool,
+    log_ratio_bound: float = DEFAULT_LOG_RATIO_BOUND,
+) -> torch.Tensor:
+    """vLLM importance-correction weights of a batch: (B, 1) in a "sequence_*" mode, (B, T) in a "token_*" mode.
+
+    With `length_normalized` (a sequence mode), GSPO's geometric mean, `length_normalized_is_weight`. Otherwise
+    GRPOTrainer's own weights: the exp of the per-token difference (token modes) or of its sum over the sequence
+    (sequence modes), engine NaNs counting as agreement, clamped into [clip_min, clip_max] ("*_truncate") or zeroed
+    outside it ("*_mask").
+    """
+    sequence_mode = mode.startswith("sequence")
+    if sequence_mode and length_normalized:
+        weights = length_normalized_is_weight(
+            old_per_token_logps, sampling_per_token_logps, mask, mode, clip_min, clip_max, log_ratio_bound
+        )
+        return weights.unsqueeze(1)
+    diff = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * mask, nan=0.0)
+    weights = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence_mode else diff)
+    if mode.endswith("_truncate"):
+        return weights.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return weights.masked_fill((weights < low) | (weights > high), 0.0)
+
+
 def _clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high):
     """-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A), elementwise (PPO's pessimistic bound)."""
     clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)

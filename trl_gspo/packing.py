@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from . import packing_models
-from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 IGNORE_INDEX = -100
 
@@ -63,6 +62,37 @@ class PackedBatch:
             "attention_mask": None,
             "use_cache": False,
         }
+
+    def to_model_order(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) per-position values of the padded layout -> (R * W, ...) in the order the model sees the
+        tokens; zero (False) at the filler."""
+        index = self.packed_index.reshape(-1)
+        real = index >= 0
+        flat = values.reshape(index.numel(), *values.shape[2:])
+        out = torch.zeros(self.input_ids.numel(), *values.shape[2:], dtype=values.dtype, device=values.device)
+        out[index[real]] = flat[real.to(values.device)]
+        return out
+
+    def from_model_order(self, values: torch.Tensor) -> torch.Tensor:
+        """(R * W, ...) values in model order -> (B, L, ...) of the padded layout; zero (False) at padding."""
+        index = self.packed_index
+        gathered = values[index.clamp(min=0).reshape(-1)].view(*index.shape, *values.shape[1:])
+        real = (index >= 0).view(*index.shape, *([1] * (values.dim() - 1)))
+        return torch.where(real, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+@dataclass
+class PaddedLayout:
+    """The padded (B, L) batch as the model sees it: model order is the row-major flattening (`PackedBatch`'s
+    counterpart for the padded forward)."""
+
+    attention_mask: torch.Tensor
+
+    def to_model_order(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(self.attention_mask.numel(), *values.shape[2:])
+
+    def from_model_order(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(*self.attention_mask.shape, *values.shape[1:])
 
 
 def assign_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
@@ -280,6 +310,7 @@ def packed_logps_and_entropies(
     pad_token_id: int = 0,
     autocast=None,
     one_row: bool = False,
+    around_forward=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """GRPOTrainer._get_per_token_logps_and_entropies on packed rows: same inputs, same (B, T) outputs.
 
@@ -290,7 +321,9 @@ def packed_logps_and_entropies(
     With `one_row` (flash-attention, see `packs_into_one_row`) or `compute_aux_loss` each chunk is packed into a
     single row without filler. For the aux loss: the MoE load-balancing loss then averages over exactly the chunk's
     real tokens, as the padded path's (which masks padding with the attention mask) does; rows with filler would
-    count the filler tokens. `autocast` is a factory of the autocast context (one per chunk).
+    count the filler tokens. `autocast` is a factory of the autocast context (one per chunk); `around_forward(packed)`
+    one of a context around each chunk's forward, given the chunk's `PackedBatch` (the MoE routing maps its record
+    through it).
     """
     batch_size = batch_size or input_ids.size(0)
     all_logps, all_entropies, all_aux = [], [], []
@@ -306,7 +339,10 @@ def packed_logps_and_entropies(
         model_inputs = packed.model_inputs()
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
-        with autocast() if autocast is not None else nullcontext():
+        with (
+            autocast() if autocast is not None else nullcontext(),
+            around_forward(packed) if around_forward is not None else nullcontext(),
+        ):
             outputs = model(**model_inputs, shift_labels=packed.shift_labels, fused_lm_head=True)
         all_logps.append(unpack_completion_values(packed, outputs.log_probs, logits_to_keep))
         if compute_entropy:
@@ -319,67 +355,40 @@ def packed_logps_and_entropies(
     return logps, entropies, aux_loss
 
 
-class PaddingFreeMixin:
-    """Trainer mixin: every log-prob pass (policy, pi_old, reference) on packed rows, same (B, T) outputs.
+class PackedForward:
+    """The forward backend of `padding_free=True`: every log-prob pass (policy, pi_old, reference) on packed rows,
+    with the (B, T) outputs of the padded pass.
 
-    On when `args.padding_free`; `args.padding_free_row_tokens` (optional) bounds the rows. Refuses at construction
-    a model (or ref_model) whose passes cannot be packed exactly. Overrides `__init__` and
-    `_get_per_token_logps_and_entropies`.
+    Refuses at construction a model (or reference model) for which packing is not known to be exact, naming why
+    (`packing_support_problem`), and packs each chunk into one row where flash-attention needs it.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_private_api()
-        self._padding_free_one_row = False  # flash-attention: one row per chunk (see packs_into_one_row)
-        super().__init__(*args, **kwargs)
-        check_trl_private_attributes(self)
-        if self._padding_free:
-            self._check_padding_free_supported()
-
-    @property
-    def _padding_free(self) -> bool:
-        return self.args.padding_free
-
-    def _check_padding_free_supported(self):
-        """Refuse a model for which packing is not known to be exact (never a wrong result), naming why, and decide
-        whether each chunk must be packed into one row (flash-attention)."""
-        models = [("model", self.accelerator.unwrap_model(self.model))]
-        if self.ref_model is not None:
-            models.append(("ref_model", self.accelerator.unwrap_model(self.ref_model)))
-        for name, candidate in models:
-            base = candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
+    def __init__(self, models: dict, row_tokens: int | None, autocast):
+        self.row_tokens, self.autocast, self.one_row = row_tokens, autocast, False
+        for name, model in models.items():
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
             problem = packing_support_problem(base)
             if problem:
                 raise ValueError(
                     f"padding_free=True cannot be used with this {name} ({type(base).__name__}): {problem}. Set "
                     "padding_free=False."
                 )
-            self._padding_free_one_row |= packs_into_one_row(base)
+            self.one_row |= packs_into_one_row(base)
 
-    def _get_per_token_logps_and_entropies(
+    def __call__(
         self,
         model,
         input_ids,
         attention_mask,
         logits_to_keep,
-        batch_size=None,
-        compute_entropy=False,
-        compute_aux_loss=False,
+        batch_size,
+        compute_entropy,
+        compute_aux_loss,
+        around_forward=None,
         **model_inputs,
     ):
-        """GRPOTrainer's log-prob pass on packed rows (same (B, T) outputs, no padding)."""
-        if not self._padding_free:
-            return super()._get_per_token_logps_and_entropies(
-                model,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                batch_size,
-                compute_entropy,
-                compute_aux_loss,
-                **model_inputs,
-            )
         extra = sorted(key for key, value in model_inputs.items() if value is not None)
-        if extra:  # vision-language inputs are refused at construction; never drop them silently
+        if extra:  # vision-language models are refused at construction; never drop their inputs silently
             raise ValueError(f"padding_free=True cannot pack a batch with model inputs {extra}.")
         return packed_logps_and_entropies(
             model,
@@ -389,7 +398,8 @@ class PaddingFreeMixin:
             batch_size=batch_size,
             compute_entropy=compute_entropy,
             compute_aux_loss=compute_aux_loss,
-            max_row_tokens=self.args.padding_free_row_tokens,
-            autocast=self.accelerator.autocast,
-            one_row=self._padding_free_one_row,
+            max_row_tokens=self.row_tokens,
+            autocast=self.autocast,
+            one_row=self.one_row,
+            around_forward=around_forward,
         )

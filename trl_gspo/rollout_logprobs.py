@@ -26,9 +26,7 @@ from contextlib import contextmanager
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .metrics import ROLLOUT_LOGPROBS_PREFIX
 from .objective import masked_token_diff, outside_clip_band, sequence_log_ratio
-from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 
 class SampledTokenLogProbs(LogitsProcessor):
@@ -128,108 +126,3 @@ def rollout_mismatch(ratios: torch.Tensor, epsilon_low: float, epsilon_high: flo
         "outside_clip_band": outside,
         "clip_band_log_high": high,
     }
-
-
-class RolloutLogprobsMixin:
-    """Trainer mixin: the log-probs computed while sampling answer the rollout's pi_old pass (no forward).
-
-    Reads `args.use_rollout_logprobs` (GSPOConfig checks it at construction) and
-    `args.rollout_logprobs_check_interval`. Overrides:
-      _generate_single_turn              transformers generation also records the sampled tokens' log-probs
-      _generate                          keeps them (vLLM and rollout_func return their own) for the pi_old pass
-      _generate_and_score_completions    they never outlive the rollout they belong to
-      _get_per_token_logps_and_entropies answers the pi_old pass with them, checked every N train rollouts
-    Must wrap the padding-free mixin (it answers the pi_old pass before anything runs a forward for it).
-    """
-
-    def __init__(self, *args, **kwargs):
-        check_trl_private_api()
-        self._pending_rollout_logprobs = None  # rollout log-probs waiting for the pi_old pass they replace
-        self._rollouts_seen = 0
-        super().__init__(*args, **kwargs)
-        check_trl_private_attributes(self)
-
-    @property
-    def _use_rollout_logprobs(self) -> bool:
-        return self.args.use_rollout_logprobs
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """The trainer's generation; with transformers generation it also returns the sampled tokens' log-probs
-        (GRPOTrainer returns None there; vLLM returns its own)."""
-        if not self._use_rollout_logprobs or self.use_vllm:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-        recorder = SampledTokenLogProbs(self.temperature)
-        with recording_generate(self.accelerator.unwrap_model(self.model_wrapped), recorder):
-            completion_ids, _ = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-        return completion_ids, recorder.per_sequence(completion_ids)
-
-    def _generate(self, prompts):
-        """The trainer's _generate, keeping the rollout log-probs for the pi_old pass."""
-        result = super()._generate(prompts)
-        if self._use_rollout_logprobs:
-            if result[4] is None:  # never fall back to the forward silently
-                raise RuntimeError(
-                    "use_rollout_logprobs=True, but this generation path returned no log-probs (a rollout_func must "
-                    "return them under 'logprobs'). Set use_rollout_logprobs=False."
-                )
-            self._pending_rollout_logprobs = result[4]  # per-token log-probs of the completions
-        return result
-
-    def _generate_and_score_completions(self, inputs):
-        try:
-            return super()._generate_and_score_completions(inputs)
-        finally:
-            self._pending_rollout_logprobs = None
-
-    def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, *args, **kwargs
-    ):
-        """The pi_old pass of a rollout, answered with the rollout log-probs (no forward) and, every
-        args.rollout_logprobs_check_interval train rollouts, checked against a recomputed pi_old (an eval rollout
-        does not advance the schedule: it is checked when the latest train rollout was).
-
-        GRPOTrainer's first log-prob pass of the policy model without entropy inside _generate_and_score_completions
-        is its pi_old pass (GSPOConfig refuses the on-policy schedules that skip it). A batch with a missing value
-        (vLLM's None) on any process falls back to the forward on every process. Values off the loss mask are 0.
-        Metrics (`gspo/rollout_logprobs/`, per check):
-          seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| recomputed vs rollout, mean and max over
-                                         the sequences of all processes (positions with a rollout log-prob of
-                                         exactly 0, TRL's filler for tool-result tokens, are left out)
-          outside_clip_band              fraction of sequences whose log-ratio mean_t(recomputed - rollout), the
-                                         log s_i of the first step, leaves [log(1-eps_low), log(1+eps_high)]
-          clip_band_log_high             log(1 + eps_high), to read the two above against
-          fallback                       1 when a batch had missing rollout log-probs and used the forward
-        """
-        if self._pending_rollout_logprobs is None or model is not self.model or compute_entropy:
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
-            )
-        logprobs, self._pending_rollout_logprobs = self._pending_rollout_logprobs, None
-        rollout = pad_rollout_logprobs(logprobs, logits_to_keep, input_ids.device)
-        mask = attention_mask[:, -logits_to_keep:].bool()
-        if self.model.training:  # the check schedule counts train rollouts only
-            self._rollouts_seen += 1
-        interval = self.args.rollout_logprobs_check_interval
-        # every process takes the same branch: the forward below is collective under ZeRO-3 / FSDP
-        local_missing = torch.isnan(rollout[mask]).any().float()
-        missing = bool(self.accelerator.reduce(local_missing, reduction="max") > 0)
-        rollout = rollout.masked_fill(~mask, 0.0)  # a None off the mask (e.g. a masked truncated completion): no NaN
-        if not missing and not (interval and (self._rollouts_seen - 1) % interval == 0):
-            return rollout, None, None
-        recomputed, _, _ = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
-        )
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics[f"{ROLLOUT_LOGPROBS_PREFIX}/fallback"].append(float(missing))
-        if missing:
-            return recomputed, None, None
-        # log s_i the objective sees at the rollout's first step: pi_theta = recomputed pi_old over the rollout's
-        ratios = self.accelerator.gather(mismatch_log_ratios(recomputed, rollout, mask & (rollout != 0)))
-        stats = rollout_mismatch(ratios, self.epsilon_low, self.epsilon_high)
-        for name, value in stats.items():
-            metrics[f"{ROLLOUT_LOGPROBS_PREFIX}/{name}"].append(value)
-        return rollout, None, None

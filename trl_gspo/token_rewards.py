@@ -45,7 +45,7 @@ lower advantage than the characters around it.
 That component (`group_centred_component`) has a side effect: a token no reward marked (``r_it = 0``, the eos
 included) gets ``-mu_g / (sigma_g + 1e-4)``, positive whenever the group's marks are negative on average, so with
 penalty-only spans stopping early earns credit. A subclass of GSPOTrainer may form the component otherwise by
-overriding `TokenRewardsMixin.token_advantage_component` (gspo_examples.token_advantages compares some).
+overriding `GSPOTrainer.token_advantage_component` (gspo_examples.token_advantages compares some).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ from trl.trainer.utils import is_async_callable
 
 from .config import GSPO_TOKEN_LEVEL
 from .rewards import TokenRewardError, check_reward_dependencies, completion_text, output_kind, reward_output_kinds
-from .trl_api import check_trl_private_api, check_trl_private_attributes
 
 logger = logging.get_logger(__name__)
 
@@ -457,54 +456,38 @@ def token_advantages(
     return advantages.unsqueeze(1) + weight * local * mask, abs_mean
 
 
-class TokenRewardsMixin:
-    """Trainer mixin: span and per-token rewards for GSPO-token, and the checks on every reward.
+class TokenRewards:
+    """The rewards feature: span and per-token rewards for GSPO-token, and the checks on every reward.
 
     Reward functions may return span lists or per-token lists (module docstring) next to plain numbers; under
-    importance_sampling_level="sequence_token" they become (B, T) advantages (token component:
-    `token_advantage_component`). At every level every reward is checked: NaN and +-inf warned once per function, a
-    run that keeps producing no finite reward stopped (`max_consecutive_nonfinite_reward_rollouts`). Overrides:
-      __init__                         refuses a marked token-level reward under another level
-      _calculate_rewards               token-level outputs taken out (TRL sees their sums), then the checks
-      _generate_and_score_completions  (B, T) advantages for GSPO-token
-    Also reads the private `_tokenizer`, `reward_weights`, `reward_func_names`, `_metrics`.
+    importance_sampling_level="sequence_token" they become (B, T) advantages (`advantages`). At every level every
+    reward is checked (`check`): NaN and +-inf warned once per function, a run that keeps producing no finite
+    reward stopped (`max_consecutive_nonfinite_reward_rollouts`). Built at construction, where a reward function
+    marked token-level is refused under another level.
     """
 
-    def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
-        check_trl_private_api()
+    def __init__(self, reward_funcs, args):
         check_reward_dependencies(reward_funcs)
         check_token_reward_level(reward_funcs, args.importance_sampling_level)
-        self._non_finite_reward_warned = set()  # reward function names already warned about NaN/inf
-        self._nonfinite_reward_streak = 0  # consecutive rollouts without a finite reward, NaN or inf among them
-        self._nonfinite_reward_names = set()  # the reward functions that returned NaN or inf during that streak
-        self._token_rewards, self._rewards_per_func = None, None
-        super().__init__(model, reward_funcs, args, *posargs, **kwargs)
-        check_trl_private_attributes(self)
+        self.args = args
+        self.warned = set()  # reward function names already warned about NaN/inf
+        self.nonfinite_streak = 0  # consecutive rollouts without a finite reward, NaN or inf among them
+        self.nonfinite_names = set()  # the reward functions that returned NaN or inf during that streak
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """The trainer's rewards, with token-level outputs taken out and every reward checked.
+    def collector(self, tokenizer, completion_ids_list, completions) -> TokenRewardCollector:
+        return TokenRewardCollector(tokenizer, completion_ids_list, completions, self.args.importance_sampling_level)
 
-        Each callable reward function runs through a `TokenRewardCollector` adapter: TRL receives numbers (a token-
-        level output's sum; NaN for NaN and +-inf), the per-token values wait in `self._token_rewards`. A token-level
-        output under a level other than "sequence_token" raises TokenRewardError here, before any parameter changes.
-        """
-        collector = TokenRewardCollector(
-            self._tokenizer, completion_ids_list, completions, self.args.importance_sampling_level
-        )
-        reward_funcs = self.reward_funcs
-        self.reward_funcs = [
+    @staticmethod
+    def wrapped(collector: TokenRewardCollector, reward_funcs, reward_func_names) -> list:
+        """The reward functions as TRL should call them: each callable through `collector` (TRL receives numbers: a
+        token-level output's sum, NaN for NaN and +-inf; the per-token values wait in the collector; a token-level
+        output under another level than "sequence_token" raises TokenRewardError, before any parameter changes)."""
+        return [
             func if isinstance(func, nn.Module) else collector.wrap(i, func, name)
-            for i, (func, name) in enumerate(zip(reward_funcs, self.reward_func_names, strict=True))
+            for i, (func, name) in enumerate(zip(reward_funcs, reward_func_names, strict=True))
         ]
-        try:
-            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        finally:
-            self.reward_funcs = reward_funcs
-        self._token_rewards, self._rewards_per_func = collector, rewards_per_func
-        self._check_reward_values(rewards_per_func, collector)
-        return rewards_per_func
 
-    def _check_reward_values(self, rewards_per_func, collector):
+    def check(self, rewards_per_func, collector, reward_func_names, accelerator, metrics) -> None:
         """Warn once per reward function that returned NaN or +-inf; stop a run that keeps producing no finite reward.
 
         `rewards_per_func` is gathered over processes. TRL's contract: None means "this reward does not apply"; a
@@ -516,72 +499,53 @@ class TokenRewardsMixin:
         `gspo/consecutive_nonfinite_reward_rollouts`.
         """
         for name, (nan_count, inf_count, total) in collector.non_finite.items():
-            if name not in self._non_finite_reward_warned:
-                self._non_finite_reward_warned.add(name)
+            if name not in self.warned:
+                self.warned.add(name)
                 logger.warning(non_finite_warning(name, nan_count, inf_count, total))
         if torch.isfinite(rewards_per_func).any():
-            self._nonfinite_reward_streak = 0
-            self._nonfinite_reward_names.clear()
+            self.nonfinite_streak = 0
+            self.nonfinite_names.clear()
         else:
             # every process sees the same gathered rewards and gets here; whether NaN or inf (not only None) took
             # part is known per process, so it is gathered too, and every process takes the same decision
             local = torch.tensor([float(bool(collector.non_finite))], device=rewards_per_func.device)
-            if self.accelerator.gather(local).sum().item() > 0:
-                self._nonfinite_reward_streak += 1
-                self._nonfinite_reward_names.update(collector.non_finite)
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["gspo/consecutive_nonfinite_reward_rollouts"].append(float(self._nonfinite_reward_streak))
+            if accelerator.gather(local).sum().item() > 0:
+                self.nonfinite_streak += 1
+                self.nonfinite_names.update(collector.non_finite)
+        metrics["gspo/consecutive_nonfinite_reward_rollouts"].append(float(self.nonfinite_streak))
         limit = self.args.max_consecutive_nonfinite_reward_rollouts
-        if self._nonfinite_reward_streak >= limit:
+        if self.nonfinite_streak >= limit:
             raise ValueError(
-                no_finite_reward_message(
-                    self.reward_func_names, sorted(self._nonfinite_reward_names), self._nonfinite_reward_streak, limit
-                )
+                no_finite_reward_message(reward_func_names, sorted(self.nonfinite_names), self.nonfinite_streak, limit)
             )
 
-    def token_advantage_component(
-        self, token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int
-    ) -> torch.Tensor:
-        """The (N, T) token component of GSPO-token's advantages: `group_centred_component` (module docstring).
-
-        The place to try another formula: override it in a subclass, with the same arguments (every process's rows
-        in TRL's order, groups of `num_generations` consecutive rows; `mask` 0 off the loss tokens and on the rows
-        of unscorable completions) and a result that is 0 off the mask.
-        """
-        return group_centred_component(token_rewards, mask, num_generations)
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        if self.args.importance_sampling_level == GSPO_TOKEN_LEVEL:
-            self._score_token_rewards(output)
-        return output
-
-    def _score_token_rewards(self, output):
-        """Replace the (B,) advantages by (B, T) ones (`token_advantages`), groups normalised over all processes.
+    def advantages(
+        self, output, collector, rewards_per_func, reward_weights, group_size, accelerator, metrics, component
+    ) -> None:
+        """GSPO-token: replace the rollout's (B,) advantages by (B, T) ones (`token_advantages`), groups normalised
+        over all processes; `component` forms the token component (GSPOTrainer.token_advantage_component).
 
         The (B, T) tensor has the batch first and travels through TRL's shuffle and split with the rest of the
         rollout. Logs `token_rewards/component_abs_mean` (0 without token rewards, where A_it = A_i exactly).
         """
-        mode = "train" if self.model.training else "eval"
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
         advantages = output["advantages"]
         mask = (
             output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output["tool_mask"]
         )
         width = output["completion_ids"].size(1)
-        local = self._token_rewards.token_reward_matrix(self.reward_weights.tolist(), width).to(advantages.device)
+        local = collector.token_reward_matrix(reward_weights.tolist(), width).to(advantages.device)
         local = torch.stack([local, mask.float()])  # (2, B, T): token rewards and mask, gathered together
-        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
+        gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
         # unscorable completions (no finite reward, gathered like the rewards) keep TRL's advantage of 0
-        scorable = ~torch.isnan(self._rewards_per_func).all(dim=1).to(gathered.device)
+        scorable = ~torch.isnan(rewards_per_func).all(dim=1).to(gathered.device)
         output["advantages"], abs_mean = token_advantages(
             advantages,
             mask,
             gathered[:, 0],
             gathered[:, 1] * scorable.unsqueeze(1),
             group_size,
-            self.accelerator.process_index * advantages.size(0),
+            accelerator.process_index * advantages.size(0),
             self.args.token_advantage_weight,
-            self.token_advantage_component,
+            component,
         )
-        self._metrics[mode]["token_rewards/component_abs_mean"].append(abs_mean.item())
+        metrics["token_rewards/component_abs_mean"].append(abs_mean.item())

@@ -1,35 +1,37 @@
 """GSPOTrainer: TRL's GRPOTrainer with GSPO's sequence-level importance ratio and clipping.
 
-The core (this module) is what is GSPO: construction (a GRPOConfig is upgraded to a GSPOConfig), `_compute_loss`
-(the algorithm, top to bottom), the length-normalised vLLM importance weights of a rollout, the checkpoint hooks that
-make a resume inside a rollout exact (and mark a checkpoint complete, trl_gspo/checkpoints.py), and the metric
-reduction. With `importance_sampling_level="token"` `_compute_loss` hands the micro-batch to GRPOTrainer's own loss.
+The core owns the training step. It overrides these GRPOTrainer methods, each once, and reads top to bottom in the
+order a step runs them:
 
-What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token
-masking, the entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-
-normalised by default), the KL term with per-token importance correction, the fixed entropy bonus, the MoE
-router aux loss, and gradient-accumulation scaling. What it refuses is refused by GSPOConfig at construction.
+1. `_prepare_inputs`: TRL's (every steps_per_generation * num_iterations micro-steps a new rollout, shuffled and
+   split into micro-batches); a new rollout's micro-batches then get their log-prob passes (`_score_rollout`)
+   before the first optimizer step on them.
+2. `_generate_and_score_completions`: TRL's rollout with its log-prob passes deferred (answered with NaN
+   placeholders by `_get_per_token_logps_and_entropies`, replaced in 1 before any loss reads them); inside it
+   `_generate_single_turn` (generation: the sampled tokens' log-probs and R3's routing recorded) and
+   `_calculate_rewards` (token rewards taken out, every reward checked). Then GSPO-token's (B, T) advantages, the
+   rollout diagnostics and R3's routing rows.
+3. `_score_rollout`: per micro-batch, with the policy pass's own call: pi_old (its source), the reference
+   log-probs, vLLM's importance weights.
+4. `_compute_loss`: the policy pass, the weights, the objective (a pure function, trl_gspo/objective.py), the entropy
+   bonus and aux loss, the metrics; TRL's own loss at importance_sampling_level="token". `training_step`: TRL's; the
+   routing replay state ends after backward.
+5. `_save_checkpoint` / `_load_optimizer_and_scheduler`: exact resumes (the buffered rollout is saved).
 
-Every other capability is a cooperative mixin in its own module, each calling `super()` and reading its GSPOConfig
-fields; the class statement below is the order in which they wrap GRPOTrainer (outermost first):
+The features are objects chosen at construction from the config, each in its module, called only from here:
+    self.pi_old    where pi_old comes from (trl_gspo/pi_old.py): recomputed per micro-batch, the rollout's
+                   log-probs, or None when every step is on-policy (pi_old is then the detached current log-probs)
+    self.forward   the forward backend: PackedForward (trl_gspo/packing.py) or None, TRL's padded pass
+    self.routing   MoE routing (trl_gspo/moe.py): drift metric, R2 or R3 replay; None for a dense model
+    self.rewards   token rewards and reward checks (trl_gspo/token_rewards.py)
+and at construction the vLLM set-up checks (trl_gspo/vllm_checks.py) and the switch-off of train-mode randomness
+(trl_gspo/noise.py). A pass's kind is known where it runs: the core runs the pi_old and reference passes itself,
+and TRL calls the log-prob pass only in its rollout (deferred) and in its loss (the policy pass).
 
-    MoERoutingMixin          trl_gspo/moe.py              no router logits in generate(), drift metric, replay
-    AlignedPiOldMixin        trl_gspo/aligned_pi_old.py   pi_old per micro-batch, as the policy pass sees it
-    RolloutLogprobsMixin     trl_gspo/rollout_logprobs.py the sampling log-probs answer the pi_old pass
-    PaddingFreeMixin         trl_gspo/packing.py          every log-prob pass on packed rows
-    TokenRewardsMixin        trl_gspo/token_rewards.py    span / per-token rewards, reward checks
-    RolloutDiagnosticsMixin  trl_gspo/diagnostics.py      diversity, length and signal per rollout
-    VLLMColocateCPUMixin     trl_gspo/vllm_cpu.py         vLLM engine dtype, weight sync on a CPU engine
-    VLLMChecksMixin          trl_gspo/vllm_checks.py      vLLM set-up errors: server sync/reach/log-probs, engine
-
-Order matters where two mixins wrap the same pass. The rollout log-probs must answer the pi_old pass before the
-padding-free mixin runs a forward for it (tests/trainer/test_mixins.py shows the swapped order running it), and so must the
-aligned mixin's skipped TRL pi_old pass. The MoE mixin is outermost so that it records the pass that is really
-computed (the aligned one, per micro-batch) and disarms at the first pass on the policy model whoever answers it
-(otherwise it could record the PEFT reference pass); its hooks are off whenever padding-free or rollout log-probs are
-on, since the routing record needs an unpacked forward. The padding-free mixin ends the log-prob chain when it is on:
-an override placed below it is not reached. The vLLM checks sit inside the CPU mixin, so that use_vllm=True without
-vLLM is refused first, and their engine-error wrapper sees the engine dtype the CPU mixin passes.
+What `_compute_loss` keeps from GRPOTrainer, so nothing is dropped silently (TRL issue 6807): tool-token masking, the
+entropy mask (GSPO-token), the off-policy sequence mask, vLLM importance correction (length-normalised by default),
+the KL term with per-token importance correction, the fixed entropy bonus, the MoE router aux loss, and
+gradient-accumulation scaling. What it refuses is refused by GSPOConfig at construction.
 """
 
 from __future__ import annotations
@@ -38,37 +40,39 @@ import inspect
 import math
 import shutil
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
 from . import metrics as names
-from .aligned_pi_old import AlignedPiOldMixin, policy_pass_arguments
 from .banner import distributed_backend, start_banner
 from .checkpoints import checkpoint_problem, write_complete_mark
-from .config import GSPOConfig, upgrade_grpo_config
-from .diagnostics import RolloutDiagnosticsMixin
-from .moe import MoERoutingMixin
+from .config import GSPO_TOKEN_LEVEL, GSPOConfig, pi_old_pass_runs, upgrade_grpo_config
+from .diagnostics import log_rollout_diagnostics
+from .moe import drift_fractions, moe_routing, router_logits_off
 from .noise import make_ratio_passes_deterministic
 from .objective import (
     compute_policy_objective,
+    engine_importance_weights,
     grpo_metric_sums,
     grpo_metrics,
-    length_normalized_is_weight,
     objective_metric_sums,
     objective_metrics,
     outside_clip_band_counts,
 )
-from .packing import PaddingFreeMixin
+from .packing import PackedForward, PaddedLayout
+from .pi_old import RecomputedPiOld, RolloutLogprobsPiOld
 from .rollout_buffer import load_rollout_buffer
-from .rollout_logprobs import RolloutLogprobsMixin
-from .token_rewards import TokenRewardsMixin
-from .trl_api import check_trl_private_api, check_trl_private_attributes
-from .vllm_checks import VLLMChecksMixin
-from .vllm_cpu import VLLMColocateCPUMixin
+from .rollout_logprobs import SampledTokenLogProbs, recording_generate
+from .token_rewards import TokenRewards, group_centred_component
+from .trl_api import MODEL_INPUT_KEYS, check_trl_private_api, check_trl_private_attributes
+from .vllm_checks import check_vllm_after_construction, check_vllm_before_construction, engine_construction
 
 logger = logging.get_logger(__name__)
 
@@ -76,25 +80,14 @@ logger = logging.get_logger(__name__)
 ROLLOUT_BUFFER_FILE = "gspo_rollout_buffer_rank{rank}.pt"
 
 
-class GSPOTrainer(
-    MoERoutingMixin,
-    AlignedPiOldMixin,
-    RolloutLogprobsMixin,
-    PaddingFreeMixin,
-    TokenRewardsMixin,
-    RolloutDiagnosticsMixin,
-    VLLMColocateCPUMixin,
-    VLLMChecksMixin,
-    GRPOTrainer,
-):
+class GSPOTrainer(GRPOTrainer):
     """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.
 
     Takes exactly GRPOTrainer's arguments and is a drop-in replacement for it. `args` may be a GSPOConfig, a
     GRPOConfig (upgraded by `trl_gspo.config.upgrade_grpo_config`: fields that differ from GRPOConfig's defaults are
     kept, the clip range as a pair, the rest take GSPO's defaults; a warning names both lists) or None (GSPOConfig
-    defaults). Overrides `_compute_loss` for the algorithm and `_save_checkpoint` / `_load_optimizer_and_scheduler`
-    for exact resumes; the features are the mixins of the class statement (module docstring). Prints one start line
-    on the main process (trl_gspo/banner.py) and logs every metric GRPOTrainer logs for the same configuration.
+    defaults). The step and its features: the module docstring. Prints one start line on the main process
+    (trl_gspo/banner.py) and logs every metric GRPOTrainer logs for the same configuration.
     """
 
     _tag_names = ["trl", "gspo", "trl-gspo"]
@@ -114,15 +107,40 @@ class GSPOTrainer(
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *posargs, **kwargs):
         check_trl_private_api()
+        model_name = model if isinstance(model, str) else model.config._name_or_path
         if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
             args = GSPOConfig(f"{str(model_name).split('/')[-1]}-GSPO")
         elif not isinstance(args, GSPOConfig):
             args, notice = upgrade_grpo_config(args)  # the rule: trl_gspo/config.py
             logger.warning(notice)
+        self.rewards = TokenRewards(reward_funcs, args)
+        check_vllm_before_construction(args)
+        colocate = args.use_vllm and args.vllm_mode == "colocate"
         self._rollout_optimizer_step = None  # state.global_step when the current training rollout was generated
-        super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        self._in_rollout = False  # TRL's rollout is running: its log-prob passes are deferred to _score_rollout
+        self._rollout_scores = None  # (reward collector, completion ids, rewards) from _calculate_rewards
+        self._loss_batch = None  # the micro-batch whose policy pass TRL's own loss runs (level "token")
+        with engine_construction(model_name, args.vllm_dtype) if colocate else nullcontext():
+            super().__init__(model, reward_funcs, args, *posargs, **kwargs)
         check_trl_private_attributes(self)
+        if colocate:
+            check_vllm_after_construction(self.vllm_generation, self.args, model_name)
+        unwrap = self.accelerator.unwrap_model
+        if not pi_old_pass_runs(self.args):
+            self.pi_old = None
+        elif self.args.use_rollout_logprobs:
+            self.pi_old = RolloutLogprobsPiOld(self.args.rollout_logprobs_check_interval)
+        else:
+            self.pi_old = RecomputedPiOld()
+        self.forward = None
+        if self.args.padding_free:
+            models = {"model": unwrap(self.model)}
+            if self.ref_model is not None:
+                models["ref_model"] = unwrap(self.ref_model)
+            self.forward = PackedForward(models, self.args.padding_free_row_tokens, self.accelerator.autocast)
+        self.routing = moe_routing(
+            unwrap(self.model), self.args, self.tools, self.rollout_func, self.pad_to_multiple_of
+        )
         make_ratio_passes_deterministic(self.args, self.model, self.ref_model)  # GSPOConfig.disable_dropout
         self._print_start_banner()
 
@@ -134,124 +152,337 @@ class GSPOTrainer(
             precision, device_type = self.accelerator.mixed_precision, self.accelerator.device.type
             print(start_banner(world, backend, precision, self.args, device_type), flush=True)
 
-    def _save_checkpoint(self, model, trial):
-        """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly; then mark
-        the checkpoint complete, and only then delete old ones (save_total_limit).
+    # --- 1. the micro-batch of a step -----------------------------------------------------------------------------
 
-        GRPOTrainer keeps one generation batch for steps_per_generation * num_iterations micro-steps and does not
-        checkpoint it: a run resumed mid-rollout would generate a new batch from a newer policy. The mark
-        (trl_gspo/checkpoints.py) is written by the main process once every rank has written its files, the rollout
-        buffer included; `--resume true` takes only marked checkpoints. Transformers rotates old checkpoints at the
-        end of its own save, before the buffer and the mark: it would delete the previous complete checkpoint while
-        this one is still incomplete, so the rotation (transformers' own, which keeps the newest) runs after the mark.
-        """
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and folder.exists():
-            # left by an earlier save of this step cut short (or by a run resumed from an earlier checkpoint): its
-            # mark and files must not mix with this save's
-            shutil.rmtree(folder)
-        self.accelerator.wait_for_everyone()
-        save_total_limit = self.args.save_total_limit
-        self.args.save_total_limit = None  # no rotation inside transformers' save: it runs below, after the mark
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = save_total_limit
-        if self._buffered_inputs is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self._buffered_inputs, folder / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            write_complete_mark(folder, self.state.global_step)
-            rotate_checkpoints(
-                str(run_dir), save_total_limit, best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True
-            )
+    def _prepare_inputs(self, generation_batch):
+        """TRL's; right after a new rollout is split into micro-batches (train) or generated (eval), and before any
+        optimizer step on it, every micro-batch gets its log-prob passes (`_score_rollout`). A resumed rollout
+        buffer already holds them."""
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if not self.model.training:
+            self._score_rollout([inputs], training=False)
+        elif self._buffered_inputs is not buffered:  # TRL generated and split a new rollout
+            self._score_rollout(self._buffered_inputs, training=True)
+        return inputs
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        """Refuse a damaged checkpoint by name (transformers would fail inside torch.load), then restore the buffered
-        rollout and the micro-step counter that indexes into it (see _save_checkpoint)."""
-        if checkpoint is not None and (problem := checkpoint_problem(checkpoint, require_mark=False)):
-            raise ValueError(f"checkpoint {checkpoint} cannot be resumed from: {problem}.")
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = Path(checkpoint) / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index)
-        if path.is_file():
-            # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py). A
-            # process of a CPU launch has device cpu:<rank>, which torch.load cannot map to: plain cpu is the same
-            device = self.accelerator.device
-            self._buffered_inputs = load_rollout_buffer(path, "cpu" if device.type == "cpu" else device)
-            self._step = self.state.global_step * self.args.gradient_accumulation_steps
-            # a checkpoint is written after an optimizer step, so the restored rollout has seen an update
-            self._rollout_optimizer_step = None
+    # --- 2. the rollout ---------------------------------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's rollout; length-normalised engine weights where they apply (`_length_normalize_engine_weights`).
-        Notes the optimizer step the rollout's policy is at: pi_old is that policy (`_before_first_update_of_rollout`)."""
-        if self.model.training:
+        """TRL's rollout (generation, rewards, advantages) without its log-prob passes, which run per micro-batch
+        in `_score_rollout`; then GSPO-token's (B, T) advantages, the rollout diagnostics and R3's routing rows.
+        Notes the optimizer step the rollout's policy is at: pi_old is that policy (`_before_first_update_of_rollout`).
+        """
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
             self._rollout_optimizer_step = self.state.global_step
-        output = super()._generate_and_score_completions(inputs)
-        if (
-            self.importance_sampling_level != "token"  # TRL's own loss: its product-form weights
-            and self.use_vllm
-            and self.vllm_importance_sampling_correction
-            and self.vllm_importance_sampling_mode.startswith("sequence")
-            and self.args.vllm_importance_sampling_length_normalized
-        ):
-            self._length_normalize_engine_weights(output)
+        if self.routing is not None:
+            self.routing.clear()
+        self._in_rollout = True
+        try:
+            # the config's output_router_logits crashes cached decoding on padded batches; the training forward asks
+            # for router logits itself (trl_gspo/moe.py)
+            with router_logits_off(self.accelerator.unwrap_model(self.model)):
+                output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._in_rollout = False
+        (collector, completion_ids_list, rewards_per_func), self._rollout_scores = self._rollout_scores, None
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        metrics = self._metrics[mode]
+        if self.importance_sampling_level == GSPO_TOKEN_LEVEL:
+            self.rewards.advantages(
+                output,
+                collector,
+                rewards_per_func,
+                self.reward_weights,
+                group_size,
+                self.accelerator,
+                metrics,
+                self.token_advantage_component,
+            )
+        log_rollout_diagnostics(completion_ids_list, rewards_per_func, self.reward_weights, group_size, metrics)
+        if self.routing is not None:
+            self.routing.attach_rollout_routing(output)
         return output
 
-    def _length_normalize_engine_weights(self, output: dict) -> None:
-        """Replace TRL's product-form `importance_sampling_ratio` of a rollout (vLLM importance correction, a
-        "sequence_*" mode) with `length_normalized_is_weight` from TRL's pi_old and the engine's log-probs: the
-        weights the loss applies. The `sampling/importance_sampling_ratio/{min,mean,max}` TRL logged for the rollout
-        are replaced too, by those of these weights over the non-empty sequences of all processes."""
-        mask = output["completion_mask"]
-        if "tool_mask" in output:
-            mask = mask * output["tool_mask"]
-        weights = length_normalized_is_weight(
-            output["old_per_token_logps"],
-            output["sampling_per_token_logps"],
-            mask,
-            self.vllm_importance_sampling_mode,
-            self.vllm_importance_sampling_clip_min,
-            self.vllm_importance_sampling_clip_max,
-            self.args.log_ratio_bound,
-        )
-        output["importance_sampling_ratio"] = weights.unsqueeze(1)
-        in_loss = self.accelerator.gather(weights.masked_fill(mask.sum(-1) == 0, math.nan))
-        in_loss = in_loss[~torch.isnan(in_loss)]
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation. With rollout log-probs and transformers generation the sampled tokens' log-probs are
+        recorded (`SampledTokenLogProbs`; vLLM and a rollout_func return their own), and TRL turns them into the
+        rollout's `sampling_per_token_logps`; with R3 the routing of generate() is recorded."""
+        recorder = None
+        if self.args.use_rollout_logprobs and not self.use_vllm:
+            recorder = SampledTokenLogProbs(self.temperature)
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        with (
+            recording_generate(unwrapped, recorder) if recorder is not None else nullcontext(),
+            self.routing.recording_generation() if self.routing is not None else nullcontext(),
+        ):
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if self.routing is not None:
+            self.routing.generated(prompt_ids, completion_ids)
+        if recorder is not None:
+            logprobs = recorder.per_sequence(completion_ids)
+        return completion_ids, logprobs
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards, with token-level outputs taken out (TRL sees their sums; the token values wait in the
+        collector for GSPO-token's advantages) and every reward checked (`TokenRewards.check`)."""
+        collector = self.rewards.collector(self._tokenizer, completion_ids_list, completions)
+        reward_funcs = self.reward_funcs
+        self.reward_funcs = TokenRewards.wrapped(collector, reward_funcs, self.reward_func_names)
+        try:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = reward_funcs
         metrics = self._metrics["train" if self.model.training else "eval"]
-        for name, reduce in (("min", torch.min), ("mean", torch.mean), ("max", torch.max)):
-            values = metrics[f"sampling/importance_sampling_ratio/{name}"]
-            values.pop()  # TRL's product-form value for this rollout
-            if in_loss.numel():
-                values.append(reduce(in_loss).item())
+        self.rewards.check(rewards_per_func, collector, self.reward_func_names, self.accelerator, metrics)
+        self._rollout_scores = (collector, completion_ids_list, rewards_per_func)
+        return rewards_per_func
+
+    def token_advantage_component(
+        self, token_rewards: torch.Tensor, mask: torch.Tensor, num_generations: int
+    ) -> torch.Tensor:
+        """The (N, T) token component of GSPO-token's advantages: `group_centred_component` (trl_gspo/token_rewards.py).
+
+        The place to try another formula: override it in a subclass, with the same arguments (every process's rows
+        in TRL's order, groups of `num_generations` consecutive rows; `mask` 0 off the loss tokens and on the rows
+        of unscorable completions) and a result that is 0 off the mask.
+        """
+        return group_centred_component(token_rewards, mask, num_generations)
+
+    # --- 3. the log-prob passes of a rollout ------------------------------------------------------------------------
+
+    def _score_rollout(self, micro_batches: list[dict], training: bool) -> None:
+        """The log-prob passes of a new rollout, per micro-batch and with the policy pass's own call: pi_old (from its
+        source; none when every step is on-policy), the reference (beta != 0), then vLLM's importance weights from
+        them. They replace the placeholders TRL's rollout left, before any loss reads them."""
+        metrics = self._metrics["train" if training else "eval"]
+        if self.pi_old is not None:
+            self.pi_old.fill(
+                micro_batches,
+                self._pi_old_pass,
+                self.accelerator,
+                metrics,
+                training,
+                self.epsilon_low,
+                self.epsilon_high,
+            )
+        if self.beta != 0.0:
+            for batch in micro_batches:
+                batch["ref_per_token_logps"] = self._reference_pass(batch)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            self._engine_importance_weights(micro_batches, metrics)
+
+    def _pi_old_pass(self, batch: dict) -> torch.Tensor:
+        """(B, T) log pi_old of micro-batch `batch`: the policy pass's call without gradients (entropies are computed
+        by the fused LM head either way and do not change the log-probs); the routing records it (R3: replays the
+        rollout's)."""
+        around_forward = None
+        if self.routing is not None:
+            keep_record = not self.args.use_rollout_logprobs  # there, pi_old's routing is the rollout's
+            around_forward = self.routing.pi_old_pass(batch, self._log_routing_counts, keep_record)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._log_prob_pass(self.model, batch, False, self.aux_loss_enabled, around_forward)
+        return logps
+
+    def _reference_pass(self, batch: dict) -> torch.Tensor:
+        """(B, T) reference log-probs of `batch`: the reference model, or with PEFT the model with its adapter off
+        (or the adapter named "ref"), as GRPOTrainer computes them."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is not None:
+                return self._log_prob_pass(self.ref_model, batch)[0]
+            model = self.accelerator.unwrap_model(self.model)
+            with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                return self._log_prob_pass(self.model, batch)[0]
+
+    def _engine_importance_weights(self, micro_batches: list[dict], metrics) -> None:
+        """vLLM importance correction: each micro-batch's weights from pi_old and the engine's log-probs
+        (`engine_importance_weights`: GSPO's length-normalised form at the sequence levels by default, TRL's product
+        at the token level), and the rollout's `sampling/*` metrics with TRL's reductions, in place of the ones TRL
+        logged from its deferred pi_old."""
+        length_normalized = (
+            self.importance_sampling_level != "token" and self.args.vllm_importance_sampling_length_normalized
+        )
+        sequence_mode = self.vllm_importance_sampling_mode.startswith("sequence")
+        deltas, weights_seen = [], []
+        for batch in micro_batches:
+            mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+            old, sampling = batch["old_per_token_logps"], batch["sampling_per_token_logps"]
+            weights = engine_importance_weights(
+                old,
+                sampling,
+                mask,
+                self.vllm_importance_sampling_mode,
+                self.vllm_importance_sampling_clip_min,
+                self.vllm_importance_sampling_clip_max,
+                length_normalized,
+                self.args.log_ratio_bound,
+            )
+            batch["importance_sampling_ratio"] = weights
+            delta = (old - sampling).abs()
+            deltas.append(delta[mask.bool() & ~torch.isnan(delta)])
+            if not sequence_mode:
+                weights_seen.append(weights[mask.bool()])
+            elif length_normalized:  # the weights the loss applies: an empty sequence has none
+                weights_seen.append(weights.flatten()[mask.sum(-1) > 0])
+            else:
+                weights_seen.append(weights.flatten())
+        delta, weights = torch.cat(deltas), torch.cat(weights_seen)
+        zero = torch.zeros((), device=delta.device)
+        local = torch.stack(
+            [
+                delta.mean() if delta.numel() else zero,
+                delta.max() if delta.numel() else zero,
+                weights.min() if weights.numel() else zero,
+                weights.mean() if weights.numel() else zero,
+                weights.max() if weights.numel() else zero,
+            ]
+        )
+        gathered = self.accelerator.gather(local.unsqueeze(0))  # (processes, 5)
+        values = {
+            "sampling/sampling_logp_difference/mean": gathered[:, 0].mean(),
+            "sampling/sampling_logp_difference/max": gathered[:, 1].max(),
+            "sampling/importance_sampling_ratio/min": gathered[:, 2].min(),
+            "sampling/importance_sampling_ratio/mean": gathered[:, 3].mean(),
+            "sampling/importance_sampling_ratio/max": gathered[:, 4].max(),
+        }
+        for name, value in zip(values, torch.stack(list(values.values())).tolist(), strict=True):
+            metrics[name][-1] = value  # TRL's value for this rollout, computed from the placeholder
+
+    # --- the log-prob pass ------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """Every log-prob pass TRL's own code asks for. Inside its rollout (pi_old, reference): deferred to
+        `_score_rollout`, answered with NaN of the shape (a NaN loss if one were ever read, never a silent ratio).
+        Otherwise the policy pass of TRL's loss (importance_sampling_level="token"), run as the core runs its own."""
+        if self._in_rollout:
+            return torch.full((input_ids.size(0), logits_to_keep), math.nan, device=input_ids.device), None, None
+        around_forward = self.routing.policy_pass(self._loss_batch) if self.routing is not None else None
+        return self._forward(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size,
+            compute_entropy,
+            compute_aux_loss,
+            around_forward,
+            **model_inputs,
+        )
+
+    def _log_prob_pass(self, model, batch, compute_entropy=False, compute_aux_loss=False, around_forward=None):
+        """(log-probs, entropies, aux loss) of micro-batch `batch` under `model`, in one chunk: GRPOTrainer's
+        `_compute_loss` call, which every pass of the core makes so that pi_old and the policy see the same rows."""
+        completion_ids = batch["completion_ids"]
+        return self._forward(
+            model,
+            torch.cat([batch["prompt_ids"], completion_ids], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            None,
+            compute_entropy,
+            compute_aux_loss,
+            around_forward,
+            **{key: batch.get(key) for key in MODEL_INPUT_KEYS},
+        )
+
+    def _forward(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size,
+        compute_entropy,
+        compute_aux_loss,
+        around_forward,
+        **model_inputs,
+    ):
+        """The forward backend: packed rows (`self.forward`) or TRL's padded pass. `around_forward(layout)`, from the
+        routing, wraps the model call (one chunk: the routed passes are never chunked)."""
+        if self.forward is not None:
+            return self.forward(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                around_forward,
+                **model_inputs,
+            )
+        with around_forward(PaddedLayout(attention_mask)) if around_forward is not None else nullcontext():
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+
+    # --- 4. the loss ------------------------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """TRL's; the routing's replay state is dropped only here, after backward (checkpointing recomputes)."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self.routing is not None:
+                self.routing.clear()
 
     def _compute_loss(self, model, inputs):
-        """GSPO / GSPO-token loss of one micro-batch; GRPOTrainer's own loss for importance_sampling_level='token'.
+        """GSPO / GSPO-token loss of one micro-batch (`_gspo_loss`); GRPOTrainer's own loss for
+        importance_sampling_level="token". Then the routing drift of the policy pass."""
+        if self.importance_sampling_level == "token":
+            self._loss_batch = inputs
+            try:
+                loss = super()._compute_loss(model, inputs)
+            finally:
+                self._loss_batch = None
+        else:
+            loss = self._gspo_loss(model, inputs)
+        if self.routing is not None:
+            self.routing.log_drift(inputs, self._log_routing_counts)
+            if not torch.is_grad_enabled():  # evaluation: no backward follows, so no training_step to clear it
+                self.routing.clear()
+        return loss
+
+    def _gspo_loss(self, model, inputs):
+        """GSPO / GSPO-token loss of one micro-batch.
 
         Reads top to bottom: log-probs of the current policy -> pi_old -> per-sequence and per-token weights ->
         the pure objective -> entropy bonus and MoE aux loss -> metrics.
         """
-        if self.importance_sampling_level == "token":
-            return super()._compute_loss(model, inputs)
         args: GSPOConfig = self.args
         mode = "train" if self.model.training else "eval"
         # TRL turns off HF's loss scaling for accumulation (loss_is_scaled_for_ga): the loss must be divided here.
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
-        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss; the aligned pi_old pass makes
-        # the same call (trl_gspo/aligned_pi_old.py)
+        # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss: the call the pi_old pass made
         completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        pass_args, model_inputs = policy_pass_arguments(inputs)
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, *pass_args, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled, **model_inputs
+        around_forward = self.routing.policy_pass(inputs) if self.routing is not None else None
+        per_token_logps, entropies, aux_loss = self._log_prob_pass(
+            model, inputs, True, self.aux_loss_enabled, around_forward
         )
 
-        # 2. pi_old: TRL leaves it out when the step is on-policy, where it equals the detached current log-probs
+        # 2. pi_old: none when the step is on-policy, where it equals the detached current log-probs
         old_per_token_logps = inputs.get("old_per_token_logps")
         if old_per_token_logps is None:
             old_per_token_logps = per_token_logps.detach()
@@ -272,7 +503,7 @@ class GSPOTrainer(
             else:  # per-token advantages (GSPO-token) give a per-token keep mask
                 token_weights.append(keep)
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            # (B, 1) in a sequence mode (length-normalised by default: _generate_and_score_completions), else (B, T)
+            # (B, 1) in a sequence mode (length-normalised by default: _engine_importance_weights), else (B, T)
             weight = inputs["importance_sampling_ratio"]
             if self.vllm_importance_sampling_mode.startswith("sequence"):
                 sequence_weights.append(weight.squeeze(1))
@@ -357,6 +588,12 @@ class GSPOTrainer(
             if sequences:
                 self._metrics[mode][names.FIRST_STEP_OUTSIDE_CLIP_BAND].append(outside / sequences)
 
+    def _log_routing_counts(self, counts: torch.Tensor, prefix: str) -> None:
+        """MoE routing counts (`routing_drift_counts`) of this process, summed over processes, as fractions."""
+        mode = "train" if self.model.training else "eval"
+        for name, value in drift_fractions(self.accelerator.reduce(counts, reduction="sum"), prefix).items():
+            self._metrics[mode][name].append(value)
+
     def _before_first_update_of_rollout(self) -> bool:
         """Whether no optimizer step has happened since this micro-step's rollout was generated: the policy is still
         pi_old, s_i must be exactly 1, and `gspo/first_step_outside_clip_band` (the fraction of sequences outside
@@ -364,6 +601,60 @@ class GSPOTrainer(
         counter, so it holds for every schedule, also when a rollout's micro-steps are not a whole number of
         optimizer steps (a rollout may then start or end inside one)."""
         return self._rollout_optimizer_step == self.state.global_step
+
+    # --- 5. checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly; then mark
+        the checkpoint complete, and only then delete old ones (save_total_limit).
+
+        GRPOTrainer keeps one generation batch for steps_per_generation * num_iterations micro-steps and does not
+        checkpoint it: a run resumed mid-rollout would generate a new batch from a newer policy. The mark
+        (trl_gspo/checkpoints.py) is written by the main process once every rank has written its files, the rollout
+        buffer included; `--resume true` takes only marked checkpoints. Transformers rotates old checkpoints at the
+        end of its own save, before the buffer and the mark: it would delete the previous complete checkpoint while
+        this one is still incomplete, so the rotation (transformers' own, which keeps the newest) runs after the mark.
+        """
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            # left by an earlier save of this step cut short (or by a run resumed from an earlier checkpoint): its
+            # mark and files must not mix with this save's
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        save_total_limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation inside transformers' save: it runs below, after the mark
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        if self._buffered_inputs is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self._buffered_inputs, folder / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_complete_mark(folder, self.state.global_step)
+            rotate_checkpoints(
+                str(run_dir), save_total_limit, best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Refuse a damaged checkpoint by name (transformers would fail inside torch.load), then restore the buffered
+        rollout and the micro-step counter that indexes into it (see _save_checkpoint)."""
+        if checkpoint is not None and (problem := checkpoint_problem(checkpoint, require_mark=False)):
+            raise ValueError(f"checkpoint {checkpoint} cannot be resumed from: {problem}.")
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / ROLLOUT_BUFFER_FILE.format(rank=self.accelerator.process_index)
+        if path.is_file():
+            # weights_only=True: a checkpoint written elsewhere must not run code (trl_gspo/rollout_buffer.py). A
+            # process of a CPU launch has device cpu:<rank>, which torch.load cannot map to: plain cpu is the same
+            device = self.accelerator.device
+            self._buffered_inputs = load_rollout_buffer(path, "cpu" if device.type == "cpu" else device)
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+            # a checkpoint is written after an optimizer step, so the restored rollout has seen an update
+            self._rollout_optimizer_step = None
 
 
 # Same parameters as GRPOTrainer for help(), IDEs and argument checkers: the constructor forwards them unchanged.

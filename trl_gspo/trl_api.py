@@ -1,7 +1,7 @@
 """The private GRPOTrainer API trl_gspo relies on, in one place, and the checks that fail loudly when trl moves it.
 
-trl is pinned to the minor version these were read from (pyproject.toml). GSPOTrainer and every feature mixin call
-the checks at construction, so a moved attribute is named before a mixin's own set-up reads it.
+trl is pinned to the minor version these were read from (pyproject.toml). GSPOTrainer calls the checks at
+construction, so a moved method or attribute is named before anything reads it.
 """
 
 from __future__ import annotations
@@ -26,24 +26,15 @@ MODEL_INPUT_KEYS = (
     "image_position_ids",
 )
 
-# The private GRPOTrainer API the core and the mixins rely on, grouped by who uses it: method -> parameters it must
-# accept (checked by `check_trl_private_api`), and instance attributes read or written (checked after construction
-# by `check_trl_private_attributes`). trl is pinned to the minor version these were read from.
+# The private GRPOTrainer API GSPOTrainer relies on: method -> parameters it must accept (checked by
+# `check_trl_private_api`), and instance attributes read or written (checked after construction by
+# `check_trl_private_attributes`). trl is pinned to the minor version these were read from.
 TRL_PRIVATE_API = {
-    # core: the loss and its helpers, the exact resume
-    "_compute_loss": ("model", "inputs"),
-    "get_high_entropy_mask": ("entropies", "mask", "threshold"),
-    "get_off_policy_mask": (
-        "advantages",
-        "per_token_logps",
-        "sampling_per_token_logps",
-        "mask",
-        "off_policy_threshold",
-    ),
-    "_save_checkpoint": ("model", "trial"),
-    "_get_output_dir": ("trial",),
-    "_load_optimizer_and_scheduler": ("checkpoint",),
-    # core, padding-free, rollout log-probs, MoE: the log-prob pass of every model
+    # overridden by the core, each once (trainer.py's docstring lists the step they make up)
+    "_prepare_inputs": ("generation_batch",),
+    "_generate_and_score_completions": ("inputs",),
+    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
+    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
     "_get_per_token_logps_and_entropies": (
         "model",
         "input_ids",
@@ -54,18 +45,20 @@ TRL_PRIVATE_API = {
         "compute_aux_loss",
         *MODEL_INPUT_KEYS,
     ),
-    # rollout log-probs, MoE, token rewards, diagnostics: the rollout
-    "_generate_and_score_completions": ("inputs",),
-    # rollout log-probs: generation; MoE rollout routing replay: _generate_single_turn
-    "_generate": ("prompts",),
-    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
-    # token rewards, diagnostics: the rewards
-    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
-    # MoE: the policy pass's backward clears the replay state
-    "training_step": ("model", "inputs", "num_items_in_batch"),
-    # aligned pi_old: the shuffle and split of a new rollout into _buffered_inputs
-    "_prepare_inputs": ("generation_batch",),
-    # vLLM on CPU: TRL's parameter iterator feeds the engine's reload; the LLM(...) call inside _init_vllm (through
+    "_compute_loss": ("model", "inputs"),
+    "_save_checkpoint": ("model", "trial"),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    # called by the core
+    "get_high_entropy_mask": ("entropies", "mask", "threshold"),
+    "get_off_policy_mask": (
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ),
+    "_get_output_dir": ("trial",),
+    # vLLM on a CPU: TRL's parameter iterator feeds the engine's reload; the LLM(...) call inside _init_vllm (through
     # the module global trl.generation.vllm_generation.LLM) gets the engine dtype
     "VLLMGeneration._iter_named_params": (),
     "VLLMGeneration._init_vllm": (),
@@ -73,26 +66,18 @@ TRL_PRIVATE_API = {
 # Classes other than GRPOTrainer named in TRL_PRIVATE_API keys ("Class.method").
 _TRL_PRIVATE_API_OWNERS = {"VLLMGeneration": VLLMGeneration}
 TRL_PRIVATE_ATTRIBUTES = {
-    "core": (
-        "_buffered_inputs",
-        "_step",
-        "_entropy_bonus_enabled",
-        "_metrics",
-    ),  # and, set by train(): current_gradient_accumulation_steps
-    "MoE, rollout log-probs": ("_metrics",),
+    "the step": ("_buffered_inputs", "_step", "_metrics", "aux_loss_enabled", "_entropy_bonus_enabled"),
+    # and, set by train(): current_gradient_accumulation_steps
+    "rewards": ("_tokenizer", "reward_weights", "reward_func_names"),
     "MoE rollout routing replay": ("tools", "rollout_func", "pad_to_multiple_of"),
-    "token rewards": ("_tokenizer", "reward_weights", "reward_func_names", "_metrics"),
-    "diagnostics": ("reward_weights", "_metrics"),
-    "aligned pi_old": ("_buffered_inputs", "use_vllm", "vllm_importance_sampling_correction", "aux_loss_enabled"),
-    "vLLM on CPU": ("use_vllm", "vllm_mode"),  # and, with use_vllm: vllm_generation
-    "vLLM checks": ("use_vllm", "vllm_mode"),  # and, in colocate mode: vllm_generation
+    "vLLM": ("use_vllm", "vllm_mode", "vllm_importance_sampling_correction"),  # and, in colocate mode: vllm_generation
 }
 
 
 @functools.cache
 def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
-    """Raise RuntimeError naming every private GRPOTrainer method the core or a mixin needs that is missing or
-    changed. Called by GSPOTrainer and by each mixin's constructor; cached."""
+    """Raise RuntimeError naming every private GRPOTrainer method GSPOTrainer needs that is missing or changed.
+    Called by GSPOTrainer's constructor; cached."""
     problems = []
     for name, params in TRL_PRIVATE_API.items():
         owner, _, method_name = name.rpartition(".")

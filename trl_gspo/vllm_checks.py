@@ -24,8 +24,9 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from trl.generation import vllm_generation
+from trl.import_utils import is_vllm_available
 
-from .trl_api import check_trl_private_api
+from .vllm_cpu import VLLM_INSTALL_HINT, use_cpu_weight_sync
 
 # Devices TRL's server-mode weight sync runs on (vLLM's NCCL weight-transfer engine)
 SERVER_SYNC_DEVICE_TYPES = ("cuda",)
@@ -114,13 +115,16 @@ def engine_error(model_name: str, error: Exception) -> RuntimeError:
 
 
 @contextmanager
-def engine_errors_named(model_name: str):
-    """Within the block, an exception from TRL's `LLM(...)` call is one RuntimeError naming the model and the reason."""
+def engine_construction(model_name: str, dtype: str):
+    """Within the block (GRPOTrainer's constructor), TRL's colocate `LLM(...)` call gets the engine `dtype` ("auto":
+    TRL's behaviour, no dtype) and an exception from it is one RuntimeError naming the model and the reason. TRL
+    builds the engine through the module global `vllm_generation.LLM`, the one seam it has."""
     build_llm = vllm_generation.LLM
+    engine_kwargs = {} if dtype == "auto" else {"dtype": dtype}
 
     def build_named(*args, **kwargs):
         try:
-            return build_llm(*args, **kwargs)
+            return build_llm(*args, **kwargs, **engine_kwargs)
         except Exception as error:
             raise engine_error(model_name, error) from None
 
@@ -143,27 +147,28 @@ def check_engine_runs(llm, model_name: str) -> None:
         raise engine_error(model_name, error) from None
 
 
-class VLLMChecksMixin:
-    """Trainer mixin: the set-up errors above, at construction. Reads `args.use_vllm`, `args.vllm_mode` and the
-    `vllm_server_*` fields; in colocate mode, after GRPOTrainer has built its engine, `vllm_generation.llm`."""
+def check_vllm_before_construction(args) -> None:
+    """vLLM installed (before the model loads), and in server mode a reachable server that can sync and returns the
+    log-probs of the sampling distribution (`check_server_mode`)."""
+    if not args.use_vllm:
+        return
+    if not is_vllm_available():
+        raise ImportError(f"use_vllm=True, but vLLM is not installed: {VLLM_INSTALL_HINT}.")
+    if args.vllm_mode == "server":
+        check_server_mode(args)
 
-    def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
-        check_trl_private_api()
-        use_vllm = args.use_vllm
-        if use_vllm and args.vllm_mode == "server":
-            check_server_mode(args)
-        colocate = use_vllm and args.vllm_mode == "colocate"
-        if not colocate:
-            super().__init__(model, reward_funcs, args, *posargs, **kwargs)
-            return
-        model_name = model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
-        with engine_errors_named(model_name):
-            super().__init__(model, reward_funcs, args, *posargs, **kwargs)
-        if not args.vllm_enable_sleep_mode:  # a sleeping engine has no weights to run
-            try:
-                check_engine_runs(self.vllm_generation.llm, model_name)
-            except RuntimeError:
-                # free the engine now: the error's traceback keeps this trainer alive, and an engine freed later
-                # tears down the distributed state of the next engine built in this process
-                del self.vllm_generation.llm
-                raise
+
+def check_vllm_after_construction(generation, args, model_name: str) -> None:
+    """Colocate mode, once GRPOTrainer has built its engine: the CPU weight sync (trl_gspo/vllm_cpu.py), and one
+    token generated, so that a model the engine cannot run is refused now, by name. A sleeping engine has no weights
+    to run and is not checked."""
+    use_cpu_weight_sync(generation)
+    if args.vllm_enable_sleep_mode:
+        return
+    try:
+        check_engine_runs(generation.llm, model_name)
+    except RuntimeError:
+        # free the engine now: the error's traceback keeps the trainer alive, and an engine freed later tears down
+        # the distributed state of the next engine built in this process
+        del generation.llm
+        raise

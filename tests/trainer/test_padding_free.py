@@ -40,7 +40,7 @@ def build_trainer(make_model, tokenizer, tmp_path, model_type="qwen2", lora=Fals
     trainer = GSPOTrainer(
         model=make_model(model_type),
         reward_funcs=completion_length_reward,
-        args=small_config(tmp_path, padding_free=True, **overrides),
+        args=small_config(tmp_path, **{"padding_free": True, **overrides}),
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -79,8 +79,10 @@ def both_paths(trainer, inputs):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     results = {}
+    packed_backend = trainer.forward
+    assert packed_backend is not None
     for padding_free in (False, True):
-        trainer.args.padding_free = padding_free
+        trainer.forward = packed_backend if padding_free else None  # None: TRL's padded pass
         trainer.model.zero_grad(set_to_none=True)
         trainer._metrics["train"].clear()
         logps, entropies, aux = trainer._get_per_token_logps_and_entropies(
@@ -178,15 +180,22 @@ def test_training_run_is_the_padded_run(make_model, tokenizer, tmp_path, monkeyp
     monkeypatch.setattr("trl_gspo.packing.packed_logps_and_entropies", counting)
     logs = {}
     for padding_free in (False, True):
-        trainer = build_trainer(make_model, tokenizer, tmp_path / str(padding_free), lora=True, max_steps=3, beta=0.04)
-        trainer.args.padding_free = padding_free
+        trainer = build_trainer(
+            make_model,
+            tokenizer,
+            tmp_path / str(padding_free),
+            lora=True,
+            max_steps=3,
+            beta=0.04,
+            padding_free=padding_free,
+        )
         trainer.train()
         logs[padding_free] = [(h["loss"], h["kl"]) for h in trainer.state.log_history if "loss" in h]
     for (loss, kl), (packed_loss, packed_kl) in zip(logs[False], logs[True], strict=True):
         assert math.isclose(packed_loss, loss, rel_tol=1e-4, abs_tol=1e-7)
         assert math.isclose(packed_kl, kl, rel_tol=1e-4, abs_tol=1e-7)
-    # 3 policy passes (with entropy); per generation one pi_old pass per micro-batch (4) and one reference pass
-    assert calls.count(True) == 3 and calls.count(False) == 4 + 1
+    # 3 policy passes (with entropy); per generation one pi_old and one reference pass per micro-batch (4 each)
+    assert calls.count(True) == 3 and calls.count(False) == 4 + 4
 
 
 def build_with(model, tokenizer, tmp_path, **overrides):

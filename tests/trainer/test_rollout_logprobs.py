@@ -220,16 +220,31 @@ def pi_old_trainer(make_model, tokenizer, tmp_path, **overrides):
 
 
 def pi_old_pass(trainer, rollout_logprobs, completion_mask, **model_inputs):
-    """One pi_old pass (as GRPOTrainer runs it) over 3 prompt tokens and the completion, answered by the rollout."""
+    """A rollout of one micro-batch (3 prompt tokens and the completion) with these rollout log-probs, laid out as
+    TRL lays them out (None as NaN, right-padded with 0): the pi_old the trainer's source gives it."""
     rows, width = completion_mask.shape
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, trainer.model.config.vocab_size, (rows, 3 + width), generator=generator)
-    attention_mask = torch.cat([torch.ones(rows, 3, dtype=torch.long), completion_mask], dim=1)
-    trainer._pending_rollout_logprobs = rollout_logprobs
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(
-        trainer.model, input_ids, attention_mask, width, rows, **model_inputs
+    vocab = trainer.model.config.vocab_size
+    batch = {
+        "prompt_ids": torch.randint(3, vocab, (rows, 3), generator=generator),
+        "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
+        "completion_ids": torch.randint(3, vocab, (rows, width), generator=generator),
+        "completion_mask": completion_mask,
+        "sampling_per_token_logps": pad_rollout_logprobs(rollout_logprobs, width, "cpu"),
+        **model_inputs,
+    }
+    training = trainer.model.training
+    metrics = trainer._metrics["train" if training else "eval"]
+    trainer.pi_old.fill(
+        [batch],
+        trainer._pi_old_pass,
+        trainer.accelerator,
+        metrics,
+        training,
+        trainer.epsilon_low,
+        trainer.epsilon_high,
     )
-    return logps
+    return batch["old_per_token_logps"]
 
 
 def test_a_missing_value_on_another_process_falls_back_everywhere(make_model, tokenizer, tmp_path, monkeypatch):
@@ -314,7 +329,7 @@ def test_eval_rollouts_do_not_advance_the_check_schedule(make_model, tokenizer, 
     for training in (True, False, True):
         trainer.model.train(training)
         pi_old_pass(trainer, [[-1.0, -2.0], [-3.0, -4.0]], mask)
-    assert trainer._rollouts_seen == 2
+    assert trainer.pi_old.train_rollouts == 2
     assert len(trainer._metrics["train"]["gspo/rollout_logprobs/seq_abs_log_ratio_mean"]) == 1
 
 

@@ -244,6 +244,8 @@ def as_rollout_with_engine_logps(trainer, inputs, sampling, mode="sequence_trunc
     trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = clip
     for name, value in (("min", product.min()), ("mean", product.mean()), ("max", product.max())):
         trainer._metrics["train"][f"sampling/importance_sampling_ratio/{name}"].append(value.item())
+    for name in ("mean", "max"):
+        trainer._metrics["train"][f"sampling/sampling_logp_difference/{name}"].append(0.0)
     return product
 
 
@@ -257,7 +259,7 @@ def test_vllm_importance_correction(trainer, length_normalized):
     trainer.args.vllm_importance_sampling_length_normalized = length_normalized
     if length_normalized:
         trainer.model.train()
-        trainer._length_normalize_engine_weights(inputs)  # what the rollout does then
+        trainer._engine_importance_weights([inputs], trainer._metrics["train"])  # what a new rollout gets
         diff = (inputs["old_per_token_logps"] - sampling).double() * mask
         weights = torch.exp(diff.sum(-1) / mask.sum(-1)).clamp(max=3.0)
     else:
@@ -281,7 +283,7 @@ def test_length_normalized_engine_weights_leave_empty_sequences_out_of_the_metri
     sampling = inputs["old_per_token_logps"] + 0.3
     as_rollout_with_engine_logps(trainer, inputs, sampling, mode="sequence_mask", clip=(0.5, 3.0))
     trainer.model.train()
-    trainer._length_normalize_engine_weights(inputs)
+    trainer._engine_importance_weights([inputs], trainer._metrics["train"])
     assert inputs["importance_sampling_ratio"].flatten().tolist() == pytest.approx([math.exp(-0.3)] * 3 + [1.0])
     for name in ("min", "mean", "max"):
         assert trainer._metrics["train"][f"sampling/importance_sampling_ratio/{name}"] == pytest.approx(
@@ -501,7 +503,7 @@ def test_clip_metrics_count_what_is_in_the_loss(make_model, tokenizer, tmp_path,
         as_rollout_with_engine_logps(trainer, inputs, sampling, mode="sequence_mask", clip=(0.5, 2.0))
         trainer.args.vllm_importance_sampling_length_normalized = True
         trainer.model.train()
-        trainer._length_normalize_engine_weights(inputs)
+        trainer._engine_importance_weights([inputs], trainer._metrics["train"])
         is_weight = torch.exp(((old - sampling).double() * mask).sum(-1) / mask.sum(-1))
         weights = torch.where((is_weight < 0.5) | (is_weight > 2.0), 0.0, is_weight)
     assert weights[3] == 0 and (weights[:3] != 0).all(), "the case must drop exactly the clipped sequence 3"

@@ -78,7 +78,7 @@ def test_span_rewards_give_per_token_advantages_and_the_loss_uses_them(make_mode
 
     # the loss GSPOTrainer computes on this rollout equals the objective called directly with these (B, T) advantages
     trainer.current_gradient_accumulation_steps = 1
-    out["old_per_token_logps"] = trainer._aligned_pi_old_pass(out)  # what _prepare_inputs gives each micro-batch
+    out["old_per_token_logps"] = trainer._pi_old_pass(out)  # what _prepare_inputs gives each micro-batch
     loss = trainer._compute_loss(trainer.model, out)
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
@@ -228,20 +228,27 @@ def test_component_abs_mean_is_over_all_processes(make_model, tokenizer, tmp_pat
     """Process 1 of 2 (the gather doubles the batch): the metric is the mean over both processes' rows."""
     trainer = make_trainer(make_model, tokenizer, tmp_path, [completion_length_reward, first_char_span])
     trainer.model.train()
+    calls = []
+    advantages = trainer.rewards.advantages
+
+    def keeping(output, *args):
+        calls.append((dict(output), args))
+        return advantages(output, *args)
+
+    monkeypatch.setattr(trainer.rewards, "advantages", keeping)
     torch.manual_seed(0)
-    out = trainer._generate_and_score_completions(rollout_rows(trainer))
+    trainer._generate_and_score_completions(rollout_rows(trainer))
     own = trainer._metrics["train"]["token_rewards/component_abs_mean"][0]
     assert own > 0
     # the same rollout seen from process 1, with process 0's rows carrying no token rewards (component 0)
-    trainer._rewards_per_func = trainer._rewards_per_func.repeat(2, 1)
+    ((output, (collector, rewards_per_func, *rest)),) = calls
 
     def gather(local):  # (B, 2, T): token rewards and mask
         return torch.cat([torch.stack([torch.zeros_like(local[:, 0]), local[:, 1]], dim=1), local])
 
     monkeypatch.setattr(trainer.accelerator, "gather", gather)
     monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 1))
-    out["advantages"] = out["advantages"][:, 0]
-    trainer._score_token_rewards(out)
+    advantages(output, collector, rewards_per_func.repeat(2, 1), *rest)
     assert trainer._metrics["train"]["token_rewards/component_abs_mean"][1] == pytest.approx(own / 2, rel=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""pi_old on the policy pass's own micro-batches (trl_gspo/aligned_pi_old.py): s_i is exactly 1 before any update.
+"""pi_old on the policy pass's own micro-batches (trl_gspo/pi_old.py): s_i is exactly 1 before any update.
 
 With learning rate 0 the policy never changes, so every sequence ratio of every step must be exactly 1 (not close
 to it): any difference is the pi_old pass computing the same rows in another layout. Packed bf16 rows with a row
@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
+from trl import GRPOTrainer
 
 from trl_gspo import GSPOTrainer
-from trl_gspo.aligned_pi_old import AlignedPiOldMixin
 from trl_gspo.moe import ROUTING_KEY
 
 # 4 micro-batches per rollout, 2 per optimizer step: two optimizer steps on each rollout, pi_old from a forward
@@ -130,37 +130,41 @@ def count_forwards(trainer):
     return calls, handle
 
 
-def test_trl_pi_old_pass_is_skipped_not_doubled(make_model, tokenizer, tmp_path, monkeypatch):
-    """A rollout runs as many model forwards as TRL's (generation, then one pi_old forward per micro-batch in place
-    of TRL's per chunk), and the buffered pi_old is the aligned one, never TRL's NaN placeholder."""
+def test_a_rollout_runs_as_many_forwards_as_trls(make_model, tokenizer, tmp_path):
+    """A rollout runs as many model forwards as GRPOTrainer's on the same config (generation, then one pi_old forward
+    per micro-batch in place of TRL's one per chunk), and the buffered pi_old is finite, never a placeholder."""
     counts = {}
-    for aligned in (True, False):
-        trainer = build(make_model, tokenizer, tmp_path / str(aligned), max_steps=1, padding_free=False)
-        if not aligned:  # TRL's own pass, before the shuffle
-            monkeypatch.setattr(trainer, "_pi_old_per_micro_batch", lambda: False)
+    for trainer_class in (GSPOTrainer, GRPOTrainer):
+        trainer = trainer_class(
+            model=make_model("qwen2"),
+            reward_funcs=completion_length_reward,
+            args=small_config(tmp_path / trainer_class.__name__, max_steps=1, **SCHEDULE),
+            train_dataset=prompt_dataset(n=64),
+            processing_class=tokenizer,
+        )
         trainer.model.train()
         torch.manual_seed(0)
         batch = [dict(row) for row in prompt_dataset(n=64).select(range(32))]
         calls, handle = count_forwards(trainer)
         trainer._prepare_inputs(batch)
         handle.remove()
-        counts[aligned] = len(calls)
+        counts[trainer_class] = len(calls)
         assert all(torch.isfinite(b["old_per_token_logps"]).all() for b in trainer._buffered_inputs)
-    assert counts[True] == counts[False]
+    assert counts[GSPOTrainer] == counts[GRPOTrainer]
 
 
 def test_rollout_logprobs_are_not_recomputed(make_model, tokenizer, tmp_path):
-    """With use_rollout_logprobs the sampling log-probs are pi_old: nothing to align, no pi_old forward."""
+    """With use_rollout_logprobs the sampling log-probs are pi_old: no pi_old forward."""
     trainer = build(
         make_model, tokenizer, tmp_path, max_steps=1, use_rollout_logprobs=True, rollout_logprobs_check_interval=0
     )
     trainer.model.train()
-    assert not trainer._pi_old_per_micro_batch()
     passes = []
-    original = AlignedPiOldMixin._aligned_pi_old_pass
-    trainer._aligned_pi_old_pass = lambda batch: passes.append(1) or original(trainer, batch)
+    original = trainer._pi_old_pass
+    trainer._pi_old_pass = lambda batch: passes.append(1) or original(batch)
     trainer._prepare_inputs([dict(row) for row in prompt_dataset(n=64).select(range(32))])
     assert passes == []
+    assert all(torch.equal(b["old_per_token_logps"], b["sampling_per_token_logps"]) for b in trainer._buffered_inputs)
 
 
 def test_moe_routing_is_recorded_per_micro_batch_and_replayed(make_model, tokenizer, tmp_path):
