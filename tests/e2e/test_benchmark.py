@@ -226,9 +226,10 @@ def test_eos_logit_bias_sets_the_mean_completion_length(tokenizer, make_model):
 
 @pytest.mark.slow
 def test_ragged_moe_lockstep_gives_both_trainers_the_same_ragged_rollouts():
-    """--workload ragged-moe: both trainers generate with the EOS-biased MoE model; in lockstep their rollouts are
-    drawn with the same random numbers, so with the same initial weights the first rollout is the same on both sides;
-    the completions are ragged, and the GSPO side's packed passes carry less padding than TRL's."""
+    """--workload ragged-moe with padding-free + rollout log-probs + R3: both trainers generate with the EOS-biased MoE
+    model; in lockstep their rollouts are drawn with the same random numbers, so with the same initial weights the
+    first rollout is the same on both sides; the completions are ragged, and the GSPO side's packed passes carry less
+    padding than TRL's."""
     spec = dict(
         shape="tiny",
         model_type="qwen3_moe",
@@ -245,8 +246,9 @@ def test_ragged_moe_lockstep_gives_both_trainers_the_same_ragged_rollouts():
         threads=1,
         suppress_eos=True,  # does not apply: EOS ends this workload's completions
         workload="ragged-moe",
-        padding_free=True,
+        padding_free=True,  # GSPO's composed passes
         rollout_logprobs=True,
+        rollout_routing_replay=True,
         mode="lockstep",
         first="trl",
     )
