@@ -23,6 +23,10 @@ What is measured (BENCHMARKS.md has the method and the figures)
   (`trl_way_sequence_objective`, the lines of GRPOTrainer._compute_loss's sequence path, clip metrics included),
   on synthetic (B, T) tensors, forward + backward, per call.
 - `--aa-control` makes both sides GRPOTrainer: what "equal" looks like with these methods.
+- `--workload ragged-moe` (gspo_benchmarks.ragged_moe): a tiny MoE model generating with transformers, its EOS
+  logit biased so completion lengths are ragged; in lockstep both trainers sample step k's rollout with the same
+  random numbers. Generation is inside the timed steps on both sides (with R3 and rollout log-probs, so is their
+  recording in generate()).
 
 A ratio is GSPO / TRL: below 1 means GSPOTrainer is cheaper.
 
@@ -31,6 +35,8 @@ Examples
     python scripts/benchmark.py                       # default tiny CPU run (~70 s on 2 busy cores)
     python scripts/benchmark.py --quick --json out.json
     python scripts/benchmark.py --scaling             # completion lengths 64/256/1024 x group sizes 4/8/16
+    python scripts/benchmark.py --workload ragged-moe --padding-free --rollout-logprobs --rollout-routing-replay
+                                                      # tiny MoE, generated ragged completions, GSPO's composed passes
     python scripts/benchmark.py --device cuda --shape qwen2.5-0.5b --bf16   # GPU path, UNTESTED (no GPU here)
 """
 
@@ -46,6 +52,7 @@ import time
 
 import torch
 
+from gspo_benchmarks.ragged_moe import DEFAULT_MAX_COMPLETION_LENGTH, MEAN_COMPLETION_AT_INIT, MOE_MODEL_TYPES
 from gspo_benchmarks.trainer_ab import (
     NOT_AVAILABLE,
     SHAPES,
@@ -76,7 +83,12 @@ def _int_list(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model-type", default="qwen2", help="tiny model architecture (gspo_examples.tiny.ARCHITECTURES)")
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="tiny model architecture (gspo_examples.tiny.ARCHITECTURES); default qwen2, qwen3_moe for --workload "
+        "ragged-moe (which needs an MoE one)",
+    )
     p.add_argument(
         "--shape",
         default="tiny",
@@ -87,7 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=None, help="default 2 for --shape tiny")
     p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--completion-lengths", type=_int_list, default=None, help="e.g. '64,256' (default 128)")
+    p.add_argument(
+        "--completion-lengths",
+        type=_int_list,
+        default=None,
+        help="max_completion_length values, e.g. '64,256' (default 128; 256 for --workload ragged-moe)",
+    )
     p.add_argument("--num-generations", type=_int_list, default=None, help="group sizes G, e.g. '4,8' (default 8)")
     p.add_argument(
         "--batch-size",
@@ -105,10 +122,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workload",
-        choices=("equal", "ragged"),
+        choices=("equal", "ragged", "ragged-moe"),
         default="equal",
         help="equal: 'ab+cd=' prompts, generated completions of one length; ragged: synthetic rollouts of log-normal "
-        "prompt and completion lengths (benchmarks/ragged.py), identical on both sides",
+        "prompt and completion lengths (benchmarks/ragged.py), identical on both sides; ragged-moe: a tiny MoE model\n"
+        "generating with transformers, its EOS logit biased so completion lengths are geometric "
+        "(benchmarks/ragged_moe.py)",
     )
     p.add_argument("--padding-free", action="store_true", help="GSPOConfig(padding_free=True) on the GSPO side")
     p.add_argument(
@@ -118,6 +137,11 @@ def parse_args(argv=None):
         "--rollout-logprobs",
         action="store_true",
         help="GSPOConfig(use_rollout_logprobs=True) on the GSPO side (no pi_old forward)",
+    )
+    p.add_argument(
+        "--rollout-routing-replay",
+        action="store_true",
+        help="GSPOConfig(rollout_routing_replay=True) on the GSPO side (R3: replays generate()'s experts; MoE only)",
     )
     p.add_argument(
         "--baseline",
@@ -135,7 +159,12 @@ def parse_args(argv=None):
         action="store_true",
         help="print torch.profiler tables of the objectives for each (length, G) and exit",
     )
-    p.add_argument("--skip-in-process", action="store_true", help="leave out the in-process A/B")
+    p.add_argument(
+        "--skip-in-process",
+        action="store_true",
+        help="leave out the in-process A/B (always left out for --workload ragged-moe: its synthetic micro-batch has\n"
+        "no rollout routing or rollout log-probs)",
+    )
     p.add_argument(
         "--lockstep-runs",
         type=int,
@@ -163,6 +192,19 @@ def parse_args(argv=None):
             args.num_layers = 1
     else:
         defaults = dict(completion_lengths=[128], num_generations=[8], steps=20, trials=3, ab_rounds=10)
+    if args.workload == "ragged-moe":
+        if not (args.quick or args.scaling):
+            defaults["completion_lengths"] = [DEFAULT_MAX_COMPLETION_LENGTH]
+        args.skip_in_process = True
+        args.model_type = args.model_type or "qwen3_moe"
+        if args.shape != "tiny" or args.model_type not in MOE_MODEL_TYPES:
+            p.error(
+                f"--workload ragged-moe needs --shape tiny and an MoE --model-type ({', '.join(MOE_MODEL_TYPES)}); "
+                f"got --shape {args.shape} --model-type {args.model_type}"
+            )
+    elif args.rollout_routing_replay:
+        p.error("--rollout-routing-replay needs --workload ragged-moe (an MoE model generating with transformers)")
+    args.model_type = args.model_type or "qwen2"
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -196,6 +238,7 @@ def base_spec(args, completion_length, num_generations):
         workload=args.workload,
         padding_free=args.padding_free,
         rollout_logprobs=args.rollout_logprobs,
+        rollout_routing_replay=args.rollout_routing_replay,
         baseline=args.baseline,
         row_tokens=args.row_tokens,
     )
@@ -266,17 +309,20 @@ def main(argv=None):
             "steps": args.steps,
             "trials": args.trials,
             "threads": args.threads,
-            "eos_suppressed": not args.allow_eos,
+            "eos_suppressed": not args.allow_eos and args.workload == "equal",
             "aa_control": args.aa_control,
             "workload": args.workload,
             "padding_free": args.padding_free,
             "use_rollout_logprobs": args.rollout_logprobs,
+            "rollout_routing_replay": args.rollout_routing_replay,
             "baseline": args.baseline,
             "padding_free_row_tokens": args.row_tokens,
         },
         "not_available": NOT_AVAILABLE,
         "configs": [],
     }
+    if args.workload == "ragged-moe":
+        report["settings"]["mean_completion_length_at_init"] = MEAN_COMPLETION_AT_INIT
     started = time.perf_counter()
     for length in args.completion_lengths:
         for group in args.num_generations:
@@ -310,7 +356,10 @@ def main(argv=None):
                 ls = config_result["lockstep"]
                 print(
                     f"    lockstep A/B, GSPO/TRL per step: all {fmt_paired(ls['wall_all'])}, "
-                    f"with generation {fmt_paired(ls['wall_gen'])}, without {fmt_paired(ls['wall_train'])}",
+                    f"with generation {fmt_paired(ls['wall_gen'])}, without {fmt_paired(ls['wall_train'])}; "
+                    f"mean completion length {ls['completion_mean_length']['gspo']:.1f} / "
+                    f"{ls['completion_mean_length']['trl']:.1f}, padded share of log-prob slots "
+                    f"{100 * ls['padded_share']['gspo']:.1f} % / {100 * ls['padded_share']['trl']:.1f} %",
                     flush=True,
                 )
             if not args.skip_trainer:

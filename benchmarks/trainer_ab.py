@@ -241,7 +241,7 @@ def build_model(spec, tokenizer):
     prompt_length = RAGGED_PROMPT_MAX if spec.get("workload") == "ragged" else PROMPT_LENGTH
     max_positions = max(512, spec["completion_length"] + prompt_length + 8)
     if spec.get("shape", "tiny") == "tiny":
-        return build_tiny_causal_lm(
+        model = build_tiny_causal_lm(
             tokenizer,
             model_type=spec["model_type"],
             hidden_size=spec["hidden_size"],
@@ -250,6 +250,12 @@ def build_model(spec, tokenizer):
             max_position_embeddings=max_positions,
             seed=spec["seed"],
         )
+        if spec.get("workload") == "ragged-moe":  # EOS-biased: ragged lengths from generation (ragged_moe.py)
+            from gspo_benchmarks.ragged_moe import MEAN_COMPLETION_AT_INIT, add_eos_logit_bias, eos_logit_bias
+
+            bias = eos_logit_bias(len(tokenizer), MEAN_COMPLETION_AT_INIT)
+            add_eos_logit_bias(model, tokenizer.eos_token_id, bias)
+        return model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = SHAPES[spec["shape"]]
@@ -324,7 +330,7 @@ def make_trainer(spec, name, output_dir):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    if spec["suppress_eos"] and spec.get("workload") != "ragged":  # no EOS: completions run to max length
+    if spec["suppress_eos"] and spec.get("workload", "equal") == "equal":  # no EOS: completions run to max length
         common["generation_kwargs"] = {"suppress_tokens": [tokenizer.eos_token_id]}
     extra = {}
     if spec.get("workload") == "ragged":  # identical synthetic rollouts on both sides (gspo_benchmarks.ragged)
@@ -337,6 +343,7 @@ def make_trainer(spec, name, output_dir):
             padding_free=spec.get("padding_free", False),
             padding_free_row_tokens=spec.get("row_tokens"),
             use_rollout_logprobs=spec.get("rollout_logprobs", False),
+            rollout_routing_replay=spec.get("rollout_routing_replay", False),
         )
         args, trainer_cls = GSPOConfig(**common, **gspo_fields), GSPOTrainer
     elif spec.get("baseline") == "gspo-padding-free":  # the "trl" side is GSPOTrainer with padding_free only
@@ -609,13 +616,24 @@ def run_lockstep(spec):
     times = {name: [] for name in TRAINERS}
     cpu_times = {name: [] for name in TRAINERS}
     errors = []
+    # Both trainers sample from the process's one torch generator. On a workload whose completion lengths come from
+    # sampling, step k of each starts from the same generator state, so the two sides' k-th rollouts are drawn with
+    # the same random numbers (identical while the weights are, close after).
+    reseed = spec.get("workload") == "ragged-moe"
+    # The baton orders steps; before its first step each trainer also builds its data iterator (which may draw from
+    # the torch generator): both finish that before either starts step 0, so it overlaps no step of the other.
+    set_up = threading.Barrier(len(TRAINERS))
 
     class TakeTurns(TrainerCallback):
         def __init__(self, name):
             self.name, self.start, self.cpu_start = name, None, None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if self.start is None:
+                set_up.wait()
             baton.acquire(self.name)
+            if reseed:
+                torch.manual_seed(spec["seed"] * 1_000_003 + state.global_step)
             _sync(device)
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
@@ -629,14 +647,17 @@ def run_lockstep(spec):
 
     with tempfile.TemporaryDirectory(prefix="gspo-bench-") as tmp:
         trainers = {name: make_trainer(spec, name, os.path.join(tmp, name)) for name in TRAINERS}
+        pass_masks = {}
         for name, trainer in trainers.items():
             trainer.add_callback(TakeTurns(name))
+            pass_masks[name] = record_pass_masks(trainer)
 
         def train(name):
             try:
                 trainers[name].train()
             except BaseException as exc:  # surface it in the main thread
                 errors.append((name, exc))
+                set_up.abort()
                 baton.finish(name)
 
         threads = [threading.Thread(target=train, args=(name,), name=f"train-{name}") for name in TRAINERS]
@@ -648,7 +669,19 @@ def run_lockstep(spec):
         name, exc = errors[0]
         raise RuntimeError(f"lockstep training of {name} failed") from exc
 
-    return {"first": first, "step_s": times, "step_cpu_s": cpu_times}
+    return {
+        "first": first,
+        "step_s": times,
+        "step_cpu_s": cpu_times,
+        "completion_mean_length": {name: _mean_completion_length(trainers[name]) for name in TRAINERS},
+        "padded_share": {name: pass_padding_share(trainers[name], pass_masks[name]) for name in TRAINERS},
+    }
+
+
+def _mean_completion_length(trainer):
+    """Mean of the logged completions/mean_length over the run's rollouts (NaN if none was logged)."""
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return statistics.mean(lengths) if lengths else float("nan")
 
 
 STEP_KINDS = (
@@ -662,6 +695,16 @@ def pool_lockstep(runs):
     """Per clock (wall, cpu = process CPU time) and step kind (all, gen, train): the per-step pairs of every
     lockstep run after the warm-up, pooled, and each run's own median ratio."""
     pooled = {"runs": len(runs), "first": [run["first"] for run in runs]}
+    if all("completion_mean_length" in run for run in runs):  # per side, the mean over runs
+        pooled["completion_mean_length"] = {
+            name: statistics.mean(run["completion_mean_length"][name] for run in runs) for name in TRAINERS
+        }
+        pooled["padded_share"] = {
+            name: 1
+            - sum(run["padded_share"][name]["real_tokens"] for run in runs)
+            / max(sum(run["padded_share"][name]["processed_tokens"] for run in runs), 1)
+            for name in TRAINERS
+        }
     for clock, key in (("wall", "step_s"), ("cpu", "step_cpu_s")):
         for label, keep in STEP_KINDS:
             gspo, trl, run_medians = [], [], []
@@ -686,6 +729,7 @@ def _paired_summary(gspo, trl):
     return {
         "gspo_ms": _spread([t * 1e3 for t in gspo]),
         "trl_ms": _spread([t * 1e3 for t in trl]),
+        "sum_s": {"gspo": sum(gspo), "trl": sum(trl)},
         "ratio": {
             "median": statistics.median(pair),  # median of the per-step ratios
             "pair_min": pair[0],
@@ -822,6 +866,20 @@ def _lockstep_rows(config_result):
                     f"| lockstep A/B optimizer step, {text}, {clock_label} | {_fmt_side(entry['gspo_ms'], 1, 'ms')} "
                     f"| {_fmt_side(entry['trl_ms'], 1, 'ms')} | {fmt_paired(entry)} |"
                 )
+    if "sum_s" in ls.get("wall_all", {}):  # generation steps weigh in by their time, not as one step of several
+        total = ls["wall_all"]["sum_s"]
+        rows.append(
+            f"| lockstep A/B: total wall time of the measured steps | {total['gspo']:.1f} s | {total['trl']:.1f} s "
+            f"| {ls['wall_all']['ratio']['ratio_of_sums']:.3f} (ratio of the sums) |"
+        )
+    if "completion_mean_length" in ls:
+        length, share = ls["completion_mean_length"], ls["padded_share"]
+        rows += [
+            f"| lockstep A/B: mean completion length | {length['gspo']:.1f} | {length['trl']:.1f} "
+            f"| {length['gspo'] / length['trl']:.3f} |",
+            f"| lockstep A/B: share of padded slots in the log-prob passes | {100 * share['gspo']:.1f} % "
+            f"| {100 * share['trl']:.1f} % | |",
+        ]
     return rows
 
 

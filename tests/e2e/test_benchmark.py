@@ -198,3 +198,63 @@ def test_padding_share_counts_slots():
     # rows of at most 4 tokens, first fit decreasing: [3, 1] and [2] -> 2 rows of width 4
     packed = padding_share([mask], packed=True)
     assert packed["processed_tokens"] == 8 and packed["padded_share"] == pytest.approx(0.25)
+
+
+def test_eos_logit_bias_sets_the_mean_completion_length(tokenizer, make_model):
+    """b = log((V - 1) / (m - 1)) gives EOS probability 1 / m under uniform logits; the biased head keeps its weight
+    (tied to the embeddings), adds b to the EOS logit only, and does not train the bias."""
+    from gspo_benchmarks.ragged_moe import add_eos_logit_bias, eos_logit_bias
+
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    bias = eos_logit_bias(vocab, 64)
+    logits = torch.zeros(vocab, dtype=torch.float64)
+    logits[eos] = bias
+    assert torch.softmax(logits, -1)[eos].item() == pytest.approx(1 / 64, rel=1e-12)
+
+    model = make_model("qwen3_moe")
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        add_eos_logit_bias(model, eos, bias)
+        after = model(input_ids=ids).logits
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert not model.get_output_embeddings().bias.requires_grad
+    expected = before.clone()
+    expected[..., eos] += bias
+    torch.testing.assert_close(after, expected)
+
+
+@pytest.mark.slow
+def test_ragged_moe_lockstep_gives_both_trainers_the_same_ragged_rollouts():
+    """--workload ragged-moe with padding-free + rollout log-probs + R3: both trainers generate with the EOS-biased MoE
+    model; in lockstep their rollouts are drawn with the same random numbers, so with the same initial weights the
+    first rollout is the same on both sides; the completions are ragged, and the GSPO side's packed passes carry less
+    padding than TRL's."""
+    spec = dict(
+        shape="tiny",
+        model_type="qwen3_moe",
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        completion_length=48,
+        num_generations=4,
+        batch_size=4,
+        steps=bench.STEPS_PER_GENERATION,  # one rollout
+        bf16=False,
+        device="cpu",
+        seed=0,
+        threads=1,
+        suppress_eos=True,  # does not apply: EOS ends this workload's completions
+        workload="ragged-moe",
+        padding_free=True,  # GSPO's composed passes
+        rollout_logprobs=True,
+        rollout_routing_replay=True,
+        mode="lockstep",
+        first="trl",
+    )
+    result = bench.run_lockstep(spec)
+    assert all(len(result["step_s"][name]) == spec["steps"] for name in bench.TRAINERS)
+    lengths = result["completion_mean_length"]
+    assert lengths["gspo"] == lengths["trl"] and 1 < lengths["trl"] < spec["completion_length"]
+    share = {name: result["padded_share"][name]["padded_share"] for name in bench.TRAINERS}
+    assert share["trl"] > 0.2 and share["gspo"] < share["trl"]
