@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import pi_old_pass_runs
 from .metrics import ROLLOUT_LOGPROBS_PREFIX
 from .rollout_logprobs import mismatch_log_ratios, rollout_mismatch
 
@@ -78,3 +79,13 @@ class RolloutLogprobsPiOld:
             stats = rollout_mismatch(accelerator.gather(torch.cat(ratios)), epsilon_low, epsilon_high)
             for name, value in stats.items():
                 metrics[f"{ROLLOUT_LOGPROBS_PREFIX}/{name}"].append(value)
+
+
+def pi_old_source(args) -> RecomputedPiOld | RolloutLogprobsPiOld | None:
+    """The pi_old source the config asks for; None when every step is on-policy (no pi_old pass: the loss takes the
+    detached current log-probs, which equal pi_old there)."""
+    if not pi_old_pass_runs(args):
+        return None
+    if args.use_rollout_logprobs:
+        return RolloutLogprobsPiOld(args.rollout_logprobs_check_interval)
+    return RecomputedPiOld()

@@ -53,7 +53,7 @@ from trl.trainer.utils import use_adapter
 from . import metrics as names
 from .banner import distributed_backend, start_banner
 from .checkpoints import checkpoint_problem, write_complete_mark
-from .config import GSPO_TOKEN_LEVEL, GSPOConfig, pi_old_pass_runs, upgrade_grpo_config
+from .config import GSPO_TOKEN_LEVEL, GSPOConfig, upgrade_grpo_config
 from .diagnostics import log_rollout_diagnostics
 from .moe import drift_fractions, moe_routing, router_logits_off
 from .noise import make_ratio_passes_deterministic
@@ -67,7 +67,7 @@ from .objective import (
     outside_clip_band_counts,
 )
 from .packing import PackedForward, PaddedForward
-from .pi_old import RecomputedPiOld, RolloutLogprobsPiOld
+from .pi_old import pi_old_source
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import SampledTokenLogProbs, recording_generate
 from .token_rewards import TokenRewards, group_centred_component
@@ -130,12 +130,7 @@ class GSPOTrainer(GRPOTrainer):
         if colocate:
             check_vllm_after_construction(self.vllm_generation, self.args, model_name)
         unwrap = self.accelerator.unwrap_model
-        if not pi_old_pass_runs(self.args):
-            self.pi_old = None
-        elif self.args.use_rollout_logprobs:
-            self.pi_old = RolloutLogprobsPiOld(self.args.rollout_logprobs_check_interval)
-        else:
-            self.pi_old = RecomputedPiOld()
+        self.pi_old = pi_old_source(self.args)
         if self.args.padding_free:
             models = {"model": unwrap(self.model)}
             if self.ref_model is not None:
