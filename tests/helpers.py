@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer import add_fused_lm_head
 
 from gspo_benchmarks.packing_sweep import ragged_batch  # noqa: F401 - the tests' padded batch builder
+from trl_gspo.moe import find_routers
 from trl_gspo.objective import DEFAULT_LOG_RATIO_BOUND
 
 
@@ -278,8 +279,6 @@ class RoutingTap:
     """
 
     def __init__(self, model, generation_context=None):
-        from trl_gspo.moe import find_routers
-
         self.model = model
         self.routers = find_routers(model)
         self.generations, self.forwards = [], []
@@ -391,3 +390,20 @@ class RoutingTap:
                 assert fed.size(0) == len(prompt) + len(completion) - 1, "generation routed fewer positions than fed"
                 routing.setdefault(tuple(prompt + completion), []).append(fed)
         return routing
+
+
+@contextlib.contextmanager
+def perturbed_routers(model):
+    """The routers moved by N(0, 0.3) noise for the block (restored after): a rollout engine that routes otherwise."""
+    routers = find_routers(model)
+    saved = [router.weight.detach().clone() for router in routers]
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for router in routers:
+            router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=generator))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for router, weight in zip(routers, saved, strict=True):
+                router.weight.copy_(weight)

@@ -17,7 +17,6 @@ optimizer steps: the second sees a policy one update newer than pi_old).
       generation chose at every position generation fed; with R2 the policy pass uses the pi_old pass's experts.
 """
 
-import contextlib
 import functools
 import itertools
 import re
@@ -25,10 +24,9 @@ import re
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
-from helpers import RoutingTap, recording_objective, reference_objective
+from helpers import RoutingTap, perturbed_routers, recording_objective, reference_objective
 
 from trl_gspo import GSPOTrainer
-from trl_gspo.moe import find_routers
 
 REPLAYS = {"no_replay": {}, "R2": {"routing_replay": True}, "R3": {"rollout_routing_replay": True}}
 LEVELS = ("sequence", "sequence_token")
@@ -172,23 +170,6 @@ def test_gradient_wrt_policy_log_probs_equals_the_reference(
     differing = check_routing(tap, replay, tokenizer.eos_token_id)
     if replay == "no_replay":  # the update moved the routing: a forward that routes on its own is noticed
         assert differing > 0
-
-
-@contextlib.contextmanager
-def perturbed_routers(model):
-    """The routers moved by N(0, 0.3) noise for the block (restored after): a rollout engine that routes otherwise."""
-    routers = find_routers(model)
-    saved = [router.weight.detach().clone() for router in routers]
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for router in routers:
-            router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=generator))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for router, weight in zip(routers, saved, strict=True):
-                router.weight.copy_(weight)
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,10 @@ router families); the trainer's pi_old and policy forwards, seen through hooks o
 rollout's experts through TRL's shuffle and split (GSPOTrainer's per-micro-batch pi_old); and the refusals.
 """
 
-import contextlib
-
 import pytest
 import torch
 from conftest import completion_length_reward, prompt_dataset, small_config
+from helpers import perturbed_routers
 from test_moe import tiny_moe
 
 from trl_gspo import GSPOConfig, GSPOTrainer
@@ -143,23 +142,6 @@ def test_recorded_generation_routing_equals_a_full_forward_of_each_sequence(tmp_
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def perturbed_routers(model):
-    """Routers moved by N(0, 0.3) noise for the block, so the rollout routes otherwise than the trainer."""
-    routers = find_routers(model)
-    saved = [router.weight.detach().clone() for router in routers]
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for router in routers:
-            router.weight.add_(0.3 * torch.randn(router.weight.shape, generator=generator))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for router, weight in zip(routers, saved, strict=True):
-                router.weight.copy_(weight)
 
 
 def spied(trainer_class):
