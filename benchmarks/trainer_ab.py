@@ -360,14 +360,19 @@ def make_trainer(spec, name, output_dir):
     )
 
 
+def log_prob_pass_attribute(trainer) -> str:
+    """The trainer attribute every log-prob pass goes through: GSPOTrainer's forward backend (TRL's method only sees
+    the rollout's deferred passes there), GRPOTrainer's `_get_per_token_logps_and_entropies`."""
+    return "forward" if hasattr(trainer, "forward") else "_get_per_token_logps_and_entropies"
+
+
 def record_pass_masks(trainer):
     """Keep the attention mask of every log-prob pass, chunk by chunk as it is run (for the padded-token share).
 
     Only a reference to the mask is kept on the timed path; the share is computed after training.
     """
     masks = []
-    # GSPOTrainer runs every pass through its forward backend (TRL's method only sees the rollout's deferred passes)
-    name = "forward" if hasattr(trainer, "forward") else "_get_per_token_logps_and_entropies"
+    name = log_prob_pass_attribute(trainer)
     inner = getattr(trainer, name)
 
     def recording(model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
@@ -536,9 +541,7 @@ def run_in_process_ab(spec):
     # loss tail: the policy forward replaced by fixed log-probs (a leaf that takes the gradient)
     leaf = logps.detach().float().clone().requires_grad_(True)
     for trainer in trainers.values():
-        # GSPOTrainer's passes go through its forward backend, GRPOTrainer's through its log-prob method
-        forward = "forward" if hasattr(trainer, "forward") else "_get_per_token_logps_and_entropies"
-        setattr(trainer, forward, lambda *a, **k: (leaf * 1.0, entropies, None))
+        setattr(trainer, log_prob_pass_attribute(trainer), lambda *a, **k: (leaf * 1.0, entropies, None))
 
     def tail(name):
         trainer = trainers[name]

@@ -148,6 +148,10 @@ def spied(trainer_class):
     """`trainer_class` generating with perturbed routers, keeping each rollout's records by token sequence."""
 
     class Spied(trainer_class):
+        def __init__(self, *args, **kwargs):
+            self.rollout_records, self.generating = {}, False  # token sequence -> its records; inside generate()?
+            super().__init__(*args, **kwargs)
+
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):
             self.generating = True
             try:
@@ -228,7 +232,6 @@ def test_training_forwards_use_the_rollout_experts_through_shuffle_and_split(tmp
         gradient_accumulation_steps=2,
         max_steps=2,
     )
-    trainer.rollout_records, trainer.generating = {}, False
     forwards = training_forwards(trainer)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -255,7 +258,6 @@ def test_on_policy_r3_replays_the_rollout_experts_in_every_policy_forward(tmp_pa
         steps_per_generation=2,
         max_steps=2,
     )
-    trainer.rollout_records, trainer.generating = {}, False
     forwards = training_forwards(trainer)
     trainer.train()
     assert [f["policy"] for f in forwards] == [True] * 4  # two rollouts of 8 rows, 4 micro-steps, no pi_old pass
@@ -266,7 +268,6 @@ def test_policy_pass_routes_itself_where_generation_routed_nothing(tmp_path, tok
     """The last completion token (never fed in generation) and padding: the policy pass uses the router's own
     choice there (they feed no scored log-prob), the rollout's experts everywhere else."""
     trainer = r3_trainer(tmp_path, tiny_moe(tokenizer, "mixtral"), tokenizer, trainer_class=spied(GSPOTrainer))
-    trainer.rollout_records, trainer.generating = {}, False
     policy_inputs = []
     original = trainer.compute_loss
 
