@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from train_worker import finish_rank  # this folder: the script's own
 
 from gspo_examples.tiny import build_char_tokenizer, build_tiny_causal_lm
 from trl_gspo import GSPOConfig, GSPOTrainer
@@ -77,6 +78,7 @@ def main(out_dir):
     if state.is_main_process:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         (out_dir / "summary.json").write_text(json.dumps({"world_size": state.num_processes, "losses": losses}))
+    finish_rank(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -135,10 +135,19 @@ def main(out_path, deepspeed_config=None, options=None):
                 },
                 f,
             )
-    # An orderly shutdown: left to interpreter exit, the gloo/DeepSpeed threads were once seen to abort a rank
-    # ("terminate called without an active exception") after training had finished.
-    trainer.accelerator.wait_for_everyone()
+    finish_rank(trainer.accelerator)
+
+
+def finish_rank(accelerator):
+    """End this rank once every rank has finished: an orderly process-group shutdown, then an exit that skips the
+    interpreter's finalization. There, gloo's C++ threads can still hold work objects whose tensors need the
+    interpreter being torn down, and the rank aborts ("terminate called without an active exception": seen under
+    load with FSDP2 on CPU once training had finished, destroy_process_group called or not; pytorch/pytorch#179291)."""
+    accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
