@@ -3,18 +3,8 @@
 GSPO gives every token of a completion one shared weight; stable sequence-level updates can collapse a group onto
 one answer (exploration drops) and its length normalisation can bias response length (LUSPO, arXiv 2602.05261).
 These numbers let a user see either coming. A rollout is N completions in consecutive groups of G (one group per
-prompt, TRL's order); every statistic is computed per group, then averaged over groups.
-
-    diversity/distinct_fraction  distinct completions (as token sequences) / G; 1/G means the group collapsed.
-    diversity/distinct_2         distinct token bigrams / all token bigrams of the group's completions (distinct-n,
-                                 Li et al. 2016); groups without any bigram are skipped.
-    length/group_mean            mean completion length in tokens.
-    length/group_std             population standard deviation of the lengths inside a group; 0 when every
-                                 completion of a group has the same length.
-    signal/zero_variance_groups  share of groups whose (scorable) rewards are all equal: no advantage, no gradient
-                                 from them (TRL's frac_reward_zero_std uses a tolerance; this is exact).
-
-The policy entropy is logged per optimizer step by the loss (`entropy`), not here.
+prompt, TRL's order); every statistic is computed per group, then averaged over groups. The keys (`diversity/`,
+`length/`, `signal/`) are defined in trl_gspo/metrics.py; the policy entropy is logged by the loss (`entropy`).
 """
 
 from __future__ import annotations
@@ -61,17 +51,13 @@ def group_length_stats(lengths: Sequence[float], group_size: int) -> tuple[float
 def zero_variance_group_fraction(rewards: Sequence[float], group_size: int) -> float:
     """Share of groups whose non-NaN rewards are all equal (a group with at most one scorable reward included)."""
     groups = _groups(rewards, group_size)
-    flat = 0
-    for group in groups:
-        scored = [r for r in group if not math.isnan(r)]
-        flat += len(set(scored)) <= 1
-    return flat / len(groups)
+    return sum(len({r for r in group if not math.isnan(r)}) <= 1 for group in groups) / len(groups)
 
 
 def rollout_diagnostics(
     sequences: Sequence[Sequence[int]], rewards: Sequence[float], group_size: int
 ) -> dict[str, float]:
-    """Every metric of the module docstring for one rollout: completion token ids (unpadded) and total rewards."""
+    """Every metric of this module for one rollout: completion token ids (unpadded) and total rewards."""
     mean_length, std_length = group_length_stats([len(s) for s in sequences], group_size)
     return {
         "diversity/distinct_fraction": distinct_fraction(sequences, group_size),
