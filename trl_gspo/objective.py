@@ -108,21 +108,12 @@ def length_normalized_is_weight(
     clip_max: float | None,
     log_ratio_bound: float = DEFAULT_LOG_RATIO_BOUND,
 ) -> torch.Tensor:
-    """Sequence importance weight between the inference engine (vLLM) and the trainer, GSPO's geometric mean.
+    """(B,) detached sequence importance weights between the inference engine (vLLM) and the trainer, GSPO's
+    geometric mean w_i = exp( (1/|y_i|) * sum_t mask_it * (old_logp_it - sampling_logp_it) ), all inputs (B, T).
 
-    w_i = exp( (1/|y_i|) * sum_t (old_logp_it - sampling_logp_it) ). TRL's "sequence_*" modes use the product
-    over tokens (exp of the sum), which collapses or explodes on long completions; this is the length-
-    normalised form the GSPO paper argues for. Tokens the engine could not score (NaN) count as agreeing.
-
-    Args:
-        old_per_token_logps: (B, T) trainer log-probs of the rollout policy.
-        sampling_per_token_logps: (B, T) log-probs reported by the inference engine.
-        mask: (B, T) 1 for tokens that count.
-        mode: "sequence_truncate" (clamp w into [clip_min, clip_max]) or "sequence_mask" (w = 0 outside).
-        clip_min, clip_max: bounds, either may be None (no bound on that side).
-
-    Returns:
-        (B,) detached weights.
+    TRL's "sequence_*" modes use the product over tokens (exp of the sum), which collapses or explodes on long
+    completions. Tokens the engine could not score (NaN) count as agreeing. `mode` "sequence_truncate" clamps w into
+    [clip_min, clip_max], "sequence_mask" zeroes it outside; either bound may be None (no bound on that side).
     """
     diff = torch.nan_to_num(masked_token_diff(old_per_token_logps, sampling_per_token_logps, mask), nan=0.0)
     lengths = mask.sum(-1).float().clamp(min=1.0)
@@ -157,8 +148,7 @@ def engine_importance_weights(
 
     With `length_normalized` (a sequence mode), GSPO's geometric mean, `length_normalized_is_weight`. Otherwise
     GRPOTrainer's own weights: the exp of the per-token difference (token modes) or of its sum over the sequence
-    (sequence modes), engine NaNs counting as agreement, clamped into [clip_min, clip_max] ("*_truncate") or zeroed
-    outside it ("*_mask").
+    (sequence modes), engine NaNs counting as agreement, bounded as `_bounded` says.
     """
     sequence_mode = mode.startswith("sequence")
     if sequence_mode and length_normalized:
