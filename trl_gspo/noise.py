@@ -8,17 +8,11 @@ dropout to the attention function as a float, and MoE jitter is a float too. `sw
 every kind listed below; `find_train_mode_noise` names what is still active; `make_ratio_passes_deterministic` is the
 trainer's check (GSPOConfig.disable_dropout).
 
-Sources, from the modeling code of transformers' causal LMs and of PEFT's adapters (what reads a probability or a
-scale in train mode), with how each is switched off:
-- `nn.Dropout`-family modules (hidden / embedding / attention dropout of GPT-2-style models, PEFT `lora_dropout`,
-  VeRA, AdaLoRA): `p = 0`.
-- module attributes in `NOISE_ATTRIBUTES` (functional dropout, layer drop, MoE jitter): their off value.
-- config fields in `CONFIG_NOISE_FIELDS`, which some models read from the config inside forward: 0.
-- PEFT LoHa / LoKr per-adapter `rank_dropout` / `module_dropout`, OFT / BOFT multiplicative dropout: 0.
-- `UNSWITCHABLE`: modules that sample in train mode whatever their settings (PhiMoE's router, PEFT Poly,
-  MonteCLoRA, PVeRA; Reformer's LSH attention without `hash_seed`): named, never switched off.
-Train-mode branches that are deterministic (gradient checkpointing, Mamba's kernel path, RWKV rescaling, Gemma 3n's
-AltUp clamp, BigBird's seeded random blocks) need nothing: both passes take the same branch.
+The kinds, each with how it is switched off (docs/NOISE.md has the survey of transformers and PEFT behind them):
+`nn.Dropout`-family modules (`p = 0`), module attributes in `NOISE_ATTRIBUTES`, config fields in
+`CONFIG_NOISE_FIELDS`, PEFT's per-adapter dropout dicts and multiplicative dropout (0); `UNSWITCHABLE` modules sample
+whatever their settings and are named, never switched off. Deterministic train-mode branches (gradient
+checkpointing, Mamba's kernel path, ...) need nothing: both passes take the same branch.
 """
 
 from __future__ import annotations
@@ -161,13 +155,9 @@ def describe_sources(sources: list[NoiseSource]) -> str:
 
 
 def make_ratio_passes_deterministic(args, model: nn.Module, ref_model: nn.Module | None = None) -> None:
-    """GSPOTrainer's construction step: with a sequence-level ratio, no train-mode random draw in any pass.
-
-    disable_dropout=True (GSPOConfig's default): switch off every switchable source in the policy model and the
-    reference model (TRL has already zeroed their nn.Dropout modules). Then, whenever a pi_old pass runs (an
-    off-policy schedule, or vLLM's importance correction), refuse what is still active: with disable_dropout=False,
-    every source; with True, the UNSWITCHABLE ones. `importance_sampling_level='token'` (GRPO) keeps TRL's behaviour.
-    """
+    """GSPOTrainer's construction step, at the sequence levels (docs/NOISE.md, "What GSPO does"): with
+    disable_dropout, switch off every switchable source in the policy and reference models; then, if a pi_old pass
+    runs, refuse what is still active."""
     level = args.importance_sampling_level
     if level not in SEQUENCE_LEVELS:
         return
