@@ -13,20 +13,11 @@ is the next token of the same sequence when that token is a scored completion to
 scored across a sequence boundary. `unpack_completion_values` maps the per-position results (log-probs,
 entropies) back to the (B, T) completion layout of the padded path, with zeros where the padded path has zeros.
 
-`PackedBatch.packed_index` maps every (B, L) position to its flat packed index (r * W + w, -1 for padding); the
-unpacking reads the results through it.
-
 Which models pack exactly is established by measurement and accepted positively (`packing_support_problem`): an
-allowlist of text-config `model_type`s, read from trl_gspo/packing_models.py, which scripts/sweep_packing_models.py
-writes after measuring every causal-LM type of transformers on a tiny float32 model: packed log-probs (several rows
-and one row, ragged left-padded prompts, right-padded completions; sdpa, eager and flash-attention through
-transformers' dispatch with reference kernels) compared with each sequence run alone, unpadded. Refused types carry
-the measured reason; a type the sweep did not measure is refused as not verified. tests/unit/test_packing.py repeats
-the measurement for every accepted type; docs/PACKING.md has the table and the numbers. An allowlist rather than a
-construction-time probe: a probe forward would have to run on sharded (ZeRO-3, FSDP) or bf16 models, where it is a
-collective and its error is swamped by rounding. Independently of the type, RoPE whose frequencies depend on the
-longest position of a row (dynamic, longrope) and flash-attention over several rows are measured inexact (hence one
-row with flash-attention).
+allowlist of text-config `model_type`s in trl_gspo/packing_models.py, written by scripts/sweep_packing_models.py
+(docs/PACKING.md: how it measures, the table and the numbers); a type the sweep did not measure is refused as not
+verified. An allowlist rather than a construction-time probe: a probe forward would have to run on sharded (ZeRO-3,
+FSDP) or bf16 models, where it is a collective and its error is swamped by rounding.
 """
 
 from __future__ import annotations
@@ -53,15 +44,6 @@ class PackedBatch:
     position_ids: torch.Tensor
     shift_labels: torch.Tensor
     packed_index: torch.Tensor
-
-    def model_inputs(self) -> dict[str, torch.Tensor | None | bool]:
-        """Keyword arguments for the model: packing is detected only without an attention mask and without a cache."""
-        return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "attention_mask": None,
-            "use_cache": False,
-        }
 
     def to_model_order(self, values: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) per-position values of the padded layout -> (R * W, ...) in the order the model sees the
@@ -336,7 +318,13 @@ def packed_logps_and_entropies(
             max_row_tokens=attention_mask.numel() if one_row or compute_aux_loss else max_row_tokens,
             pad_token_id=pad_token_id,
         )
-        model_inputs = packed.model_inputs()
+        # transformers detects packing only without an attention mask and without a cache
+        model_inputs = {
+            "input_ids": packed.input_ids,
+            "position_ids": packed.position_ids,
+            "attention_mask": None,
+            "use_cache": False,
+        }
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
         with (
@@ -357,35 +345,15 @@ def packed_logps_and_entropies(
 
 class PaddedForward:
     """The default forward backend: GRPOTrainer's own padded log-prob pass (`trl_pass`, its bound
-    `_get_per_token_logps_and_entropies`), with the routing's `around_forward` given the padded layout (the routed
-    passes are one chunk)."""
+    `_get_per_token_logps_and_entropies`, to which `args` and `model_inputs` go unchanged), with the routing's
+    `around_forward` given the padded layout (the routed passes are one chunk)."""
 
     def __init__(self, trl_pass):
         self.trl_pass = trl_pass
 
-    def __call__(
-        self,
-        model,
-        input_ids,
-        attention_mask,
-        logits_to_keep,
-        batch_size,
-        compute_entropy,
-        compute_aux_loss,
-        around_forward=None,
-        **model_inputs,
-    ):
+    def __call__(self, model, input_ids, attention_mask, *args, around_forward=None, **model_inputs):
         with around_forward(PaddedLayout(attention_mask)) if around_forward is not None else nullcontext():
-            return self.trl_pass(
-                model,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                batch_size,
-                compute_entropy,
-                compute_aux_loss,
-                **model_inputs,
-            )
+            return self.trl_pass(model, input_ids, attention_mask, *args, **model_inputs)
 
 
 class PackedForward:

@@ -378,7 +378,7 @@ class GSPOTrainer(GRPOTrainer):
             batch_size,
             compute_entropy,
             compute_aux_loss,
-            around_forward,
+            around_forward=around_forward,
             **model_inputs,
         )
 
@@ -394,7 +394,7 @@ class GSPOTrainer(GRPOTrainer):
             None,
             compute_entropy,
             compute_aux_loss,
-            around_forward,
+            around_forward=around_forward,
             **{key: batch.get(key) for key in MODEL_INPUT_KEYS},
         )
 
