@@ -1,14 +1,10 @@
-"""vLLM colocate mode: the engine's dtype, and weight sync on a CPU engine.
+"""vLLM colocate mode: weight sync on a CPU engine.
 
 TRL 1.16's colocate sync (`VLLMGeneration.sync_weights`) hands each parameter to the vLLM model's `load_weights`. On
 a CPU engine vLLM repacks every linear layer's weight for its oneDNN kernels after loading and leaves an empty
 parameter behind, so the first sync fails (`'Parameter' object has no attribute 'weight_loader'`). The model
 runner's layerwise `reload_weights` takes a weights iterator and redoes that processing; `use_cpu_weight_sync` routes
 the sync through it when, and only when, the engine runs on a CPU. On a GPU TRL's sync is left as it is.
-
-TRL's colocate mode builds `LLM(...)` without a dtype, so vLLM picks one: on a CPU a float32 checkpoint is served
-in bfloat16 while the trainer computes in float32. `GSPOConfig.vllm_dtype` passes a dtype to that `LLM(...)` call
-(trl_gspo/vllm_checks.py `engine_construction`).
 """
 
 from __future__ import annotations
