@@ -12,10 +12,7 @@ Sources, all arriving as the per-token `logprobs` lists of GRPOTrainer's `_gener
 - a custom `rollout_func`: its `logprobs`, as returned.
 
 `mismatch_log_ratios` and `rollout_mismatch` compare the rollout log-probs with a recomputed pi_old at the sequence
-level, the level GSPO clips at: per sequence the length-normalised log-ratio mean_t(recomputed - rollout), which is
-the log s_i the objective sees at the rollout's first step (pi_theta = the recomputed pi_old, the rollout as pi_old),
-reported as the mean and max of its absolute value and the fraction of sequences whose mismatch alone leaves the
-asymmetric clip band.
+level, the level GSPO clips at.
 """
 
 from __future__ import annotations
