@@ -7,8 +7,8 @@ steps_per_generation > gradient_accumulation_steps and num_iterations > 1.
 - `RecomputedPiOld` (default): one forward per micro-batch with the policy pass's own call (same rows, same
   concatenation, one chunk, same backend). Computing it on the whole generation batch, as GRPOTrainer does, mixes
   rows of different chunks into each micro-batch, and a kernel may reduce in another order for another composition
-  (packed rows share a row with other sequences; accelerators pick kernels by shape): |s_i - 1| then reached 6e-5 in
-  bf16 before any update, from rounding alone. Aligned, s_i is exactly 1 there.
+  (packed rows share a row with other sequences; accelerators pick kernels by shape), so s_i moves from rounding
+  alone (docs/reference/metrics.md). Aligned, s_i is exactly 1 before the first update.
 - `RolloutLogprobsPiOld` (`use_rollout_logprobs`): the log-probs computed while sampling (trl_gspo/rollout_logprobs.py),
   no forward; every `rollout_logprobs_check_interval` train rollouts also recomputed and compared.
 """
@@ -35,15 +35,8 @@ class RolloutLogprobsPiOld:
     returned: vLLM's, a rollout_func's, or transformers generation's as recorded by `SampledTokenLogProbs`).
 
     A micro-batch with a missing value (vLLM's None) on any process falls back to the forward on every process (the
-    forward is collective under ZeRO-3 / FSDP). Values off the loss mask are 0. Metrics (`gspo/rollout_logprobs/`,
-    per checked rollout):
-      seq_abs_log_ratio_mean, _max   |length-normalised log-ratio| recomputed vs rollout, mean and max over the
-                                     sequences of all processes (positions with a rollout log-prob of exactly 0,
-                                     TRL's filler for tool-result tokens, are left out)
-      outside_clip_band              fraction of sequences whose log-ratio mean_t(recomputed - rollout), the log s_i
-                                     of the first step, leaves [log(1-eps_low), log(1+eps_high)]
-      clip_band_log_high             log(1 + eps_high), to read the two above against
-      fallback                       1 when a micro-batch had missing rollout log-probs and used the forward
+    forward is collective under ZeRO-3 / FSDP). Values off the loss mask are 0. Its metrics, per checked rollout:
+    `gspo/rollout_logprobs/*` (trl_gspo/metrics.py).
     """
 
     def __init__(self, check_interval: int):
@@ -71,6 +64,7 @@ class RolloutLogprobsPiOld:
                 continue
             if check:
                 recomputed = pi_old_pass(batch)
+                # a rollout log-prob of exactly 0 is TRL's filler for tool-result tokens: left out
                 ratios.append(mismatch_log_ratios(recomputed, rollout, mask & (rollout != 0)))
             batch["old_per_token_logps"] = rollout
         if check or fallback:
