@@ -3,26 +3,20 @@
 Pure functions (tested against naive references), one hook manager, `RouterHooks`, and the feature object
 `MoERouting` that GSPOTrainer's core calls in each pass (`moe_routing` builds it from the config).
 
-How it works. transformers' MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE) route each token in a `*TopKRouter`
-module that returns (router_logits, top_k_weights, top_k_index); every experts implementation takes its
-indices from there, so a forward hook on the routers sees, and can replace, the routing of the whole model.
+How it works (docs/MOE.md has the details and measurements). transformers' MoE models route each token in a
+`*TopKRouter` module that returns (router_logits, top_k_weights, top_k_index); every experts implementation takes
+its indices from there, so a forward hook on the routers sees, and can replace, the routing of the whole model.
 
-- pi_old pass (the core runs it per micro-batch, before the rollout's first update): the hooks record each
-  router's top-k indices for every position of every row (prompt and completion), kept in the micro-batch under
-  `ROUTING_KEY` as (B, L, layers, k) whatever layout the model saw (padded or packed rows). `generate()` and the
-  reference pass are not recorded.
-- policy pass: the hooks observe the current routing (drift metric) and, with replay, make the router's own
-  forward pick the recorded experts: during the router's forward its one `topk` call returns the recorded
-  indices, with the values gathered from the very tensor it was ranking (`ForcedTopK`). Whatever the router
-  computes from them (softmax or sigmoid, score bias, renormalisation, scaling) is its own code, so with unchanged
-  parameters replay is bit-identical and the router still gets gradients. Only the router classes in
-  `REPLAY_ROUTER_CLASSES` (each tested on a tiny model) are accepted. The replay state lives until backward has
-  finished: gradient checkpointing re-runs the router during backward and must see the same experts.
-- rollout routing replay (R3, `rollout_routing_replay`): generate() is recorded too (prefill and cached decoding),
-  one `rollout_routing.RolloutRouting` per row, laid out as TRL's rows under ROLLOUT_ROUTING_KEY with a mask of the
-  positions generation routed. Every training pass (pi_old and policy) replays those experts there; the positions
-  generation did not route (the last completion token, padding, packing filler) feed no scored log-prob and route
-  themselves. So R3 needs no pi_old pass: it composes with rollout log-probs as pi_old and with packed passes.
+- pi_old pass: the hooks record each router's top-k indices for every position of every row, kept in the
+  micro-batch under `ROUTING_KEY` as (B, L, layers, k) whatever layout the model saw (padded or packed rows).
+  `generate()` and the reference pass are not recorded.
+- policy pass: the hooks observe the current routing (drift metric) and, with replay, the router's one `topk` call
+  returns the recorded indices, with the values gathered from the very tensor it was ranking (`ForcedTopK`). The
+  router computes its weights from them with its own code, so with unchanged parameters replay is bit-identical and
+  the router still gets gradients. The replay state lives until backward has finished: gradient checkpointing
+  re-runs the router during backward and must see the same experts.
+- rollout routing replay (R3): generate() is recorded too, and every training pass replays those experts where
+  generation routed a position (`MoERouting`).
 """
 
 from __future__ import annotations
@@ -200,9 +194,7 @@ class RouterHooks:
     flattened: `PaddedLayout` / `PackedBatch` map it to and from the (B, L) layout). One state at a time:
       `recording(forced, known)`  a context; every router call appends its natural indices; with `forced`
                                    (N, layers, k) the pass replays it where `known` (N,) is True (everywhere if None)
-      `recorded()`                 the record of the last `recording()`, (N, layers, k)
-      `recorded_steps(batch)`      the record of a generate() call, chunks of positions (prefill, then decoding):
-                                   (B, T, layers, k) and the prefill's length
+      `recorded()`, `recorded_steps(batch)`  the record of the last `recording()`: of one forward, or of a generate()
       `start_policy_pass(forced, known)`  observe the current routing and, with `forced`, replay it; stays on (for
                                    gradient checkpointing's recomputation in backward) until `clear()`
       `observed()`                 the natural routing seen since `start_policy_pass`, (N, layers, k)
@@ -221,19 +213,14 @@ class RouterHooks:
         self._forced: torch.Tensor | None = None
         self._known: torch.Tensor | None = None
         self._forcing: list[ForcedTopK | None] = [None] * len(routers)
-        self._handles = []
         for i, router in enumerate(routers):
-            self._handles.append(router.register_forward_pre_hook(self._pre_hook(i)))
+            router.register_forward_pre_hook(self._pre_hook(i))
             # always_call: the forcing mode is left even when the router's forward raises
-            self._handles.append(router.register_forward_hook(self._hook(i), always_call=True))
+            router.register_forward_hook(self._hook(i), always_call=True)
 
     @property
     def num_layers(self) -> int:
         return len(self.routers)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     def clear(self) -> None:
         """Back to idle; drops any replay state (call once backward of the policy pass has finished)."""
@@ -378,7 +365,8 @@ class MoERouting:
 
     `replay`: None, "pi_old" (R2: the policy pass replays the pi_old pass's routing) or "rollout" (R3: generation is
     recorded, and every training pass replays the rollout's experts where generation routed a position, `known`;
-    the other positions, the last completion token and padding, feed no scored log-prob and route themselves).
+    the other positions, the last completion token and padding, feed no scored log-prob and route themselves; so R3
+    needs no pi_old pass and composes with rollout log-probs as pi_old and with packed passes).
     `drift`: log moe/routing_drift, the policy pass's natural routing against pi_old's: the pi_old pass's record, or,
     with rollout log-probs as pi_old, the rollout's routing.
     Each pass hands a context factory `around_forward(layout)` to the forward backend, which calls it around the
@@ -471,14 +459,9 @@ class MoERouting:
         return around_forward
 
     def log_drift(self, batch: dict, log) -> None:
-        """After the policy pass of `batch`: moe/routing_drift, its natural routing on the completion tokens against
-        pi_old's (the pi_old pass's record, else the rollout's where generation routed); nothing without either.
-
-          moe/routing_drift/token_layer       fraction of (completion token, MoE layer) pairs whose top-k expert set
-                                              differs from pi_old's (the paper: ~10% per update)
-          moe/routing_drift/token_any_layer   fraction of completion tokens that changed in at least one layer
-        Both count the natural routing of the current router, also under replay (what replay undid).
-        """
+        """After the policy pass of `batch`: moe/routing_drift (trl_gspo/metrics.py), its natural routing on the
+        completion tokens against pi_old's (the pi_old pass's record, else the rollout's where generation routed);
+        nothing without either. It counts the natural routing of the current router, also under replay."""
         prompt_width = batch["prompt_ids"].size(1)
         mask = batch["completion_mask"].bool()
         reference = batch.get(ROUTING_KEY)
