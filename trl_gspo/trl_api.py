@@ -28,7 +28,7 @@ MODEL_INPUT_KEYS = (
 
 # The private GRPOTrainer API GSPOTrainer relies on: method -> parameters it must accept (checked by
 # `check_trl_private_api`), and instance attributes read or written (checked after construction by
-# `check_trl_private_attributes`). trl is pinned to the minor version these were read from.
+# `check_trl_private_attributes`).
 TRL_PRIVATE_API = {
     # overridden by the core, each once (trainer.py's docstring lists the step they make up)
     "_prepare_inputs": ("generation_batch",),
@@ -91,12 +91,7 @@ def check_trl_private_api(trainer_cls: type = GRPOTrainer) -> None:
         if missing:
             problems.append(f"{owner_cls.__name__}.{method_name} no longer takes {missing}")
     if problems:
-        import trl
-
-        raise RuntimeError(
-            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer methods; with trl "
-            f"{trl.__version__}: " + "; ".join(problems) + ". Install trl>=1.16,<1.17."
-        )
+        _refuse("; ".join(problems))
 
 
 def check_trl_private_attributes(trainer: GRPOTrainer) -> None:
@@ -105,9 +100,13 @@ def check_trl_private_attributes(trainer: GRPOTrainer) -> None:
         {name for names in TRL_PRIVATE_ATTRIBUTES.values() for name in names if not hasattr(trainer, name)}
     )
     if missing:
-        import trl
+        _refuse(f"GRPOTrainer no longer sets the attributes {missing}")
 
-        raise RuntimeError(
-            f"trl_gspo was written against trl 1.16 and relies on private GRPOTrainer attributes {missing}, which "
-            f"trl {trl.__version__} no longer sets. Install trl>=1.16,<1.17."
-        )
+
+def _refuse(problems: str) -> None:
+    import trl
+
+    raise RuntimeError(
+        f"trl_gspo was written against trl 1.16 and relies on its private API; with trl {trl.__version__}: "
+        f"{problems}. Install trl>=1.16,<1.17."
+    )
