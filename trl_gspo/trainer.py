@@ -36,8 +36,10 @@ gradient-accumulation scaling. What it refuses is refused by GSPOConfig at const
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import operator
 import shutil
 import textwrap
 from contextlib import nullcontext
@@ -84,10 +86,9 @@ class GSPOTrainer(GRPOTrainer):
     """Group Sequence Policy Optimization (Zheng et al., 2025) on TRL's GRPOTrainer.
 
     Takes exactly GRPOTrainer's arguments and is a drop-in replacement for it. `args` may be a GSPOConfig, a
-    GRPOConfig (upgraded by `trl_gspo.config.upgrade_grpo_config`: fields that differ from GRPOConfig's defaults are
-    kept, the clip range as a pair, the rest take GSPO's defaults; a warning names both lists) or None (GSPOConfig
-    defaults). The step and its features: the module docstring. Prints one start line on the main process
-    (trl_gspo/banner.py) and logs every metric GRPOTrainer logs for the same configuration.
+    GRPOConfig (upgraded, with a warning, by `trl_gspo.config.upgrade_grpo_config`) or None (GSPOConfig defaults).
+    The step and its features: the module docstring. Prints one start line on the main process (trl_gspo/banner.py)
+    and logs every metric GRPOTrainer logs for the same configuration.
     """
 
     _tag_names = ["trl", "gspo", "trl-gspo"]
@@ -142,22 +143,17 @@ class GSPOTrainer(GRPOTrainer):
             unwrap(self.model), self.args, self.tools, self.rollout_func, self.pad_to_multiple_of
         )
         make_ratio_passes_deterministic(self.args, self.model, self.ref_model)  # GSPOConfig.disable_dropout
-        self._print_start_banner()
-
-    def _print_start_banner(self):
-        """Once, on the main process: world size, backend, mixed precision and GSPO settings (trl_gspo/banner.py)."""
-        if self.accelerator.is_main_process:
-            backend = distributed_backend(self.accelerator)
-            world = self.accelerator.num_processes
-            precision, device_type = self.accelerator.mixed_precision, self.accelerator.device.type
-            print(start_banner(world, backend, precision, self.args, device_type), flush=True)
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            world, backend = accelerator.num_processes, distributed_backend(accelerator)
+            banner = start_banner(world, backend, accelerator.mixed_precision, self.args, accelerator.device.type)
+            print(banner, flush=True)  # one start line (trl_gspo/banner.py)
 
     # --- 1. the micro-batch of a step -----------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch):
-        """TRL's; right after a new rollout is split into micro-batches (train) or generated (eval), and before any
-        optimizer step on it, every micro-batch gets its log-prob passes (`_score_rollout`). A resumed rollout
-        buffer already holds them."""
+        """Step 1 (module docstring; in eval every call is a new rollout, of one micro-batch); a resumed rollout
+        buffer already holds its log-prob passes."""
         buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
         if not self.model.training:
@@ -169,10 +165,7 @@ class GSPOTrainer(GRPOTrainer):
     # --- 2. the rollout ---------------------------------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's rollout (generation, rewards, advantages) without its log-prob passes, which run per micro-batch
-        in `_score_rollout`; then GSPO-token's (B, T) advantages, the rollout diagnostics and R3's routing rows.
-        Notes the optimizer step the rollout's policy is at: pi_old is that policy (`_before_first_update_of_rollout`).
-        """
+        """Step 2 (module docstring). Notes the optimizer step the rollout's policy is at: pi_old is that policy."""
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self._rollout_optimizer_step = self.state.global_step
@@ -255,9 +248,8 @@ class GSPOTrainer(GRPOTrainer):
     # --- 3. the log-prob passes of a rollout ------------------------------------------------------------------------
 
     def _score_rollout(self, micro_batches: list[dict], training: bool) -> None:
-        """The log-prob passes of a new rollout, per micro-batch and with the policy pass's own call: pi_old (from its
-        source; none when every step is on-policy), the reference (beta != 0), then vLLM's importance weights from
-        them. They replace the placeholders TRL's rollout left, before any loss reads them."""
+        """Step 3 (module docstring): pi_old (none when every step is on-policy), the reference (beta != 0), then
+        vLLM's importance weights from them."""
         metrics = self._metrics["train" if training else "eval"]
         if self.pi_old is not None:
             self.pi_old.fill(
@@ -508,10 +500,8 @@ class GSPOTrainer(GRPOTrainer):
         return loss
 
     def _log_entropy_bonus_metrics(self, mode, policy_loss):
-        """With an entropy bonus, the two metrics GRPOTrainer logs next to it, under its names:
-        policy_loss    the objective's loss before the bonus, not scaled for accumulation (mean over ranks)
-        entropy_coef   the bonus coefficient, once per optimizer step in training
-        """
+        """With an entropy bonus, the two metrics GRPOTrainer logs next to it (`policy_loss`, `entropy_coef`:
+        trl_gspo/metrics.py)."""
         self._metrics[mode][names.POLICY_LOSS].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode][names.ENTROPY_COEF].append(self.entropy_coef)
@@ -543,7 +533,10 @@ class GSPOTrainer(GRPOTrainer):
         }
         for name, value in reduced.items():
             self._metrics[mode][name].append(value)
-        if mode == "train" and self._before_first_update_of_rollout():
+        # no optimizer step since this micro-step's rollout was generated: the policy is still pi_old, so s_i must be
+        # exactly 1. Compared by optimizer step, not derived from the micro-step counter: a rollout's micro-steps
+        # need not be a whole number of optimizer steps (a rollout may then start or end inside one).
+        if mode == "train" and self._rollout_optimizer_step == self.state.global_step:
             outside, sequences = self.accelerator.reduce(
                 outside_clip_band_counts(out, self.epsilon_low, self.epsilon_high), reduction="sum"
             ).tolist()
@@ -556,27 +549,14 @@ class GSPOTrainer(GRPOTrainer):
         for name, value in drift_fractions(self.accelerator.reduce(counts, reduction="sum"), prefix).items():
             self._metrics[mode][name].append(value)
 
-    def _before_first_update_of_rollout(self) -> bool:
-        """Whether no optimizer step has happened since this micro-step's rollout was generated: the policy is still
-        pi_old, s_i must be exactly 1, and `gspo/first_step_outside_clip_band` (the fraction of sequences outside
-        [1 - eps_low, 1 + eps_high]) exactly 0. Compared by optimizer step rather than derived from the micro-step
-        counter, so it holds for every schedule, also when a rollout's micro-steps are not a whole number of
-        optimizer steps (a rollout may then start or end inside one)."""
-        return self._rollout_optimizer_step == self.state.global_step
-
     # --- 5. checkpoints ---------------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        """Also save this rank's buffered rollout, so that a resume inside a rollout continues it exactly; then mark
-        the checkpoint complete, and only then delete old ones (save_total_limit).
-
-        GRPOTrainer keeps one generation batch for steps_per_generation * num_iterations micro-steps and does not
-        checkpoint it: a run resumed mid-rollout would generate a new batch from a newer policy. The mark
-        (trl_gspo/checkpoints.py) is written by the main process once every rank has written its files, the rollout
-        buffer included; `--resume true` takes only marked checkpoints. Transformers rotates old checkpoints at the
-        end of its own save, before the buffer and the mark: it would delete the previous complete checkpoint while
-        this one is still incomplete, so the rotation (transformers' own, which keeps the newest) runs after the mark.
-        """
+        """Also save this rank's buffered rollout (GRPOTrainer does not: a run resumed mid-rollout would generate a
+        new batch from a newer policy); then, once every rank has written its files, mark the checkpoint complete
+        (trl_gspo/checkpoints.py; `--resume true` takes only marked checkpoints), and only then rotate old ones
+        (save_total_limit): transformers' own rotation, at the end of its save, would delete the previous complete
+        checkpoint while this one is still incomplete."""
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
@@ -625,9 +605,4 @@ GSPOTrainer.__init__.__signature__ = inspect.signature(GRPOTrainer.__init__)
 
 def _product(weights: list[torch.Tensor]) -> torch.Tensor | None:
     """Elementwise product of a list of weight tensors, None for an empty list."""
-    if not weights:
-        return None
-    result = weights[0]
-    for weight in weights[1:]:
-        result = result * weight
-    return result
+    return functools.reduce(operator.mul, weights) if weights else None
