@@ -6,11 +6,6 @@ layout vLLM returns them (`CompletionOutput.routed_experts`, [seq_len, layers, t
 prompt (P tokens) + completion (C tokens). The last completion token is sampled but never fed back, so it has no
 routing; it feeds no log-prob either. With prompt_start = P - 1 the record is exactly C rows: the routing of the
 positions whose logits give the C completion log-probs.
-
-`records_from_generation` cuts a transformers `generate()` call's routing into such records; `rollout_routing_rows`
-lays records out as TRL's rows (left-padded prompt, right-padded completion) with a mask of the positions that have
-a rollout routing. Both tensors have the batch as first dimension, so they travel with their rows through TRL's
-shuffle and split.
 """
 
 from __future__ import annotations
@@ -19,18 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-# Batch keys of the rollout routing in TRL's row layout: (B, L, layers, k) experts and (B, L) bool "has a routing".
+# Batch keys of the rollout routing in TRL's row layout: (B, L, layers, k) experts and (B, L) bool "has a routing";
+# the batch first, so they travel with their rows through TRL's shuffle and split.
 ROLLOUT_ROUTING_KEY = "moe_rollout_routing"
 ROLLOUT_ROUTING_KNOWN_KEY = "moe_rollout_routing_known"
 
 
 @dataclass(frozen=True)
 class RolloutRouting:
-    """The experts the rollout engine chose for one sequence.
+    """The experts the rollout engine chose for one sequence (the module docstring's layout).
 
-    experts: (rows, layers, top_k) expert indices of token positions prompt_start .. prompt_length +
-        completion_length - 2 of the unpadded prompt + completion, so rows = prompt_length - prompt_start +
-        completion_length - 1.
+    experts: (prompt_length - prompt_start + completion_length - 1, layers, top_k) expert indices.
     """
 
     experts: torch.Tensor
