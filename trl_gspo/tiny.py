@@ -89,11 +89,7 @@ def build_tiny_causal_lm(
         **{**extra, **overrides},
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)  # its generation config takes the token ids above
 
 
 def save_tiny_model(path, model_type: str = "qwen3", **kwargs):
