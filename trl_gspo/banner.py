@@ -42,12 +42,9 @@ def computed_precision(mixed_precision: str, device_type: str) -> str:
 
 
 def start_banner(world_size: int, backend: str, mixed_precision: str, args, device_type: str) -> str:
-    """One line naming world size, backend, mixed precision and the GSPO settings that matter (see module doc).
-
-    `mixed_precision` is accelerate's ('no', 'bf16', 'fp16'); the line names what the run computes in on
-    `device_type` (`computed_precision`). When it is half precision while the config says bf16=False and
-    fp16=False, the launch environment set it, and the line says so.
-    """
+    """One line naming world size, backend, what the run computes in (`computed_precision`) and the GSPO settings
+    that matter (see module doc). Half precision while the config says bf16=False and fp16=False was set by the
+    launch environment, and the line says so."""
     computed = computed_precision(mixed_precision, device_type)
     precision = "none (float32)" if computed == "no" else computed
     if computed != mixed_precision:

@@ -136,25 +136,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[GSPOScriptArguments, GSPO
             if unknown:
                 raise ValueError(unknown_names_message(unknown, known, option=True)) from None
         raise
-    if isinstance(script_args.reward_kwargs, str):
-        script_args.reward_kwargs = json.loads(script_args.reward_kwargs)
-    if isinstance(script_args.prepare_kwargs, str):
-        script_args.prepare_kwargs = json.loads(script_args.prepare_kwargs)
+    for name in ("reward_kwargs", "prepare_kwargs"):  # a dict on the command line comes as JSON text
+        if isinstance(getattr(script_args, name), str):
+            setattr(script_args, name, json.loads(getattr(script_args, name)))
     return script_args, training_args, model_args
 
 
 def unknown_names_message(unknown: list[str], known: set[str], option: bool) -> str:
     """`unknown key 'learning_rat' (did you mean 'learning_rate'?)` (a recipe key) or `unknown option --learning_rat
     (did you mean --learning_rate?)` for each name, then where the names come from."""
-
-    def shown(name: str) -> str:
-        return f"--{name}" if option else repr(name)
-
+    kind, shown = ("option", "--{}".format) if option else ("key", repr)
     described = []
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {shown(close[0])}?)" if close else ""
-        described.append(f"unknown {'option' if option else 'key'} {shown(name)}{hint}")
+        described.append(f"unknown {kind} {shown(name)}{hint}")
     return "; ".join(described) + ": each is a field of GSPOScriptArguments, GSPOConfig or trl.ModelConfig."
 
 
@@ -283,12 +279,10 @@ def build_reward_funcs(script_args: GSPOScriptArguments):
         )
     specs = [{"name": n, "kwargs": reward_kwargs[n]} if n in reward_kwargs else n for n in script_args.reward_funcs]
     funcs = [wrap_reward_checked(func) for func in load_reward_funcs(specs)]
-    for func in funcs:
-        if (
-            "answer" in inspect.signature(getattr(func, "__wrapped__", func)).parameters
-            and not script_args.answer_column
-        ):
-            raise ValueError(f"reward {func.__name__!r} needs reference answers: set answer_column.")
+    if not script_args.answer_column:
+        for func in funcs:
+            if "answer" in inspect.signature(getattr(func, "__wrapped__", func)).parameters:
+                raise ValueError(f"reward {func.__name__!r} needs reference answers: set answer_column.")
     return funcs
 
 
@@ -334,13 +328,8 @@ def check_output_dir(output_dir: str) -> None:
 
 def resume_checkpoint(training_args: GSPOConfig, resume: bool, overwrite_output_dir: bool = False) -> str | None:
     """The checkpoint to resume from: an explicit resume_from_checkpoint, the newest complete one in output_dir
-    (`resume`, trl_gspo/checkpoints.py says what counts), or None for a new run. The main process prints which
-    checkpoint it resumes from, and each newer one it passes over.
-
-    A new run into an output_dir that already holds one is refused, unless `overwrite_output_dir`: then the earlier
-    run's checkpoints are deleted here, once every other input has been checked, so that `--resume` can never take
-    them for this run's.
-    """
+    (`resume`, trl_gspo/checkpoints.py says what counts), or None for a new run (`_start_in`). The main process
+    prints which checkpoint it resumes from, and each newer one it passes over."""
     output_dir, explicit = training_args.output_dir, training_args.resume_from_checkpoint
     main_process = training_args.process_index == 0
     if resume and overwrite_output_dir:
@@ -378,14 +367,14 @@ def resume_checkpoint(training_args: GSPOConfig, resume: bool, overwrite_output_
         for folder, problem in skipped:
             print(f"skipping {folder}: {problem}", flush=True)
         if finished_run_message(checkpoint, training_args.max_steps) is None:
-            state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
-            last_step = training_args.max_steps if training_args.max_steps > 0 else state.get("max_steps")
-            print(f"resuming from {checkpoint} (step {state['global_step']} of {last_step})", flush=True)
+            step, last_step = checkpoint_progress(checkpoint, training_args.max_steps)
+            print(f"resuming from {checkpoint} (step {step} of {last_step})", flush=True)
     return checkpoint
 
 
 def _start_in(output_dir: str, overwrite_output_dir: bool, main_process: bool) -> None:
-    """Refuse a new run into an output_dir holding an earlier one; with overwrite_output_dir delete its checkpoints."""
+    """Refuse a new run into an output_dir holding an earlier one; with overwrite_output_dir delete its checkpoints
+    (here, once every other input has been checked, so that `--resume` can never take them for this run's)."""
     earlier = run_outputs(output_dir)
     if not earlier:
         return
@@ -423,35 +412,28 @@ def save_final_model(trainer: GSPOTrainer, output_dir: str) -> None:
         staging.rmdir()
 
 
-def resolve_prepare(path: str):
-    """The `prepare` function named by ``package.module:function`` (or ``package.module.function``); a ValueError
-    naming the field when it cannot be imported or is not callable."""
+def run_prepare(script_args, training_args, model_args) -> None:
+    """Call the recipe's `prepare` function (see GSPOScriptArguments.prepare). Under `accelerate launch` the main
+    process runs it first while the others wait, then they run it and find what it built."""
+    path, kwargs = script_args.prepare, script_args.prepare_kwargs or {}
+    if not path:
+        if kwargs:
+            raise ValueError(f"prepare_kwargs={kwargs} is set but prepare is not: name the function they are for.")
+        return
     parts = split_import_path(path)
     if parts is None:
         raise ValueError(f"prepare={path!r}: expected 'package.module:function'.")
     try:
-        target = getattr(importlib.import_module(parts[0]), parts[1])
+        prepare = getattr(importlib.import_module(parts[0]), parts[1])
     except (ImportError, AttributeError) as error:
         raise ValueError(f"prepare={path!r} cannot be imported: {type(error).__name__}: {error}") from None
-    if not callable(target):
-        raise ValueError(f"prepare={path!r} is a {type(target).__name__}, not a function.")
-    return target
-
-
-def run_prepare(script_args, training_args, model_args) -> None:
-    """Call the recipe's `prepare` function (see GSPOScriptArguments.prepare). Under `accelerate launch` the main
-    process runs it first while the others wait, then they run it and find what it built."""
-    kwargs = script_args.prepare_kwargs or {}
-    if not script_args.prepare:
-        if kwargs:
-            raise ValueError(f"prepare_kwargs={kwargs} is set but prepare is not: name the function they are for.")
-        return
-    prepare = resolve_prepare(script_args.prepare)
+    if not callable(prepare):
+        raise ValueError(f"prepare={path!r} is a {type(prepare).__name__}, not a function.")
     try:
         inspect.signature(prepare).bind(script_args, training_args, model_args, **kwargs)
     except TypeError as error:
-        raise ValueError(f"prepare_kwargs={kwargs} do not fit prepare={script_args.prepare!r}: {error}") from None
-    with training_args.main_process_first(desc=f"prepare={script_args.prepare}"):
+        raise ValueError(f"prepare_kwargs={kwargs} do not fit prepare={path!r}: {error}") from None
+    with training_args.main_process_first(desc=f"prepare={path}"):
         prepare(script_args, training_args, model_args, **kwargs)
 
 
@@ -466,23 +448,25 @@ class CheckedInputs:
     finished: str | None = None  # set when the checkpoint to resume already ends the run: what to tell the user
 
 
+def checkpoint_progress(checkpoint: str, max_steps: int) -> tuple[int, int]:
+    """(the step `checkpoint` is at, the run's last step): `max_steps` when it is set (> 0), else the `max_steps` the
+    checkpointed run computed from its epochs."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    return state.get("global_step", 0), max_steps if max_steps > 0 else state.get("max_steps", 0)
+
+
 def finished_run_message(checkpoint: str | None, max_steps: int) -> str | None:
     """A message saying the run is complete if `checkpoint` already reached the run's last step, else None.
 
-    The last step is `max_steps` when it is set (> 0), else the `max_steps` the checkpointed run computed from
-    its epochs. Resuming such a checkpoint would otherwise train one step past the end and overwrite the model.
+    Resuming such a checkpoint would otherwise train one step past the end and overwrite the model.
     """
-    if checkpoint is None:
+    if checkpoint is None or not (Path(checkpoint) / TRAINER_STATE).is_file():
         return None
-    state_path = Path(checkpoint) / "trainer_state.json"
-    if not state_path.is_file():
-        return None
-    state = json.loads(state_path.read_text())
-    last_step = max_steps if max_steps > 0 else state.get("max_steps", 0)
-    if last_step <= 0 or state.get("global_step", 0) < last_step:
+    step, last_step = checkpoint_progress(checkpoint, max_steps)
+    if last_step <= 0 or step < last_step:
         return None
     return (
-        f"the run is complete: {checkpoint} is at step {state['global_step']} of max_steps={last_step}; nothing "
+        f"the run is complete: {checkpoint} is at step {step} of max_steps={last_step}; nothing "
         "to resume, nothing was changed (raise --max_steps to train further)."
     )
 
@@ -525,10 +509,8 @@ class TiedWeightsNotice(logging.Filter):
         if message.startswith(MISSING_KEYS_NOTICE):
             missing = ast.literal_eval(message[len(MISSING_KEYS_NOTICE) :].rstrip("."))
             if missing and all(key in self.tied for key in missing):
-                record.msg = "the checkpoint does not store " + ", ".join(
-                    f"{key} (tied to {self.tied[key]}, restored with it)" for key in missing
-                )
-                record.msg += ": nothing is missing."
+                tied = ", ".join(f"{key} (tied to {self.tied[key]}, restored with it)" for key in missing)
+                record.msg = f"the checkpoint does not store {tied}: nothing is missing."
                 record.args = ()
         return True
 
@@ -553,18 +535,11 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
     its card and trainer_state.json, and return the trainer; None, having trained nothing, when the checkpoint to
     resume already completed the run."""
     inputs = inputs or check_inputs(script_args, training_args, model_args)
-    train_dataset, eval_dataset, reward_funcs, checkpoint = (
-        inputs.train_dataset,
-        inputs.eval_dataset,
-        inputs.reward_funcs,
-        inputs.checkpoint,
-    )
     if inputs.finished:
         if training_args.process_index == 0:
             print(inputs.finished)
         return None
 
-    quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -573,12 +548,12 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
     }
     trainer = GSPOTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=reward_funcs,
+        reward_funcs=inputs.reward_funcs,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.eval_dataset,
         callbacks=callbacks,
-        quantization_config=quantization_config,
+        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
     if any(isinstance(callback, ProgressCallback) for callback in callbacks or ()):
@@ -587,14 +562,13 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
             c for c in trainer.callback_handler.callbacks if type(c) is not ProgressCallback
         ]
     with benign_library_notices_explained(trainer.model):
-        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=inputs.checkpoint)
     save_final_model(trainer, training_args.output_dir)
     trainer.save_state()  # trainer_state.json in the run folder (every metric logged), for scripts/plot_run.py
     if trainer.accelerator.is_main_process:
-        local_data = Path(script_args.dataset_name).exists()
         trainer.create_model_card(
             model_name=Path(training_args.output_dir).name,
-            dataset_name=None if local_data else script_args.dataset_name,
+            dataset_name=None if Path(script_args.dataset_name).exists() else script_args.dataset_name,  # hub only
         )
     trainer.accelerator.print(f"GSPO training done; model and model card saved to {training_args.output_dir}")
     return trainer
@@ -650,11 +624,6 @@ class SummaryProgressCallback(ProgressCallback):
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError)
 
 
-def input_error_line(error: BaseException) -> str:
-    """The one-line `error: ...` message the command line prints for a bad configuration or a missing file."""
-    return "error: " + " ".join(str(error).split())
-
-
 def main(argv: list[str] | None = None) -> GSPOTrainer | None:
     """Parse, check every input, train. A bad configuration or a missing file exits with status 2 and one
     `error: ...` line on stderr; anything that fails once training has started keeps its traceback. Progress: a bar
@@ -663,7 +632,7 @@ def main(argv: list[str] | None = None) -> GSPOTrainer | None:
         script_args, training_args, model_args = parse_args(argv)
         inputs = check_inputs(script_args, training_args, model_args)
     except INPUT_ERRORS as error:
-        print(input_error_line(error), file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, whatever the message holds
         raise SystemExit(2) from None
     callbacks = None if training_args.disable_tqdm else [SummaryProgressCallback()]
     return train(script_args, training_args, model_args, callbacks=callbacks, inputs=inputs)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import metrics as names
+from .checkpoints import TRAINER_STATE, checkpoint_folders
 
 HELDOUT_ACCURACY_KEY = "heldout_accuracy"
 REWARD_KEY, REWARD_STD_KEY = "reward", "reward_std"
@@ -107,14 +108,10 @@ def plot_run(
     title: str | None = None,
     clip_range: tuple[float, float] | None = None,
 ) -> Path:
-    """Write a PNG of the run's reward, held-out accuracy, clip fractions and sequence-ratio range to ``path``.
-
-    Panels whose keys are absent are left out (``absent_panels`` names them); ``clip_range=(eps_low, eps_high)``
-    draws 1 - eps_low and 1 + eps_high on the ratio panel. Raises ValueError, saying what the history holds, if it
-    has none of the plotted keys, and ImportError naming the `plots` extra without matplotlib.
+    """Write a PNG of the run's panels (module docstring) to ``path``; ``clip_range=(eps_low, eps_high)`` shades the
+    unclipped band on the ratio panel. ValueError saying what the history holds if it has none of the plotted keys.
     """
     plt = _pyplot()
-    reward = series(log_history, REWARD_KEY)
     panels = present_panels(log_history)
     if not panels:
         raise ValueError(nothing_to_draw_message(log_history))
@@ -125,18 +122,16 @@ def plot_run(
     flat = list(axes.flat)
     for ax, panel in zip(flat, panels):
         if panel == "reward":
-            steps, values = reward
+            steps, values = series(log_history, REWARD_KEY)
             ax.plot(steps, values, color="tab:blue", label="mean reward")
             std_steps, stds = series(log_history, REWARD_STD_KEY)
             if std_steps == steps:
                 bounds = reward_bounds(values, stds)
-                low = [v - s for v, s in zip(values, stds)]
-                high = [v + s for v, s in zip(values, stds)]
-                label = "± std over completions"
-                if bounds is not None:  # a [0, 1] reward: mean ± std would run past what a reward can be
-                    low = [max(x, bounds[0]) for x in low]
-                    high = [min(x, bounds[1]) for x in high]
-                    label += f", within [{bounds[0]:g}, {bounds[1]:g}]"
+                label = "± std over completions" + (f", within [{bounds[0]:g}, {bounds[1]:g}]" if bounds else "")
+                # a [0, 1] reward: mean ± std would run past what a reward can be
+                floor, ceiling = bounds or (-math.inf, math.inf)
+                low = [max(v - s, floor) for v, s in zip(values, stds)]
+                high = [min(v + s, ceiling) for v, s in zip(values, stds)]
                 ax.fill_between(steps, low, high, color="tab:blue", alpha=0.2, label=label)
             ax.set_title("reward (training rollouts)")
             ax.set_ylabel("reward")
@@ -169,31 +164,20 @@ def plot_run(
         elif panel == "ratio":
             # s_i - 1 on a symmetric log scale: the ratio moves by ~1e-3 around 1, where a linear axis shows a
             # flat line and hides a 3e-4 clip band
-            low_steps, low = series(log_history, SEQ_RATIO_KEYS[0])
-            high_steps, high = series(log_history, SEQ_RATIO_KEYS[2])
+            ratio = {key: series(log_history, key) for key in SEQ_RATIO_KEYS}
+            (low_steps, low), _, (high_steps, high) = ratio.values()
             if low_steps and low_steps == high_steps:
-                ax.fill_between(
-                    low_steps,
-                    [x - 1 for x in low],
-                    [x - 1 for x in high],
-                    color="tab:gray",
-                    alpha=0.3,
-                    label="min..max",
-                )
-            for key, style in zip(SEQ_RATIO_KEYS, (":", "-", ":")):
-                steps, values = series(log_history, key)
+                band = [x - 1 for x in low], [x - 1 for x in high]
+                ax.fill_between(low_steps, *band, color="tab:gray", alpha=0.3, label="min..max")
+            for (key, (steps, values)), style in zip(ratio.items(), (":", "-", ":")):
                 if steps:
                     color = "tab:gray" if style == ":" else "black"
                     ax.plot(steps, [x - 1 for x in values], style, color=color, label=key.split("/")[-1])
             linear_below = 1e-5
             if clip_range is not None:
-                ax.axhspan(
-                    -clip_range[0],
-                    clip_range[1],
-                    color="tab:red",
-                    alpha=0.15,
-                    label=f"unclipped band [-{clip_range[0]:g}, +{clip_range[1]:g}]",
-                )
+                eps_low, eps_high = clip_range
+                unclipped = f"unclipped band [-{eps_low:g}, +{eps_high:g}]"
+                ax.axhspan(-eps_low, eps_high, color="tab:red", alpha=0.15, label=unclipped)
                 linear_below = 10 ** math.floor(math.log10(min(clip_range)))
             ax.set_yscale("symlog", linthresh=linear_below)
             ax.axhline(0.0, color="black", linewidth=0.5)
@@ -207,7 +191,7 @@ def plot_run(
             ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
     for ax in flat[len(panels) :]:
         ax.set_visible(False)
-    return save_figure(fig, path, title, dpi=100)
+    return save_figure(fig, path, title)
 
 
 def nothing_to_draw_message(log_history: Sequence[dict]) -> str:
@@ -227,7 +211,6 @@ def nothing_to_draw_message(log_history: Sequence[dict]) -> str:
 def save_figure(fig, path: str | os.PathLike, title: str | None = None, dpi: int = 100) -> Path:
     """Title, lay out and write a figure to `path` (its folder made if missing), then free it; returns the path."""
     plt = _pyplot()
-
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -245,16 +228,9 @@ def find_trainer_state(path: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        direct = path / "trainer_state.json"
-        if direct.is_file():
-            return direct
-        checkpoints = sorted(
-            (p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for checkpoint in reversed(checkpoints):
-            if (checkpoint / "trainer_state.json").is_file():
-                return checkpoint / "trainer_state.json"
+        for folder in (path, *checkpoint_folders(path)):  # the run, then its checkpoints, newest first
+            if (folder / TRAINER_STATE).is_file():
+                return folder / TRAINER_STATE
     raise FileNotFoundError(
         f"no trainer_state.json found at {path} (looked for the file itself, {path}/trainer_state.json and "
         f"{path}/checkpoint-*/trainer_state.json)"

@@ -18,11 +18,8 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 def load_rollout_buffer(path: str | os.PathLike, device: torch.device | str = "cpu") -> list[dict]:
-    """The buffered rollout saved at `path`, loaded with `torch.load(weights_only=True)` onto `device`.
-
-    Raises UnsafeCheckpointError (naming the file and the refused object) if the file holds anything torch's
-    weights-only unpickler does not allow, e.g. a pickled callable.
-    """
+    """The buffered rollout saved at `path`, loaded onto `device`; UnsafeCheckpointError naming the file and the
+    refused object if it holds anything torch's weights-only unpickler does not allow, e.g. a pickled callable."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:

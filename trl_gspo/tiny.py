@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
 )
 
 ARCHITECTURES = {
-    # model_type -> config fields beyond the shared shape
+    # model_type -> config fields beyond the shared shape; a None is sized from that shape in build_tiny_causal_lm
     "qwen3": {"head_dim": None},
     "qwen2": {},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": None, "head_dim": None},
@@ -67,13 +67,8 @@ def build_tiny_causal_lm(
     if model_type not in ARCHITECTURES:
         raise ValueError(f"build_tiny_causal_lm: model_type={model_type!r}; expected one of {sorted(ARCHITECTURES)}")
     intermediate_size = intermediate_size or 4 * hidden_size
-    extra = {}
-    for key, value in ARCHITECTURES[model_type].items():
-        if key == "head_dim":
-            value = hidden_size // num_heads
-        elif key == "moe_intermediate_size":
-            value = intermediate_size
-        extra[key] = value
+    sized = {"head_dim": hidden_size // num_heads, "moe_intermediate_size": intermediate_size}
+    extra = {key: sized.get(key, value) for key, value in ARCHITECTURES[model_type].items()}
     if model_type in ("qwen3_moe", "mixtral"):
         # output_router_logits stays False (generation with a KV cache cannot build the aux loss); TRL asks for the
         # router logits itself whenever router_aux_loss_coef != 0.
@@ -94,11 +89,7 @@ def build_tiny_causal_lm(
         **{**extra, **overrides},
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)  # its generation config takes the token ids above
 
 
 def save_tiny_model(path, model_type: str = "qwen3", **kwargs):
