@@ -39,7 +39,14 @@ from trl.trainer.utils import is_async_callable
 
 from .config import GSPO_TOKEN_LEVEL
 from .metrics import CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS, TOKEN_REWARD_COMPONENT_ABS_MEAN
-from .rewards import TokenRewardError, check_reward_dependencies, completion_text, output_kind, reward_output_kinds
+from .rewards import (
+    TokenRewardError,
+    check_reward_dependencies,
+    completion_text,
+    output_kind,
+    reward_name,
+    reward_output_kinds,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -75,10 +82,6 @@ def token_level_mismatch_message(name: str, importance_sampling_level: str) -> s
         f"advantages: set importance_sampling_level='sequence_token' (GSPO-token), not "
         f"{importance_sampling_level!r}, or return one number per completion."
     )
-
-
-def reward_name(func: Any) -> str:
-    return getattr(func, "__name__", type(func).__name__)
 
 
 def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
