@@ -126,12 +126,10 @@ class GSPOConfig(GRPOConfig):
     them). Two GRPOConfig defaults change without a field of their own:
 
     - `bf16` left unset: True only where the accelerator supports bf16 (GRPOConfig: True unless fp16, which fails
-      on a CPU-only machine without `use_cpu`); float32 on a CPU. See "Precision" in the README for why GSPO
-      prefers float32 where it can.
+      on a CPU-only machine without `use_cpu`); float32 on a CPU (README, "Precision").
     - `steps_per_generation = 4 * gradient_accumulation_steps` when neither it nor `generation_batch_size` is
-      set (GRPOConfig: `gradient_accumulation_steps`): the paper splits each rollout batch into 4 minibatches,
-      i.e. 4 optimizer steps per generation. On-policy (1 step per rollout) the ratio is exactly 1, clipping
-      never fires, and GSPO reduces to GRPO.
+      set (GRPOConfig: `gradient_accumulation_steps`): the paper's 4 minibatches, i.e. optimizer steps, per rollout.
+      On-policy (1 step per rollout) the ratio is exactly 1 and GSPO reduces to GRPO.
 
     Settings a sequence-level ratio cannot honour are refused at construction (`ValueError`) with the field's name;
     everything else GRPOConfig offers works as in GRPOTrainer.
@@ -147,9 +145,8 @@ class GSPOConfig(GRPOConfig):
     epsilon: float | None = field(
         default=None,
         metadata={
-            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels (GRPOConfig: 0.2; the "
-            "sequence ratio, a geometric mean over the tokens, moves orders of magnitude less than a token ratio), "
-            "GRPOConfig's default (0.2) at the token level, where a sequence-sized band would clip most tokens."
+            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels, whose ratio moves orders "
+            "of magnitude less than a token ratio; GRPOConfig's default (0.2) at the token level."
         },
     )
     epsilon_high: float | None = field(
@@ -173,11 +170,11 @@ class GSPOConfig(GRPOConfig):
     disable_dropout: bool = field(
         default=True,
         metadata={
-            "help": "Switch off the model's train-mode randomness (GRPOConfig: False). With a sequence-level ratio GSPOTrainer zeroes "
-            "every kind trl_gspo.noise finds (dropout modules and probabilities, layer drop, MoE router jitter, "
-            "PEFT adapter dropout), not only TRL's nn.Dropout modules: the pi_old and policy passes would draw "
-            "different masks and move s_i past the clip band with nothing learned (docs/NOISE.md). False with such "
-            "randomness and a pi_old pass is refused by the trainer; with 'token' TRL's behaviour applies."
+            "help": "Switch off the model's train-mode randomness (GRPOConfig: False). With a sequence-level ratio "
+            "GSPOTrainer zeroes every kind trl_gspo.noise finds (dropout modules and probabilities, layer drop, MoE "
+            "router jitter, PEFT adapter dropout), whose different draws in the pi_old and policy passes would move "
+            "s_i past the clip band (docs/NOISE.md); False with such randomness and a pi_old pass is refused by the "
+            "trainer. With 'token' TRL's behaviour applies."
         },
     )
     log_ratio_bound: float = field(
@@ -196,10 +193,8 @@ class GSPOConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "With vLLM and a 'sequence_*' vllm_importance_sampling_mode, use the geometric mean of the token "
-            "ratios (GSPO's form) instead of their product, which collapses long sequences; "
-            "sampling/importance_sampling_ratio/* log these weights. "
-            "At TRL's default cap (vllm_importance_sampling_clip_max=3) 'sequence_mask' then drops only sequences "
-            "whose mean per-token log-ratio exceeds ln 3, far beyond precision mismatch (docs/VLLM.md)."
+            "ratios (GSPO's form) instead of their product, which collapses long sequences (docs/VLLM.md); "
+            "sampling/importance_sampling_ratio/* log these weights."
         },
     )
 
@@ -210,8 +205,8 @@ class GSPOConfig(GRPOConfig):
             "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
             "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES, "
-            "docs/PACKING.md); any other is refused when the trainer is built. Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
-            "sdpa mask is untested."
+            "docs/PACKING.md); any other is refused when the trainer is built. Off by default: its speed is measured "
+            "on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal sdpa mask is untested."
         },
     )
     padding_free_row_tokens: int | None = field(
@@ -285,9 +280,8 @@ class GSPOConfig(GRPOConfig):
         default="auto",
         metadata={
             "help": "vllm_mode='colocate': dtype of the vLLM engine's weights and compute. 'auto' is TRL's behaviour "
-            "(vLLM's choice: on a CPU it serves a float32 checkpoint in bfloat16, a training-inference mismatch); "
-            "'float32' makes the engine's log-probs those of the float32 trainer. The server sets its own "
-            "(`trl vllm-serve --dtype`)."
+            "(vLLM's choice: bfloat16 for a float32 checkpoint on a CPU, a training-inference mismatch); 'float32' "
+            "makes the engine's log-probs those of the float32 trainer. The server sets its own (`trl vllm-serve`)."
         },
     )
     # GRPOConfig's default (True) sits on newer transformers' deprecated name, which then warns on every config:
