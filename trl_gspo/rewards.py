@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from trl.rewards import get_soft_overlong_punishment
+
 Completion = str | list[dict[str, Any]]
 RewardFunc = Callable[..., list[float | None]]
 
@@ -133,22 +135,8 @@ def exact_match(completions: list[Completion], answer: list[Any], **kwargs) -> l
     ]
 
 
-class _SoftOverlongPenalty:
-    """DAPO soft overlong punishment; see ``soft_overlong_penalty``."""
-
-    __name__ = "soft_overlong_penalty"
-
-    def __init__(self, max_completion_length: int, cache_length: int):
-        self.max_completion_length = max_completion_length
-        self.cache_length = cache_length
-
-    def __call__(self, completion_ids: list[list[int]], **kwargs) -> list[float]:
-        penalty_start = self.max_completion_length - self.cache_length
-        return [max(-1.0, min(0.0, (penalty_start - len(ids)) / self.cache_length)) for ids in completion_ids]
-
-
 def soft_overlong_penalty(max_completion_length: int, cache_length: int) -> RewardFunc:
-    """Build DAPO's soft overlong punishment for completions of length L tokens (from ``completion_ids``).
+    """Build DAPO's soft overlong punishment (TRL's) for completions of length L tokens (from ``completion_ids``).
 
     The reward is 0 for ``L <= max_completion_length - cache_length``, falls linearly to -1 at
     ``L == max_completion_length``, and is -1 beyond.
@@ -160,7 +148,9 @@ def soft_overlong_penalty(max_completion_length: int, cache_length: int) -> Rewa
         raise ValueError(
             f"cache_length ({cache_length}) must be smaller than max_completion_length ({max_completion_length})"
         )
-    return _SoftOverlongPenalty(max_completion_length, cache_length)
+    penalty = get_soft_overlong_punishment(max_completion_length, cache_length)  # picklable, as TRL builds it
+    penalty.__name__ = "soft_overlong_penalty"  # the name its metrics are logged under
+    return penalty
 
 
 REWARD_FUNCS: dict[str, Callable[..., Any]] = {
