@@ -27,6 +27,9 @@ from trl.rewards import get_soft_overlong_punishment
 Completion = str | list[dict[str, Any]]
 RewardFunc = Callable[..., list[float | None]]
 
+# Attribute a reward function carries to declare that it returns spans or per-token lists
+# (trl_gspo.token_rewards.token_level_reward); GSPOTrainer then checks the level at construction.
+TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
 # Seconds math-verify may spend parsing or comparing one expression (only enforced in the main thread).
 MATH_VERIFY_TIMEOUT_S = 5
 
@@ -282,8 +285,7 @@ class _CheckedReward:
         self.func = func
         self.__name__ = reward_name(func)
         functools.update_wrapper(self, func, updated=())
-        # the token-level marker (trl_gspo.token_rewards.token_level_reward) must survive the wrapping
-        self.returns_token_rewards = getattr(func, "returns_token_rewards", False)
+        setattr(self, TOKEN_LEVEL_ATTRIBUTE, getattr(func, TOKEN_LEVEL_ATTRIBUTE, False))  # the marker survives
 
     def __call__(self, *, completions: list[Completion], **kwargs) -> list[float | None]:
         try:

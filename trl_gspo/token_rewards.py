@@ -40,6 +40,7 @@ from trl.trainer.utils import is_async_callable
 from .config import GSPO_TOKEN_LEVEL
 from .metrics import CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS, TOKEN_REWARD_COMPONENT_ABS_MEAN
 from .rewards import (
+    TOKEN_LEVEL_ATTRIBUTE,
     TokenRewardError,
     check_reward_dependencies,
     completion_text,
@@ -52,9 +53,6 @@ logger = logging.get_logger(__name__)
 
 # Added to the group standard deviation, as TRL does for the sequence advantage.
 TOKEN_STD_EPS = 1e-4
-# Attribute a reward function may carry to declare that it returns spans or per-token lists; GSPOTrainer then
-# checks importance_sampling_level at construction rather than at the first step.
-TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
 # What decoders emit for the bytes of a character cut short at the end of a token prefix.
 REPLACEMENT_CHARACTER = "\ufffd"
 
