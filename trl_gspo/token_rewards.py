@@ -162,29 +162,25 @@ def spans_to_token_values(
     spans: Sequence[Sequence[Any]], offsets: Sequence[tuple[int, int]], text_length: int, name: str, index: int
 ) -> list[float]:
     """Token values from character spans under the overlap rule (module docstring); validates the spans."""
+    where = f"reward function {name!r}, completion {index}:"
     checked = []
     for span in spans:
         start, end, value = span
         if not (isinstance(start, numbers.Integral) and isinstance(end, numbers.Integral)):
-            raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: span {tuple(span)!r} needs integer character positions."
-            )
+            raise TokenRewardError(f"{where} span {tuple(span)!r} needs integer character positions.")
         if not 0 <= start < end <= text_length:
             raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: span {tuple(span)!r} lies outside the text of "
-                f"{text_length} characters (need 0 <= start_char < end_char <= {text_length})."
+                f"{where} span {tuple(span)!r} lies outside the text of {text_length} characters (need 0 <= "
+                f"start_char < end_char <= {text_length})."
             )
         if not (isinstance(value, numbers.Real) and math.isfinite(value)):
-            raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: span {tuple(span)!r} has a non-finite value."
-            )
+            raise TokenRewardError(f"{where} span {tuple(span)!r} has a non-finite value.")
         checked.append((int(start), int(end), float(value)))
     checked.sort()
     for (s0, e0, _), (s1, e1, _) in zip(checked, checked[1:]):
         if s1 < e0:
             raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: spans [{s0}, {e0}) and [{s1}, {e1}) overlap; spans "
-                "must be disjoint (adjacent is fine)."
+                f"{where} spans [{s0}, {e0}) and [{s1}, {e1}) overlap; spans must be disjoint (adjacent is fine)."
             )
     values = [0.0] * len(offsets)
     for start, end, value in checked:
@@ -196,17 +192,15 @@ def spans_to_token_values(
 
 def check_token_values(values: Sequence[Any], num_tokens: int, name: str, index: int) -> list[float]:
     """The per-token list as floats; TokenRewardError for a wrong length or a non-finite value."""
+    where = f"reward function {name!r}, completion {index}:"
     if len(values) != num_tokens:
         raise TokenRewardError(
-            f"reward function {name!r}, completion {index}: {len(values)} per-token values for a completion of "
-            f"{num_tokens} tokens (eos included)."
+            f"{where} {len(values)} per-token values for a completion of {num_tokens} tokens (eos included)."
         )
     floats = [float(v) for v in values]
     bad = next((t for t, v in enumerate(floats) if not math.isfinite(v)), None)
     if bad is not None:
-        raise TokenRewardError(
-            f"reward function {name!r}, completion {index}: per-token value {floats[bad]} at token {bad} is not finite."
-        )
+        raise TokenRewardError(f"{where} per-token value {floats[bad]} at token {bad} is not finite.")
     return floats
 
 
