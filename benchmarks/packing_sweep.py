@@ -507,18 +507,31 @@ def registry_source(records: list[dict]) -> str:
             not_measured[key] = record["reason"]
 
     def literal(value):  # as ruff formats it: strings in double quotes
-        if isinstance(value, tuple):
-            return f"({', '.join(literal(item) for item in value)})"
         return json.dumps(value) if isinstance(value, str) else repr(value)
 
     def block(name, comment, entries):
         lines = [f"# {comment}", f"{name} = {{"]
-        for key, value in sorted(entries.items()):
-            line = f"    {literal(key)}: {literal(value)},"
-            if len(line) > 119 and isinstance(value, tuple):  # as ruff formats it: one item a line
-                line = "\n".join([f"    {literal(key)}: (", *(f"        {literal(v)}," for v in value), "    ),"])
-            lines.append(line)
+        lines += [f"    {literal(key)}: {literal(value)}," for key, value in sorted(entries.items())]
         return "\n".join(lines + ["}"])
+
+    def refused_block():  # each reason written once, over the model types it refuses
+        by_reason = {}
+        for key, (why, error) in inexact.items():
+            by_reason.setdefault(why, {})[key] = error
+        lines = ["# why a model_type is refused: {model_type: largest packed error or None}", "_REFUSED_BY_REASON = {"]
+        for why, errors in sorted(by_reason.items()):
+            lines.append(f"    {literal(why)}: {{")
+            lines += [f"        {literal(key)}: {literal(error)}," for key, error in sorted(errors.items())]
+            lines.append("    },")
+        lines += [
+            "}",
+            "# model_type: (why it is refused, largest packed error or None)",
+            "REFUSED = {",
+            "    model_type: (why, error) for why, errors in _REFUSED_BY_REASON.items() for model_type, error in "
+            "errors.items()",
+            "}",
+        ]
+        return "\n".join(lines)
 
     docstring = (
         '"""How each causal-LM model type of transformers packs (padding_free), measured on a tiny float32 model.\n\n'
@@ -529,7 +542,7 @@ def registry_source(records: list[dict]) -> str:
         docstring,
         f'TRANSFORMERS_VERSION = "{transformers.__version__}"',
         block("EXACT", "model_type: largest |packed - alone| log-prob error over attentions and row layouts", exact),
-        block("REFUSED", "model_type: (why it is refused, largest packed error or None)", inexact),
+        refused_block(),
         block("NOT_MEASURED", "model_type: why the sweep could not measure it", not_measured),
     ]
     return "\n\n".join(blocks) + "\n"

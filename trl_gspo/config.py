@@ -13,7 +13,6 @@ from trl import GRPOConfig
 from .objective import DEFAULT_LOG_RATIO_BOUND
 
 GSPO_TOKEN_LEVEL = "sequence_token"  # GSPO-token: the sequence ratio, per-token advantages
-IMPORTANCE_SAMPLING_LEVELS = ("sequence", GSPO_TOKEN_LEVEL, "token")
 SEQUENCE_LEVELS = ("sequence", GSPO_TOKEN_LEVEL)
 PAPER_EPSILON_LOW = 3e-4
 PAPER_EPSILON_HIGH = 4e-4
@@ -24,13 +23,12 @@ GRPO_LIKE_EPSILON = 0.05
 # GRPOConfig's own clip range, which the token level (TRL's loss) keeps when the user sets none
 GRPO_EPSILON = next(f.default for f in fields(GRPOConfig) if f.name == "epsilon")
 ROLLOUT_LOGPROBS_CHECK_INTERVAL = 10  # GSPOConfig.rollout_logprobs_check_interval default
-MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS = 5  # GSPOConfig.max_consecutive_nonfinite_reward_rollouts default
 # GSPOConfig.vllm_dtype values: "auto" is vLLM's own choice (TRL's colocate mode passes none)
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # generation_kwargs that change the sampling distribution the rollout log-probs describe: transformers' generate
 # (before SampledTokenLogProbs sees it) and vLLM's SamplingParams (min_tokens masks eos out of vLLM's processed
-# log-probs: 1.3e-2 per token against a float32 trainer, docs/VLLM.md)
+# log-probs, docs/VLLM.md)
 DISTRIBUTION_CHANGING_KWARGS = (
     "repetition_penalty",
     "encoder_repetition_penalty",
@@ -96,8 +94,8 @@ def default_bf16(use_cpu: bool) -> bool:
 
 # GRPOConfig's default for activation checkpointing, which it sets under the deprecated name gradient_checkpointing
 GRPO_ACTIVATION_CHECKPOINTING = next(f.default for f in fields(GRPOConfig) if f.name == "gradient_checkpointing")
-# newer transformers 5 releases (5.25 here) name the field activation_checkpointing; older ones (5.17, as in the vLLM
-# environment) have only the old name, which is not deprecated there
+# newer transformers 5 releases name the field activation_checkpointing; older ones have only the old name, which is
+# not deprecated there
 HAS_ACTIVATION_CHECKPOINTING = any(f.name == "activation_checkpointing" for f in fields(GRPOConfig))
 
 
@@ -128,17 +126,13 @@ class GSPOConfig(GRPOConfig):
     them). Two GRPOConfig defaults change without a field of their own:
 
     - `bf16` left unset: True only where the accelerator supports bf16 (GRPOConfig: True unless fp16, which fails
-      on a CPU-only machine without `use_cpu`); float32 on a CPU. See "Precision" in the README for why GSPO
-      prefers float32 where it can.
+      on a CPU-only machine without `use_cpu`); float32 on a CPU (README, "Precision").
     - `steps_per_generation = 4 * gradient_accumulation_steps` when neither it nor `generation_batch_size` is
-      set (GRPOConfig: `gradient_accumulation_steps`): the paper splits each rollout batch into 4 minibatches,
-      i.e. 4 optimizer steps per generation. On-policy (1 step per rollout) the ratio is exactly 1, clipping
-      never fires, and GSPO reduces to GRPO.
+      set (GRPOConfig: `gradient_accumulation_steps`): the paper's 4 minibatches, i.e. optimizer steps, per rollout.
+      On-policy (1 step per rollout) the ratio is exactly 1 and GSPO reduces to GRPO.
 
-    Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
-    `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
-    `"sequence"` (use `"sequence_token"`), and a `"token_*"` vLLM importance-sampling mode with plain
-    `"sequence"`. Everything else GRPOConfig offers works as in GRPOTrainer.
+    Settings a sequence-level ratio cannot honour are refused at construction (`ValueError`) with the field's name;
+    everything else GRPOConfig offers works as in GRPOTrainer.
     """
 
     importance_sampling_level: str = field(
@@ -151,9 +145,8 @@ class GSPOConfig(GRPOConfig):
     epsilon: float | None = field(
         default=None,
         metadata={
-            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels (GRPOConfig: 0.2; the "
-            "sequence ratio, a geometric mean over the tokens, moves orders of magnitude less than a token ratio), "
-            "GRPOConfig's default (0.2) at the token level, where a sequence-sized band would clip most tokens."
+            "help": "Lower clip range eps_low. None: the paper's 3e-4 at the sequence levels, whose ratio moves orders "
+            "of magnitude less than a token ratio; GRPOConfig's default (0.2) at the token level."
         },
     )
     epsilon_high: float | None = field(
@@ -177,11 +170,11 @@ class GSPOConfig(GRPOConfig):
     disable_dropout: bool = field(
         default=True,
         metadata={
-            "help": "Switch off the model's train-mode randomness (GRPOConfig: False). With a sequence-level ratio GSPOTrainer zeroes "
-            "every kind trl_gspo.noise finds (dropout modules and probabilities, layer drop, MoE router jitter, "
-            "PEFT adapter dropout), not only TRL's nn.Dropout modules: the pi_old and policy passes would draw "
-            "different masks and move s_i past the clip band with nothing learned (docs/NOISE.md). False with such "
-            "randomness and a pi_old pass is refused by the trainer; with 'token' TRL's behaviour applies."
+            "help": "Switch off the model's train-mode randomness (GRPOConfig: False). With a sequence-level ratio "
+            "GSPOTrainer zeroes every kind trl_gspo.noise finds (dropout modules and probabilities, layer drop, MoE "
+            "router jitter, PEFT adapter dropout), whose different draws in the pi_old and policy passes would move "
+            "s_i past the clip band (docs/NOISE.md); False with such randomness and a pi_old pass is refused by the "
+            "trainer. With 'token' TRL's behaviour applies."
         },
     )
     log_ratio_bound: float = field(
@@ -200,10 +193,8 @@ class GSPOConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "With vLLM and a 'sequence_*' vllm_importance_sampling_mode, use the geometric mean of the token "
-            "ratios (GSPO's form) instead of their product, which collapses long sequences; "
-            "sampling/importance_sampling_ratio/* log these weights. "
-            "At TRL's default cap (vllm_importance_sampling_clip_max=3) 'sequence_mask' then drops only sequences "
-            "whose mean per-token log-ratio exceeds ln 3, far beyond precision mismatch (docs/VLLM.md)."
+            "ratios (GSPO's form) instead of their product, which collapses long sequences (docs/VLLM.md); "
+            "sampling/importance_sampling_ratio/* log these weights."
         },
     )
 
@@ -214,8 +205,8 @@ class GSPOConfig(GRPOConfig):
             "help": "Run every log-prob pass (policy, pi_old, reference) on the micro-batch's sequences packed without "
             "padding (position ids restarting per sequence, no attention mask) and unpack the results to the (B, T) "
             "layout. Only model types measured exact when packed (trl_gspo.packing.PACKING_EXACT_MODEL_TYPES, "
-            "docs/PACKING.md); any other is refused when the trainer is built. Off by default: its speed is measured on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal "
-            "sdpa mask is untested."
+            "docs/PACKING.md); any other is refused when the trainer is built. Off by default: its speed is measured "
+            "on CPU only (BENCHMARKS.md), and on GPUs the dense block-diagonal sdpa mask is untested."
         },
     )
     padding_free_row_tokens: int | None = field(
@@ -245,7 +236,7 @@ class GSPOConfig(GRPOConfig):
     )
 
     max_consecutive_nonfinite_reward_rollouts: int = field(
-        default=MAX_CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS,
+        default=5,
         metadata={
             "help": "Stop (ValueError naming the reward functions) after this many consecutive rollouts with no finite "
             "reward in which some reward function returned NaN or inf (a bug, not 'does not apply'); one such rollout "
@@ -289,9 +280,8 @@ class GSPOConfig(GRPOConfig):
         default="auto",
         metadata={
             "help": "vllm_mode='colocate': dtype of the vLLM engine's weights and compute. 'auto' is TRL's behaviour "
-            "(vLLM's choice: on a CPU it serves a float32 checkpoint in bfloat16, a training-inference mismatch); "
-            "'float32' makes the engine's log-probs those of the float32 trainer. The server sets its own "
-            "(`trl vllm-serve --dtype`)."
+            "(vLLM's choice: bfloat16 for a float32 checkpoint on a CPU, a training-inference mismatch); 'float32' "
+            "makes the engine's log-probs those of the float32 trainer. The server sets its own (`trl vllm-serve`)."
         },
     )
     # GRPOConfig's default (True) sits on newer transformers' deprecated name, which then warns on every config:
@@ -311,9 +301,8 @@ class GSPOConfig(GRPOConfig):
                 self.gradient_checkpointing = GRPO_ACTIVATION_CHECKPOINTING
             elif self.activation_checkpointing is None:
                 self.activation_checkpointing = GRPO_ACTIVATION_CHECKPOINTING
-        self._validate_generation_fields()
+        self._validate_field_values()
         self._validate_gspo_fields()
-        self._validate_padding_free_fields()
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = PAPER_MINIBATCHES_PER_ROLLOUT * self.gradient_accumulation_steps
         generation_batch_size_set = self.generation_batch_size is not None
@@ -348,7 +337,7 @@ class GSPOConfig(GRPOConfig):
     def _resolve_clip_range(self):
         """An unset clip range takes the level's own: the paper's band for a sequence ratio, TRL's for a token ratio
         (a token ratio moves orders of magnitude more than a sequence ratio, so neither band suits the other)."""
-        if self.importance_sampling_level in SEQUENCE_LEVELS:
+        if self.is_sequence_level:
             if self.epsilon is None:
                 self.epsilon = PAPER_EPSILON_LOW
             if self.epsilon_high is None:
@@ -365,39 +354,17 @@ class GSPOConfig(GRPOConfig):
         """True when every optimizer step sees data from the current policy (TRL then skips pi_old)."""
         return not is_off_policy_schedule(self)
 
+    def _schedule(self) -> str:
+        """The fields that decide whether a schedule is on-policy, for messages."""
+        return (
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps}, steps_per_generation="
+            f"{self.steps_per_generation}, num_iterations={self.num_iterations}"
+        )
+
     def _validate_gspo_fields(self):
         level = self.importance_sampling_level
-        if level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError(
-                f"GSPOConfig.importance_sampling_level={level!r} is not supported; expected one of "
-                f"{IMPORTANCE_SAMPLING_LEVELS}: 'sequence' (GSPO), 'sequence_token' (GSPO-token), 'token' (GRPO)."
-            )
-        if not 0 < self.epsilon < 1:
-            raise ValueError(f"GSPOConfig.epsilon={self.epsilon} must lie in (0, 1) (paper: {PAPER_EPSILON_LOW}).")
-        if self.beta < 0:
-            raise ValueError(f"GSPOConfig.beta={self.beta} must be >= 0 (0 disables the KL term).")
-        if self.num_iterations < 1:
-            raise ValueError(f"GSPOConfig.num_iterations={self.num_iterations} must be >= 1.")
-        if not self.log_ratio_bound > 0:
-            raise ValueError(f"GSPOConfig.log_ratio_bound={self.log_ratio_bound} must be > 0.")
-        limit = self.max_consecutive_nonfinite_reward_rollouts
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(
-                f"GSPOConfig.max_consecutive_nonfinite_reward_rollouts={limit!r} must be an integer >= 1: the "
-                "number of consecutive rollouts without any finite reward (NaN or inf returned) that stops training."
-            )
-        if not (math.isfinite(self.token_advantage_weight) and self.token_advantage_weight >= 0):
-            raise ValueError(
-                f"GSPOConfig.token_advantage_weight={self.token_advantage_weight} must be a finite number >= 0."
-            )
-        if level not in SEQUENCE_LEVELS:
+        if not self.is_sequence_level:
             return  # plain GRPO: TRL's own loss and checks apply
-
-        if self.epsilon_high is not None and not 0 < self.epsilon_high < 1:
-            raise ValueError(
-                f"GSPOConfig.epsilon_high={self.epsilon_high} must lie in (0, 1) with importance_sampling_level="
-                f"{level!r} (paper: {PAPER_EPSILON_HIGH})."
-            )
         if self.loss_type in _LENGTH_WEIGHTED_LOSSES:
             raise ValueError(
                 f"GSPOConfig.loss_type={self.loss_type!r} sums token losses, which weights each sequence by its "
@@ -441,16 +408,9 @@ class GSPOConfig(GRPOConfig):
                 "but GSPO ('sequence') has one term per sequence. Use 'sequence_mask' or 'sequence_truncate'."
             )
 
-    def _validate_padding_free_fields(self):
-        if self.padding_free_row_tokens is not None and self.padding_free_row_tokens < 1:
-            raise ValueError(
-                f"GSPOConfig.padding_free_row_tokens={self.padding_free_row_tokens} must be a positive number of "
-                "tokens, or None (the padded width of each batch)."
-            )
-
-    def _validate_generation_fields(self):
-        """Batch, sampling and optimiser numbers that transformers, torch or TRL would otherwise refuse only after the
-        model has loaded (or divide by), in their own names: `max_new_tokens`, `batch_size`, a ZeroDivisionError."""
+    def _validate_field_values(self):
+        """Each field's own range. Batch, sampling and optimiser numbers are checked here because transformers, torch
+        or TRL would refuse them only after the model has loaded (or divide by them), in their own names."""
 
         def positive_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -459,6 +419,41 @@ class GSPOConfig(GRPOConfig):
             return isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
 
         checks = (
+            (
+                "importance_sampling_level",
+                self.importance_sampling_level in ("sequence", GSPO_TOKEN_LEVEL, "token"),
+                "one of 'sequence' (GSPO), 'sequence_token' (GSPO-token), 'token' (GRPO)",
+            ),
+            ("epsilon", 0 < self.epsilon < 1, f"in (0, 1) (paper: {PAPER_EPSILON_LOW})"),
+            (
+                "epsilon_high",
+                not self.is_sequence_level or self.epsilon_high is None or 0 < self.epsilon_high < 1,
+                f"in (0, 1) at a sequence level (paper: {PAPER_EPSILON_HIGH})",
+            ),
+            ("beta", self.beta >= 0, ">= 0 (0 disables the KL term)"),
+            ("num_iterations", self.num_iterations >= 1, ">= 1"),
+            ("log_ratio_bound", self.log_ratio_bound > 0, "> 0"),
+            (
+                "max_consecutive_nonfinite_reward_rollouts",
+                positive_int(self.max_consecutive_nonfinite_reward_rollouts),
+                "an integer >= 1: the number of consecutive rollouts without any finite reward (NaN or inf returned) "
+                "that stops training",
+            ),
+            (
+                "token_advantage_weight",
+                math.isfinite(self.token_advantage_weight) and self.token_advantage_weight >= 0,
+                "a finite number >= 0",
+            ),
+            (
+                "padding_free_row_tokens",
+                self.padding_free_row_tokens is None or self.padding_free_row_tokens >= 1,
+                "a positive number of tokens, or None (the padded width of each batch)",
+            ),
+            (
+                "rollout_logprobs_check_interval",
+                self.rollout_logprobs_check_interval >= 0,
+                ">= 0 (0: never recompute pi_old to check the rollout log-probs)",
+            ),
             ("per_device_train_batch_size", positive_int(self.per_device_train_batch_size), "a positive integer"),
             ("gradient_accumulation_steps", positive_int(self.gradient_accumulation_steps), "a positive integer"),
             (
@@ -510,19 +505,13 @@ class GSPOConfig(GRPOConfig):
                 raise ValueError(f"GSPOConfig.{name}={getattr(self, name)!r} must be {expected}.")
 
     def _validate_rollout_logprobs_fields(self):
-        if self.rollout_logprobs_check_interval < 0:
-            raise ValueError(
-                f"GSPOConfig.rollout_logprobs_check_interval={self.rollout_logprobs_check_interval} must be >= 0 "
-                "(0: never recompute pi_old to check the rollout log-probs)."
-            )
         if not self.use_rollout_logprobs:
             return
         refuse = "GSPOConfig.use_rollout_logprobs=True"
         if self.is_on_policy:
             raise ValueError(
-                f"{refuse} replaces the pi_old forward, which this on-policy schedule (gradient_accumulation_steps="
-                f"{self.gradient_accumulation_steps}, steps_per_generation={self.steps_per_generation}, "
-                f"num_iterations={self.num_iterations}) does not run: pi_old is the detached current policy."
+                f"{refuse} replaces the pi_old forward, which this on-policy schedule ({self._schedule()}) does not "
+                "run: pi_old is the detached current policy."
             )
         if self.use_transformers_continuous_batching:
             raise ValueError(f"{refuse}: use_transformers_continuous_batching=True returns no log-probs.")
@@ -554,23 +543,17 @@ class GSPOConfig(GRPOConfig):
             )
 
     def _validate_routing_fields(self):
-        """R2 replays the routing of the pi_old pass, so it needs one: not with every step on-policy (there is none)
-        nor with rollout log-probs as pi_old (pi_old is then the sampler's, whose routing only R3 records). R3 needs
-        the transformers generate() path, the one whose routing is recorded."""
         if self.routing_replay and self.use_rollout_logprobs:
             raise ValueError(
                 "GSPOConfig.routing_replay=True cannot be combined with use_rollout_logprobs=True: routing_replay (R2) "
-                "replays the routing of the pi_old forward, and with rollout log-probs as pi_old there is no such "
-                "forward; pi_old is the sampler's. Use rollout_routing_replay=True (R3), which replays the routing "
-                "the sampler used, or set routing_replay=False."
+                "replays the routing of the pi_old forward, which the rollout log-probs replace. Use "
+                "rollout_routing_replay=True (R3), which replays the sampler's routing, or set routing_replay=False."
             )
         if self.routing_replay and not pi_old_pass_runs(self):
             raise ValueError(
-                f"GSPOConfig.routing_replay=True with gradient_accumulation_steps={self.gradient_accumulation_steps}, "
-                f"steps_per_generation={self.steps_per_generation}, num_iterations={self.num_iterations}: every step "
-                "is on-policy, so there is no pi_old pass and no routing to replay (pi_old is the current policy). "
-                "Set steps_per_generation to a multiple > 1 of gradient_accumulation_steps (or num_iterations > 1), "
-                "or routing_replay=False."
+                f"GSPOConfig.routing_replay=True with {self._schedule()}: every step is on-policy, so there is no "
+                "pi_old pass and no routing to replay. Set steps_per_generation to a multiple > 1 of "
+                "gradient_accumulation_steps (or num_iterations > 1), or routing_replay=False."
             )
         if self.rollout_routing_replay and self.use_vllm:
             raise ValueError(
@@ -643,11 +626,9 @@ class GSPOConfig(GRPOConfig):
             )
         if self.is_on_policy:
             warnings.warn(
-                f"GSPOConfig: gradient_accumulation_steps={self.gradient_accumulation_steps}, steps_per_generation="
-                f"{self.steps_per_generation}, num_iterations={self.num_iterations} make every optimizer step "
-                "on-policy: the sequence ratio is exactly 1, clipping never fires and GSPO equals GRPO. To go "
-                "off-policy set steps_per_generation to a multiple > 1 of gradient_accumulation_steps (the paper "
-                "uses 4), or num_iterations > 1.",
+                f"GSPOConfig: {self._schedule()} make every optimizer step on-policy: the sequence ratio is exactly "
+                "1, clipping never fires and GSPO equals GRPO. To go off-policy set steps_per_generation to a "
+                "multiple > 1 of gradient_accumulation_steps (the paper uses 4), or num_iterations > 1.",
                 GSPOOnPolicyWarning,
                 stacklevel=3,
             )
@@ -684,15 +665,9 @@ class GSPOConfig(GRPOConfig):
             )
 
 
-# --- A GRPOConfig handed to GSPOTrainer: which of its fields are kept, which take GSPO's defaults, the notice.
-# The rule (also in README.md, "Use it from Python"):
-# - a field counts as set by the user when it differs from GRPOConfig's default (a dataclass does not record which
-#   arguments were passed, so a value set on purpose to GRPOConfig's default counts as not set); set fields are kept;
-# - the clip range is one setting: when epsilon or epsilon_high was set, both are kept as GRPOConfig means them
-#   (epsilon_high=None is epsilon); when neither was, both take GSPO's 3e-4 / 4e-4;
-# - every other field takes GSPOConfig's default; the notice names the ones where that differs from GRPOConfig's.
+# --- A GRPOConfig handed to GSPOTrainer: which of its fields are kept, which take GSPO's defaults (the rule is
+# docs/USAGE.md's), and the notice that says so.
 
-CLIP_FIELDS = ("epsilon", "epsilon_high")
 # Batch-shape fields TRL derives from the others: carried only when the user chose them.
 DERIVED_FIELDS = ("steps_per_generation", "generation_batch_size")
 
@@ -710,7 +685,7 @@ def user_set_fields(args: GRPOConfig) -> dict:
             kept[f.name] = value
     if args.steps_per_generation != args.gradient_accumulation_steps:
         kept["steps_per_generation"] = args.steps_per_generation
-    if any(name in kept for name in CLIP_FIELDS):
+    if "epsilon" in kept or "epsilon_high" in kept:  # the clip range is one setting
         kept["epsilon"] = args.epsilon
         kept["epsilon_high"] = args.epsilon if args.epsilon_high is None else args.epsilon_high
     return kept
@@ -720,7 +695,17 @@ def upgrade_grpo_config(args: GRPOConfig) -> tuple[GSPOConfig, str]:
     """(the GSPOConfig for `args`, the notice naming the fields kept and the GSPO defaults taken)."""
     kept = user_set_fields(args)
     config = GSPOConfig(output_dir=args.output_dir, use_cpu=args.use_cpu, **kept)
-    return config, upgrade_notice(kept, gspo_defaults_taken(args, config, kept))
+
+    def listing(values: dict) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in sorted(values.items())) or "none"
+
+    notice = (
+        "GSPOTrainer got a GRPOConfig and turned it into a GSPOConfig. Kept, as you set them: "
+        f"{listing(kept)}. Took GSPO's defaults: {listing(gspo_defaults_taken(args, config, kept))}. A field equal "
+        "to GRPOConfig's default counts as not set; the clip range is kept as a pair when either bound was set. Pass "
+        "a GSPOConfig to choose every value and silence this."
+    )
+    return config, notice
 
 
 def gspo_defaults_taken(args: GRPOConfig, config: GSPOConfig, kept: dict) -> dict:
@@ -735,15 +720,3 @@ def gspo_defaults_taken(args: GRPOConfig, config: GSPOConfig, kept: dict) -> dic
         and f.name != "generation_batch_size"
         and getattr(config, f.name) != getattr(args, f.name)
     }
-
-
-def upgrade_notice(kept: dict, took_defaults: dict) -> str:
-    def listing(values: dict) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in sorted(values.items())) or "none"
-
-    return (
-        "GSPOTrainer got a GRPOConfig and turned it into a GSPOConfig. Kept, as you set them: "
-        f"{listing(kept)}. Took GSPO's defaults: {listing(took_defaults)}. A field equal to GRPOConfig's default "
-        "counts as not set; the clip range is kept as a pair when either bound was set. Pass a GSPOConfig to "
-        "choose every value and silence this."
-    )

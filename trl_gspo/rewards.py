@@ -4,18 +4,8 @@ Every reward function follows TRL's calling convention: the trainer calls it wit
 ``prompts=..., completions=..., completion_ids=...`` plus one list per dataset column (e.g. ``answer=[...]``), and it
 returns one reward per completion. A ``None`` reward means "cannot score this sample": TRL turns it into NaN and leaves
 it out of the group baseline. Completions are plain strings or conversational message lists; ``completion_text``
-reads both.
-
-Contents:
-
-- ``math_accuracy``: 1.0 if the completion's final answer is mathematically equal to the gold ``answer`` column
-  (checked with math-verify, the optional ``trl-gspo[math]`` extra), else 0.0; ``None`` for an unparseable gold answer.
-- ``think_format``: 1.0 for a completion of the form ``<think>...</think> <answer>...</answer>``, else 0.0.
-- ``soft_overlong_penalty(max_completion_length, cache_length)``: factory for DAPO's soft overlong punishment.
-- ``exact_match``: 1.0 if the stripped completion equals the stripped ``answer`` column, else 0.0.
-- ``REWARD_FUNCS`` / ``get_reward_func`` / ``load_reward_funcs``: resolve reward names or dotted import paths.
-- ``reward_output_kinds``: the check on one call's outputs (GSPOTrainer's and ``wrap_reward_checked``'s).
-- ``wrap_reward_checked``: turns a reward function's crash or malformed output into an error that names it.
+reads both. ``REWARD_FUNCS`` registers the reward functions by name; ``reward_output_kinds`` is the one check on a
+call's outputs, GSPOTrainer's and ``wrap_reward_checked``'s.
 
 Factories and the checked wrapper return instances of module-level classes rather than closures, so the resulting
 reward functions can be pickled (TRL may send reward functions to a separate rollout process).
@@ -32,9 +22,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from trl.rewards import get_soft_overlong_punishment
+
 Completion = str | list[dict[str, Any]]
 RewardFunc = Callable[..., list[float | None]]
 
+# Attribute a reward function carries to declare that it returns spans or per-token lists
+# (trl_gspo.token_rewards.token_level_reward); GSPOTrainer then checks the level at construction.
+TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
 # Seconds math-verify may spend parsing or comparing one expression (only enforced in the main thread).
 MATH_VERIFY_TIMEOUT_S = 5
 
@@ -57,12 +52,6 @@ def completion_text(completion: Completion | None) -> str:
     return content or ""
 
 
-MATH_VERIFY_MISSING = (
-    "math_accuracy needs the math-verify package, which is not installed: install the `math` extra with "
-    "`pip install 'trl-gspo[math]'` (from a checkout: `pip install -e '.[math]'`)."
-)
-
-
 def check_reward_dependencies(reward_funcs) -> None:
     """Raise ImportError, naming the extra to install, for a reward function whose optional package is missing
     (today: math_accuracy without math-verify), at trainer construction rather than at the first step."""
@@ -77,13 +66,11 @@ def _import_math_verify():
         import math_verify
         from math_verify.errors import TimeoutException
     except ImportError as error:
-        raise ImportError(MATH_VERIFY_MISSING) from error
+        raise ImportError(
+            "math_accuracy needs the math-verify package, which is not installed: install the `math` extra with "
+            "`pip install 'trl-gspo[math]'` (from a checkout: `pip install -e '.[math]'`)."
+        ) from error
     return math_verify, TimeoutException
-
-
-def _math_verify_timeout() -> int | None:
-    """math-verify enforces timeouts with signal.alarm, which only works in the main thread; elsewhere use none."""
-    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 def _gold_latex(answer: Any) -> str:
@@ -112,7 +99,8 @@ def math_accuracy(completions: list[Completion], answer: list[Any], **kwargs) ->
     otherwise the final expression or number. Samples whose gold answer is missing or unparseable score ``None``.
     """
     math_verify, timeout_exception = _import_math_verify()
-    timeout = _math_verify_timeout()
+    # math-verify enforces timeouts with signal.alarm, which only works in the main thread; elsewhere use none
+    timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     completion_extraction = [
         math_verify.LatexExtractionConfig(boxed_match_priority=0),
         math_verify.ExprExtractionConfig(),
@@ -150,23 +138,8 @@ def exact_match(completions: list[Completion], answer: list[Any], **kwargs) -> l
     ]
 
 
-class _SoftOverlongPenalty:
-    """DAPO soft overlong punishment; see ``soft_overlong_penalty``."""
-
-    __name__ = "soft_overlong_penalty"
-
-    def __init__(self, max_completion_length: int, cache_length: int):
-        self.max_completion_length = max_completion_length
-        self.cache_length = cache_length
-
-    def __call__(self, completion_ids: list[list[int]], **kwargs) -> list[float]:
-        """Return 0 up to ``max - cache`` tokens, then a linear ramp down to -1 at ``max`` tokens, -1 beyond."""
-        penalty_start = self.max_completion_length - self.cache_length
-        return [max(-1.0, min(0.0, (penalty_start - len(ids)) / self.cache_length)) for ids in completion_ids]
-
-
 def soft_overlong_penalty(max_completion_length: int, cache_length: int) -> RewardFunc:
-    """Build DAPO's soft overlong punishment for completions of length L tokens (from ``completion_ids``).
+    """Build DAPO's soft overlong punishment (TRL's) for completions of length L tokens (from ``completion_ids``).
 
     The reward is 0 for ``L <= max_completion_length - cache_length``, falls linearly to -1 at
     ``L == max_completion_length``, and is -1 beyond.
@@ -178,7 +151,9 @@ def soft_overlong_penalty(max_completion_length: int, cache_length: int) -> Rewa
         raise ValueError(
             f"cache_length ({cache_length}) must be smaller than max_completion_length ({max_completion_length})"
         )
-    return _SoftOverlongPenalty(max_completion_length, cache_length)
+    penalty = get_soft_overlong_punishment(max_completion_length, cache_length)  # picklable, as TRL builds it
+    penalty.__name__ = "soft_overlong_penalty"  # the name its metrics are logged under
+    return penalty
 
 
 REWARD_FUNCS: dict[str, Callable[..., Any]] = {
@@ -211,9 +186,9 @@ def _import_dotted(path: str) -> Any:
 def get_reward_func(spec: str, **kwargs) -> RewardFunc:
     """Resolve a registered reward name or a dotted import path to a reward function.
 
-    Registered factories (``REWARD_FACTORIES``) are called with ``kwargs``; passing ``kwargs`` to a registered plain
-    function is a ValueError, and so is ``math_accuracy`` without its optional math-verify package. An imported object is called with ``kwargs`` when they are given (it is taken to be a
-    factory) and returned as is otherwise.
+    Registered factories (``REWARD_FACTORIES``) are called with ``kwargs``; ``kwargs`` for a registered plain function
+    are a ValueError, and so is ``math_accuracy`` without math-verify. An imported object is called with ``kwargs``
+    when they are given (it is taken to be a factory) and returned as is otherwise.
     """
     if spec in REWARD_FUNCS:
         target = REWARD_FUNCS[spec]
@@ -298,18 +273,21 @@ def reward_output_kinds(outputs: Any, name: str, num_completions: int) -> list[s
     return [output_kind(value, name, index) for index, value in enumerate(outputs)]
 
 
+def reward_name(func: Any) -> str:
+    """The name TRL labels a reward function with in its logs."""
+    return getattr(func, "__name__", type(func).__name__)
+
+
 class _CheckedReward:
     """A reward function whose failures and malformed outputs raise errors naming it; see ``wrap_reward_checked``."""
 
     def __init__(self, func: RewardFunc):
         self.func = func
-        self.__name__ = getattr(func, "__name__", type(func).__name__)
+        self.__name__ = reward_name(func)
         functools.update_wrapper(self, func, updated=())
-        # the token-level marker (trl_gspo.token_rewards.token_level_reward) must survive the wrapping
-        self.returns_token_rewards = getattr(func, "returns_token_rewards", False)
+        setattr(self, TOKEN_LEVEL_ATTRIBUTE, getattr(func, TOKEN_LEVEL_ATTRIBUTE, False))  # the marker survives
 
     def __call__(self, *, completions: list[Completion], **kwargs) -> list[float | None]:
-        """Call the wrapped reward function (with keyword arguments, as TRL does) and check its rewards."""
         try:
             rewards = self.func(completions=completions, **kwargs)
         except Exception as error:
@@ -319,12 +297,7 @@ class _CheckedReward:
 
 
 def wrap_reward_checked(func: RewardFunc) -> RewardFunc:
-    """Wrap a reward function so that exceptions become RuntimeErrors and bad outputs ValueErrors naming it.
-
-    Returned rewards must pass ``reward_output_kinds`` (the span and per-token lists' contents are checked by
-    GSPOTrainer, which knows the tokens). NaN and infinities pass through to GSPOTrainer, which warns, treats
-    them as None and stops the run only when they persist (GSPOConfig.max_consecutive_nonfinite_reward_rollouts): one
-    bad rollout must not end a long run.
-    The wrapper keeps the function's ``__name__``, which TRL uses to label the reward in its logs.
-    """
+    """Wrap a reward function so that exceptions become RuntimeErrors and outputs that fail ``reward_output_kinds``
+    errors naming it. The contents of span and per-token lists are left to GSPOTrainer, which knows the tokens, and
+    so are NaN and inf: one bad rollout must not end a long run (docs/REWARDS.md). Keeps the function's name."""
     return _CheckedReward(func)

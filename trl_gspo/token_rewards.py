@@ -1,51 +1,28 @@
 """Token and span rewards for GSPO-token, and the checks on every reward a reward function returns.
 
-A reward function follows TRL's calling convention and returns one entry per completion. Each entry may be:
+docs/REWARDS.md is the user's guide: what a reward function may return per completion (a number or ``None`` as in
+TRL, a span list ``[(start_char, end_char, value), ...]`` over the completion's text, or a per-token list with one
+value per generated token, the closing eos included), how NaN and inf are handled, and the advantage formula. The
+precise rules:
 
-- a number: a sequence reward, as in TRL. ``None`` means "cannot score this completion": it is left out of the
-  group baseline (TRL). ``NaN`` is treated like ``None`` and ``+-inf`` too (an infinite reward has no finite
-  advantage), but both are usually a bug: `GSPOTrainer` warns once per reward function with the share of such
-  values. A rollout in which no completion got a finite reward trains on (all advantages 0), but
-  ``GSPOConfig.max_consecutive_nonfinite_reward_rollouts`` such rollouts in a row, NaN or inf among their rewards,
-  stop training with an error naming the reward functions (all-``None`` rollouts warn, as in TRL, and never count).
-- a span list ``[(start_char, end_char, value), ...]`` over the completion's text (the string the reward function
-  was given): ``value`` rewards the characters ``text[start_char:end_char]``. Spans must lie inside the text
-  (``0 <= start_char < end_char <= len(text)``), must not overlap each other (touching is fine), and their values
-  must be finite. An empty list means "no token-level detail".
-- a per-token list ``[v_1, ..., v_L]``: one finite value per completion token, ``L`` the number of generated tokens
-  (the closing eos included, as in ``completion_ids``).
+- Spans must lie inside the text (``0 <= start_char < end_char <= len(text)``), must not overlap each other (touching
+  is fine), and their values must be finite; an empty list means "no token-level detail".
+- Spans become token values through the tokenizer's character offsets (`token_char_offsets`). A token whose character
+  range ``[a, b)`` intersects a span's (``a < end_char`` and ``start_char < b``) carries the span's whole value; a
+  token touching two adjacent spans carries the sum of both; tokens without characters (eos, other special tokens)
+  carry none. A token's range holds every character it carries a byte of, however the completion was tokenised.
+- ``r^k_it`` is the value of token t of completion i under reward function k (0 where k returned a number or ``None``
+  for completion i); the sequence reward TRL sees for a token-level output is its sum. With ``w_k`` the trainer's
+  ``reward_weights`` and ``lambda`` ``GSPOConfig.token_advantage_weight``:
 
-Spans become token values through the tokenizer's character offsets (`token_char_offsets`). Overlap rule: a token
-whose character range ``[a, b)`` intersects a span's ``[start_char, end_char)`` (``a < end_char`` and
-``start_char < b``) carries the span's whole value; a token touching two adjacent spans carries the sum of both;
-tokens without characters (eos, other special tokens) carry none. A token's range holds every character it carries a
-byte of: with byte-level tokenizers one character ("é", a CJK character, an emoji) may be split over several tokens,
-and each of them carries a span over that character, however the completion was tokenised.
+      r_it  = sum_k w_k r^k_it
+      A_it  = A_i + lambda * (r_it - mu_g) / (sigma_g + 1e-4)
 
-From token values to advantages (GSPO-token, ``importance_sampling_level="sequence_token"``)
--------------------------------------------------------------------------------------------
-Let ``r^k_it`` be the value of token t of completion i under reward function k (0 where k returned a number or
-``None`` for completion i), and ``w_k`` the trainer's ``reward_weights``. A token-level output also counts as a
-sequence reward: its sum (the sum of the span values, or of the per-token list) is what TRL sees for function k.
-So the sequence advantage ``A_i`` is TRL's, computed from these sums and the plain numbers, group-normalised as
-usual. The per-token advantage is
-
-    r_it  = sum_k w_k r^k_it
-    A_it  = A_i + lambda * (r_it - mu_g) / (sigma_g + 1e-4)
-
-where ``mu_g`` and ``sigma_g`` are the mean and the (unbiased) standard deviation of ``r_it`` over every loss token
-(completion mask times tool mask) of the G completions of the prompt (group g), unscorable completions (no reward
-function returned a finite number for them; TRL gives them advantage 0) left out and given no token component, and
-``lambda`` is
-``GSPOConfig.token_advantage_weight``. A group whose tokens all carry the same value gets a token component of
-exactly 0, so a run whose reward functions all return numbers trains exactly as GSPO. The token component moves
-credit inside the group towards the tokens that earned it: a wrong character in an otherwise right answer gets a
-lower advantage than the characters around it.
-
-That component (`group_centred_component`) has a side effect: a token no reward marked (``r_it = 0``, the eos
-included) gets ``-mu_g / (sigma_g + 1e-4)``, positive whenever the group's marks are negative on average, so with
-penalty-only spans stopping early earns credit. A subclass of GSPOTrainer may form the component otherwise by
-overriding `GSPOTrainer.token_advantage_component` (gspo_examples.token_advantages compares some).
+  ``mu_g`` and ``sigma_g`` are the mean and the unbiased standard deviation of ``r_it`` over every loss token
+  (completion mask times tool mask) of the prompt's group, unscorable completions (no finite reward; TRL gives them
+  advantage 0) left out and given no token component. A group whose tokens all carry the same value gets exactly 0.
+  A subclass of GSPOTrainer may form the component otherwise by overriding `GSPOTrainer.token_advantage_component`
+  (gspo_examples.token_advantages compares some).
 """
 
 from __future__ import annotations
@@ -61,15 +38,21 @@ from transformers.utils import logging
 from trl.trainer.utils import is_async_callable
 
 from .config import GSPO_TOKEN_LEVEL
-from .rewards import TokenRewardError, check_reward_dependencies, completion_text, output_kind, reward_output_kinds
+from .metrics import CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS, TOKEN_REWARD_COMPONENT_ABS_MEAN
+from .rewards import (
+    TOKEN_LEVEL_ATTRIBUTE,
+    TokenRewardError,
+    check_reward_dependencies,
+    completion_text,
+    output_kind,
+    reward_name,
+    reward_output_kinds,
+)
 
 logger = logging.get_logger(__name__)
 
 # Added to the group standard deviation, as TRL does for the sequence advantage.
 TOKEN_STD_EPS = 1e-4
-# Attribute a reward function may carry to declare that it returns spans or per-token lists; GSPOTrainer then
-# checks importance_sampling_level at construction rather than at the first step.
-TOKEN_LEVEL_ATTRIBUTE = "returns_token_rewards"
 # What decoders emit for the bytes of a character cut short at the end of a token prefix.
 REPLACEMENT_CHARACTER = "\ufffd"
 
@@ -83,15 +66,11 @@ def token_level_reward(func: Callable) -> Callable:
     return func
 
 
-def is_marked_token_level(func: Any) -> bool:
-    return bool(getattr(func, TOKEN_LEVEL_ATTRIBUTE, False))
-
-
 def check_token_reward_level(reward_funcs: Any, importance_sampling_level: str) -> None:
     """Raise TokenRewardError if a marked token-level reward function meets a level other than GSPO-token."""
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     for func in funcs:
-        if is_marked_token_level(func) and importance_sampling_level != GSPO_TOKEN_LEVEL:
+        if getattr(func, TOKEN_LEVEL_ATTRIBUTE, False) and importance_sampling_level != GSPO_TOKEN_LEVEL:
             raise TokenRewardError(token_level_mismatch_message(reward_name(func), importance_sampling_level))
 
 
@@ -101,10 +80,6 @@ def token_level_mismatch_message(name: str, importance_sampling_level: str) -> s
         f"advantages: set importance_sampling_level='sequence_token' (GSPO-token), not "
         f"{importance_sampling_level!r}, or return one number per completion."
     )
-
-
-def reward_name(func: Any) -> str:
-    return getattr(func, "__name__", type(func).__name__)
 
 
 def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -187,29 +162,25 @@ def spans_to_token_values(
     spans: Sequence[Sequence[Any]], offsets: Sequence[tuple[int, int]], text_length: int, name: str, index: int
 ) -> list[float]:
     """Token values from character spans under the overlap rule (module docstring); validates the spans."""
+    where = f"reward function {name!r}, completion {index}:"
     checked = []
     for span in spans:
         start, end, value = span
         if not (isinstance(start, numbers.Integral) and isinstance(end, numbers.Integral)):
-            raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: span {tuple(span)!r} needs integer character positions."
-            )
+            raise TokenRewardError(f"{where} span {tuple(span)!r} needs integer character positions.")
         if not 0 <= start < end <= text_length:
             raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: span {tuple(span)!r} lies outside the text of "
-                f"{text_length} characters (need 0 <= start_char < end_char <= {text_length})."
+                f"{where} span {tuple(span)!r} lies outside the text of {text_length} characters (need 0 <= "
+                f"start_char < end_char <= {text_length})."
             )
         if not (isinstance(value, numbers.Real) and math.isfinite(value)):
-            raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: span {tuple(span)!r} has a non-finite value."
-            )
+            raise TokenRewardError(f"{where} span {tuple(span)!r} has a non-finite value.")
         checked.append((int(start), int(end), float(value)))
     checked.sort()
     for (s0, e0, _), (s1, e1, _) in zip(checked, checked[1:]):
         if s1 < e0:
             raise TokenRewardError(
-                f"reward function {name!r}, completion {index}: spans [{s0}, {e0}) and [{s1}, {e1}) overlap; spans "
-                "must be disjoint (adjacent is fine)."
+                f"{where} spans [{s0}, {e0}) and [{s1}, {e1}) overlap; spans must be disjoint (adjacent is fine)."
             )
     values = [0.0] * len(offsets)
     for start, end, value in checked:
@@ -221,17 +192,15 @@ def spans_to_token_values(
 
 def check_token_values(values: Sequence[Any], num_tokens: int, name: str, index: int) -> list[float]:
     """The per-token list as floats; TokenRewardError for a wrong length or a non-finite value."""
+    where = f"reward function {name!r}, completion {index}:"
     if len(values) != num_tokens:
         raise TokenRewardError(
-            f"reward function {name!r}, completion {index}: {len(values)} per-token values for a completion of "
-            f"{num_tokens} tokens (eos included)."
+            f"{where} {len(values)} per-token values for a completion of {num_tokens} tokens (eos included)."
         )
     floats = [float(v) for v in values]
     bad = next((t for t, v in enumerate(floats) if not math.isfinite(v)), None)
     if bad is not None:
-        raise TokenRewardError(
-            f"reward function {name!r}, completion {index}: per-token value {floats[bad]} at token {bad} is not finite."
-        )
+        raise TokenRewardError(f"{where} per-token value {floats[bad]} at token {bad} is not finite.")
     return floats
 
 
@@ -377,26 +346,6 @@ class TokenRewardCollector:
         return matrix
 
 
-def non_finite_warning(name: str, nan_count: int, inf_count: int, total: int) -> str:
-    return (
-        f"reward function {name!r} returned NaN for {nan_count / total:.1%} and +-inf for {inf_count / total:.1%} of "
-        f"the {total} completions of this rollout. Both are treated like None (cannot score: left out of the group "
-        "baseline, no advantage). Return None for a completion you cannot score; NaN or inf usually means a bug. "
-        "This warning is shown once per reward function."
-    )
-
-
-def no_finite_reward_message(names: Sequence[str], non_finite_names: Sequence[str], streak: int, limit: int) -> str:
-    """Why training stops: `streak` consecutive rollouts without a finite reward, NaN or inf among their rewards."""
-    culprits = ", ".join(map(repr, non_finite_names)) or "a reward function on another process"
-    return (
-        f"no completion got a finite reward in {streak} consecutive rollouts (GSPOConfig."
-        f"max_consecutive_nonfinite_reward_rollouts={limit}); reward functions: {', '.join(map(repr, names))}; NaN or "
-        f"inf came from {culprits}. Training on would update on nothing: stopping. Fix the reward function, return "
-        "None where a reward does not apply, or raise max_consecutive_nonfinite_reward_rollouts."
-    )
-
-
 class _SummedReward:
     """A token-level reward function collapsed to one number per completion; see `summed_reward`."""
 
@@ -428,43 +377,10 @@ def summed_reward(func: Callable) -> Callable:
     return _SummedReward(func)
 
 
-def token_advantages(
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    all_token_rewards: torch.Tensor,
-    all_mask: torch.Tensor,
-    num_generations: int,
-    first_row: int,
-    weight: float,
-    component_function: Callable[..., torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GSPO-token advantages of this process's rows, A_it = A_i + weight * component_it, and mean |component|.
-
-    Args:
-        advantages: (B,) this process's sequence advantages (TRL's); mask: (B, T) its loss tokens.
-        all_token_rewards, all_mask: (N, W) every process's weighted token rewards and loss masks (W >= T), rows in
-            TRL's order; unscorable completions' rows of all_mask are 0 (no component, left out of the statistics).
-        num_generations: G; groups may straddle processes, hence the statistics over all rows.
-        first_row: index of this process's first row in the N rows.
-        component_function: (all_token_rewards, all_mask, num_generations) -> (N, W) token component.
-    Returns ((B, T) advantages, () mean |component| over the masked tokens of all rows, 0 when there are none).
-    """
-    rows, width = mask.shape
-    component = component_function(all_token_rewards, all_mask, num_generations)
-    abs_mean = (component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)
-    local = component[first_row : first_row + rows, :width].to(advantages.dtype)
-    return advantages.unsqueeze(1) + weight * local * mask, abs_mean
-
-
 class TokenRewards:
-    """The rewards feature: span and per-token rewards for GSPO-token, and the checks on every reward.
-
-    Reward functions may return span lists or per-token lists (module docstring) next to plain numbers; under
-    importance_sampling_level="sequence_token" they become (B, T) advantages (`advantages`). At every level every
-    reward is checked (`check`): NaN and +-inf warned once per function, a run that keeps producing no finite
-    reward stopped (`max_consecutive_nonfinite_reward_rollouts`). Built at construction, where a reward function
-    marked token-level is refused under another level.
-    """
+    """The rewards feature: span and per-token rewards become GSPO-token's (B, T) advantages (`advantages`), and every
+    reward is checked at every level (`check`). Built at construction, where a reward function marked token-level is
+    refused under another level."""
 
     def __init__(self, reward_funcs, args):
         check_reward_dependencies(reward_funcs)
@@ -479,29 +395,24 @@ class TokenRewards:
 
     @staticmethod
     def wrapped(collector: TokenRewardCollector, reward_funcs, reward_func_names) -> list:
-        """The reward functions as TRL should call them: each callable through `collector` (TRL receives numbers: a
-        token-level output's sum, NaN for NaN and +-inf; the per-token values wait in the collector; a token-level
-        output under another level than "sequence_token" raises TokenRewardError, before any parameter changes)."""
+        """The reward functions as TRL should call them: each callable through `collector` (`TokenRewardCollector`)."""
         return [
             func if isinstance(func, nn.Module) else collector.wrap(i, func, name)
             for i, (func, name) in enumerate(zip(reward_funcs, reward_func_names, strict=True))
         ]
 
     def check(self, rewards_per_func, collector, reward_func_names, accelerator, metrics) -> None:
-        """Warn once per reward function that returned NaN or +-inf; stop a run that keeps producing no finite reward.
-
-        `rewards_per_func` is gathered over processes. TRL's contract: None means "this reward does not apply"; a
-        rollout where every reward is None warns (TRL's own warning) and trains on with zero advantages. NaN and
-        +-inf are treated like None (left out of the group baseline) but are warned about, since they usually are
-        bugs: one rollout without any finite reward trains on too, but
-        `args.max_consecutive_nonfinite_reward_rollouts` consecutive ones in which NaN or inf took part raise a
-        ValueError naming the reward functions. The current streak is logged as
-        `gspo/consecutive_nonfinite_reward_rollouts`.
-        """
+        """Warn once per reward function that returned NaN or +-inf; stop a run whose rollouts keep having no finite
+        reward, NaN or inf among them (docs/REWARDS.md). `rewards_per_func` is gathered over processes."""
         for name, (nan_count, inf_count, total) in collector.non_finite.items():
             if name not in self.warned:
                 self.warned.add(name)
-                logger.warning(non_finite_warning(name, nan_count, inf_count, total))
+                logger.warning(
+                    f"reward function {name!r} returned NaN for {nan_count / total:.1%} and +-inf for "
+                    f"{inf_count / total:.1%} of the {total} completions of this rollout. Both are treated like None "
+                    "(cannot score: left out of the group baseline, no advantage). Return None for a completion you "
+                    "cannot score; NaN or inf usually means a bug. This warning is shown once per reward function."
+                )
         if torch.isfinite(rewards_per_func).any():
             self.nonfinite_streak = 0
             self.nonfinite_names.clear()
@@ -512,18 +423,24 @@ class TokenRewards:
             if accelerator.gather(local).sum().item() > 0:
                 self.nonfinite_streak += 1
                 self.nonfinite_names.update(collector.non_finite)
-        metrics["gspo/consecutive_nonfinite_reward_rollouts"].append(float(self.nonfinite_streak))
+        metrics[CONSECUTIVE_NONFINITE_REWARD_ROLLOUTS].append(float(self.nonfinite_streak))
         limit = self.args.max_consecutive_nonfinite_reward_rollouts
         if self.nonfinite_streak >= limit:
+            culprits = ", ".join(map(repr, sorted(self.nonfinite_names))) or "a reward function on another process"
             raise ValueError(
-                no_finite_reward_message(reward_func_names, sorted(self.nonfinite_names), self.nonfinite_streak, limit)
+                f"no completion got a finite reward in {self.nonfinite_streak} consecutive rollouts (GSPOConfig."
+                f"max_consecutive_nonfinite_reward_rollouts={limit}); reward functions: "
+                f"{', '.join(map(repr, reward_func_names))}; NaN or inf came from {culprits}. Training on would update "
+                "on nothing: stopping. Fix the reward function, return None where a reward does not apply, or raise "
+                "max_consecutive_nonfinite_reward_rollouts."
             )
 
     def advantages(
         self, output, collector, rewards_per_func, reward_weights, group_size, accelerator, metrics, component
     ) -> None:
-        """GSPO-token: replace the rollout's (B,) advantages by (B, T) ones (`token_advantages`), groups normalised
-        over all processes; `component` forms the token component (GSPOTrainer.token_advantage_component).
+        """GSPO-token: replace the rollout's (B,) advantages by (B, T) ones, A_it = A_i + weight * component_it,
+        groups normalised over all processes (a group may straddle them); `component` (GSPOTrainer.
+        token_advantage_component) maps (N, W) token rewards, their mask and G to the (N, W) component.
 
         The (B, T) tensor has the batch first and travels through TRL's shuffle and split with the rest of the
         rollout. Logs `token_rewards/component_abs_mean` (0 without token rewards, where A_it = A_i exactly).
@@ -538,14 +455,10 @@ class TokenRewards:
         gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=2).transpose(0, 1))
         # unscorable completions (no finite reward, gathered like the rewards) keep TRL's advantage of 0
         scorable = ~torch.isnan(rewards_per_func).all(dim=1).to(gathered.device)
-        output["advantages"], abs_mean = token_advantages(
-            advantages,
-            mask,
-            gathered[:, 0],
-            gathered[:, 1] * scorable.unsqueeze(1),
-            group_size,
-            accelerator.process_index * advantages.size(0),
-            self.args.token_advantage_weight,
-            component,
-        )
-        metrics["token_rewards/component_abs_mean"].append(abs_mean.item())
+        all_mask = gathered[:, 1] * scorable.unsqueeze(1)
+        all_component = component(gathered[:, 0], all_mask, group_size)
+        abs_mean = (all_component.abs() * all_mask).sum() / all_mask.sum().clamp(min=1)
+        first_row = accelerator.process_index * advantages.size(0)
+        local = all_component[first_row : first_row + advantages.size(0), : mask.size(1)].to(advantages.dtype)
+        output["advantages"] = advantages.unsqueeze(1) + self.args.token_advantage_weight * local * mask
+        metrics[TOKEN_REWARD_COMPONENT_ABS_MEAN].append(abs_mean.item())
