@@ -131,8 +131,10 @@ class GSPOConfig(GRPOConfig):
       set (GRPOConfig: `gradient_accumulation_steps`): the paper's 4 minibatches, i.e. optimizer steps, per rollout.
       On-policy (1 step per rollout) the ratio is exactly 1 and GSPO reduces to GRPO.
 
-    Settings a sequence-level ratio cannot honour are refused at construction (`ValueError`) with the field's name;
-    everything else GRPOConfig offers works as in GRPOTrainer.
+    Refused at construction (`ValueError`) with a sequence-level ratio: a length-weighted or non-GSPO
+    `loss_type`, `delta` (two-sided clip), `use_adaptive_entropy`, `top_entropy_quantile < 1` with plain
+    `"sequence"` (use `"sequence_token"`), and a `"token_*"` vLLM importance-sampling mode with plain
+    `"sequence"`. Everything else GRPOConfig offers works as in GRPOTrainer.
     """
 
     importance_sampling_level: str = field(
