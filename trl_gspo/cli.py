@@ -41,6 +41,7 @@ from transformers.utils import (
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 from trl.import_utils import is_vllm_available
 
+from . import metrics as names
 from .checkpoints import (
     TRAINER_STATE,
     checkpoint_folders,
@@ -578,8 +579,8 @@ def train(script_args, training_args, model_args, callbacks=None, inputs: Checke
 SUMMARY_KEYS = (
     ("reward", "reward", "{:.3f}"),
     ("reward_std", "std", "{:.3f}"),
-    ("gspo/clip_ratio/region_mean", "clipped sequences", "{:.1%}"),
-    ("gspo/clipped_token_fraction", "clipped tokens", "{:.1%}"),
+    (names.GSPO_CLIP_REGION_MEAN, "clipped sequences", "{:.1%}"),
+    (names.CLIPPED_TOKEN_FRACTION, "clipped tokens", "{:.1%}"),
     ("completions/mean_length", "mean length", "{:.1f}"),
     ("loss", "loss", "{:.3g}"),
 )

@@ -49,6 +49,7 @@ AUX_LOSS = "aux_loss"
 POLICY_LOSS = "policy_loss"
 ENTROPY_COEF = "entropy_coef"
 IMPORTANCE_SAMPLING_RATIO = "sampling/importance_sampling_ratio"
+SAMPLING_LOGP_DIFFERENCE = "sampling/sampling_logp_difference"
 
 _SEQUENCE_LEVELS = 'at the sequence levels ("sequence", "sequence_token"), every micro-batch'
 _CLIPPED = (
@@ -256,7 +257,7 @@ METRICS: tuple[Metric, ...] = (
         "tool calls per completion; the share of them that failed",
     ),
     Metric(
-        "sampling/sampling_logp_difference/{mean,max}",
+        f"{SAMPLING_LOGP_DIFFERENCE}/{{mean,max}}",
         TRL,
         "vLLM importance correction, every rollout",
         "abs(trainer pi_old - engine log-prob) over the completion tokens",

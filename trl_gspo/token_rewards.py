@@ -48,6 +48,7 @@ from .rewards import (
     reward_name,
     reward_output_kinds,
 )
+from .trl_api import loss_mask
 
 logger = logging.get_logger(__name__)
 
@@ -446,9 +447,7 @@ class TokenRewards:
         rollout. Logs `token_rewards/component_abs_mean` (0 without token rewards, where A_it = A_i exactly).
         """
         advantages = output["advantages"]
-        mask = (
-            output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output["tool_mask"]
-        )
+        mask = loss_mask(output)
         width = output["completion_ids"].size(1)
         local = collector.token_reward_matrix(reward_weights.tolist(), width).to(advantages.device)
         local = torch.stack([local, mask.float()])  # (2, B, T): token rewards and mask, gathered together

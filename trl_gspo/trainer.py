@@ -73,7 +73,7 @@ from .pi_old import pi_old_source
 from .rollout_buffer import load_rollout_buffer
 from .rollout_logprobs import SampledTokenLogProbs, recording_generate
 from .token_rewards import TokenRewards, group_centred_component
-from .trl_api import MODEL_INPUT_KEYS, check_trl_private_api, check_trl_private_attributes
+from .trl_api import MODEL_INPUT_KEYS, check_trl_private_api, check_trl_private_attributes, loss_mask
 from .vllm_checks import check_vllm_after_construction, check_vllm_before_construction, engine_construction
 
 logger = logging.get_logger(__name__)
@@ -300,7 +300,7 @@ class GSPOTrainer(GRPOTrainer):
         sequence_mode = self.vllm_importance_sampling_mode.startswith("sequence")
         deltas, weights_seen = [], []
         for batch in micro_batches:
-            mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+            mask = loss_mask(batch)
             old, sampling = batch["old_per_token_logps"], batch["sampling_per_token_logps"]
             weights = engine_importance_weights(
                 old,
@@ -334,11 +334,11 @@ class GSPOTrainer(GRPOTrainer):
         )
         gathered = self.accelerator.gather(local.unsqueeze(0))  # (processes, 5)
         values = {
-            "sampling/sampling_logp_difference/mean": gathered[:, 0].mean(),
-            "sampling/sampling_logp_difference/max": gathered[:, 1].max(),
-            "sampling/importance_sampling_ratio/min": gathered[:, 2].min(),
-            "sampling/importance_sampling_ratio/mean": gathered[:, 3].mean(),
-            "sampling/importance_sampling_ratio/max": gathered[:, 4].max(),
+            f"{names.SAMPLING_LOGP_DIFFERENCE}/mean": gathered[:, 0].mean(),
+            f"{names.SAMPLING_LOGP_DIFFERENCE}/max": gathered[:, 1].max(),
+            f"{names.IMPORTANCE_SAMPLING_RATIO}/min": gathered[:, 2].min(),
+            f"{names.IMPORTANCE_SAMPLING_RATIO}/mean": gathered[:, 3].mean(),
+            f"{names.IMPORTANCE_SAMPLING_RATIO}/max": gathered[:, 4].max(),
         }
         for name, value in zip(values, torch.stack(list(values.values())).tolist(), strict=True):
             metrics[name][-1] = value  # TRL's value for this rollout, computed from the placeholder
@@ -429,8 +429,7 @@ class GSPOTrainer(GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
         # 1. log pi_theta of the completion tokens (float32), entropies, MoE aux loss: the call the pi_old pass made
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = loss_mask(inputs)
         around_forward = self.routing.policy_pass(inputs) if self.routing is not None else None
         per_token_logps, entropies, aux_loss = self._log_prob_pass(
             model, inputs, True, self.aux_loss_enabled, around_forward

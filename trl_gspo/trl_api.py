@@ -1,4 +1,5 @@
-"""The private GRPOTrainer API trl_gspo relies on, in one place, and the checks that fail loudly when trl moves it.
+"""The private GRPOTrainer API trl_gspo relies on and the TRL batch keys it reads, in one place, and the checks that
+fail loudly when trl moves the API.
 
 trl is pinned to the minor version these were read from (pyproject.toml). GSPOTrainer calls the checks at
 construction, so a moved method or attribute is named before anything reads it.
@@ -25,6 +26,14 @@ MODEL_INPUT_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+def loss_mask(batch: dict):
+    """The (B, T) mask of the tokens TRL's loss scores: `completion_mask`, times `tool_mask` (tool output tokens out)
+    when the rollout called tools."""
+    mask = batch["completion_mask"]
+    return mask * batch["tool_mask"] if "tool_mask" in batch else mask
+
 
 # The private GRPOTrainer API GSPOTrainer relies on: method -> parameters it must accept (checked by
 # `check_trl_private_api`), and instance attributes read or written (checked after construction by
